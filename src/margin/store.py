@@ -1,0 +1,240 @@
+"""The passage store: the text behind the index, on disk, memory-mapped, appendable.
+
+RAG's memory is 21M passages (Sec. 3), about 13 GB of text. A pickled list would have to be read
+whole into RAM before the first question; here the passages live in uncompressed Arrow IPC files
+that are memory-mapped, so opening a store reads only the file footers and ``get`` touches only
+the pages of the rows it returns.
+
+A store is a directory of shards ``shard-00000.arrow``, ``shard-00001.arrow``, ... (columns id,
+title, text, source). New passages are appended as new shards, never by rewriting old ones. Each
+shard is written atomically and carries, in its schema metadata, its row count and the corpus
+checksum *after* its last passage (a sha256 hash chain over the passages, see
+:func:`chain_checksum`). The checksum of the whole store is therefore the last shard's value: free
+to read, cheap to extend, and independent of how the passages were split into shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+
+from margin._io import atomic_path
+from margin.errors import MarginError
+from margin.passages import Passage
+
+SCHEMA = pa.schema([(name, pa.string()) for name in ("id", "title", "text", "source")])
+EMPTY_CHECKSUM = hashlib.sha256(b"margin passages v1").hexdigest()  # checksum of no passages
+_BATCH_ROWS = 8192  # rows per Arrow record batch inside a shard
+_SHARD_RE = re.compile(r"^shard-(\d{5,})\.arrow$")
+
+
+def shard_name(index: int, suffix: str = ".arrow") -> str:
+    """File name of shard ``index``: ``shard-00000.arrow``."""
+    return f"shard-{index:05d}{suffix}"
+
+
+def chain_checksum(passages: Iterable[Passage], start: str = EMPTY_CHECKSUM) -> str:
+    """Extend the corpus checksum over ``passages``, one passage at a time.
+
+    c <- sha256(c || len(id) || id || len(title) || title || len(text) || text), lengths as
+    8-byte little-endian byte counts of the UTF-8 fields. Covers id, title and text (not
+    source). Chaining per passage makes the result depend on the passages and their order only,
+    not on the shard boundaries.
+    """
+    state = bytes.fromhex(start)
+    for p in passages:
+        h = hashlib.sha256(state)
+        for field in (p.id, p.title, p.text):
+            data = field.encode()
+            h.update(len(data).to_bytes(8, "little"))
+            h.update(data)
+        state = h.digest()
+    return state.hex()
+
+
+def write_shard(path: Path, passages: Sequence[Passage], checksum_before: str) -> str:
+    """Write ``passages`` as one Arrow IPC shard, atomically; return the checksum after them."""
+    checksum = chain_checksum(passages, checksum_before)
+    metadata = {
+        "margin.rows": str(len(passages)),
+        "margin.checksum_before": checksum_before,
+        "margin.checksum": checksum,
+    }
+    schema = SCHEMA.with_metadata(metadata)
+    with atomic_path(Path(path)) as tmp:
+        with pa.OSFile(str(tmp), "wb") as sink, ipc.new_file(sink, schema) as writer:
+            for i in range(0, len(passages), _BATCH_ROWS):
+                rows = passages[i : i + _BATCH_ROWS]
+                columns = [
+                    pa.array([getattr(p, f) for p in rows], pa.string()) for f in SCHEMA.names
+                ]
+                writer.write_batch(pa.record_batch(columns, schema=schema))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    return checksum
+
+
+class PassageStore:
+    """Read-only view of a directory of passage shards, memory-mapped.
+
+    >>> store = PassageStore.open("index/passages")  # doctest: +SKIP
+    >>> store.get([0, 41])[1].title  # doctest: +SKIP
+    """
+
+    def __init__(self, root: Path, shards: list[str], tables: list[pa.Table], checksums: list[str]):
+        self.root = root  # directory holding the shard files
+        self.shards = shards  # shard file names, in row order
+        self._tables = tables  # one zero-copy, memory-mapped table per shard
+        self._checksums = checksums  # corpus checksum after each shard
+        sizes = [t.num_rows for t in tables]
+        self._offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])  # (n_shards + 1,)
+        self._id_hashes: np.ndarray | None = None  # sorted 64-bit id hashes, built on first lookup
+        self._id_rows: np.ndarray | None = None  # row of each sorted hash
+
+    @classmethod
+    def open(cls, root: str | Path, shards: Sequence[str] | None = None) -> PassageStore:
+        """Open the store in ``root``: the given shard files, or every ``shard-*.arrow`` there."""
+        root = Path(root)
+        if shards is None:
+            if not root.is_dir():
+                raise MarginError(f"{root}: no such passage store; build the index first")
+            shards = sorted(p.name for p in root.iterdir() if _SHARD_RE.match(p.name))
+        tables, checksums = [], []
+        previous = EMPTY_CHECKSUM
+        for name in shards:
+            table, before, after = _open_shard(root / name)
+            if before is not None and before != previous:
+                raise MarginError(
+                    f"{root / name}: shard out of order or from another store; rebuild the index"
+                )
+            tables.append(table)
+            checksums.append(after)
+            previous = after
+        return cls(root, list(shards), tables, checksums)
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    def shard_rows(self) -> list[int]:
+        """Number of passages in each shard, in order."""
+        return [t.num_rows for t in self._tables]
+
+    def checksum(self) -> str:
+        """The corpus checksum (see :func:`chain_checksum`), read from the last shard's metadata."""
+        return self._checksums[-1] if self._checksums else EMPTY_CHECKSUM
+
+    def verify(self) -> str:
+        """Recompute the checksum from the text itself (reads every passage); return it."""
+        checksum = EMPTY_CHECKSUM
+        for name, table, stored in zip(self.shards, self._tables, self._checksums, strict=True):
+            checksum = chain_checksum(_passages(table), checksum)
+            if checksum != stored:
+                raise MarginError(
+                    f"{self.root / name}: content does not match its checksum; rebuild the index"
+                )
+        return checksum
+
+    def get(self, rows: Sequence[int] | np.ndarray) -> list[Passage]:
+        """Passages at global row numbers ``rows`` (across shards), in the order given."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)  # (n,)
+        if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
+            bad = rows[(rows < 0) | (rows >= len(self))][0]
+            raise MarginError(f"row {bad} is out of range for a store of {len(self)} passages")
+        shard_of = np.searchsorted(self._offsets, rows, side="right") - 1  # (n,)
+        out: list[Passage | None] = [None] * rows.size
+        for s in np.unique(shard_of):
+            where = np.nonzero(shard_of == s)[0]
+            local = pa.array(rows[where] - self._offsets[s])
+            for i, passage in zip(where, _passages(self._tables[s].take(local)), strict=True):
+                out[i] = passage
+        return out  # type: ignore[return-value]
+
+    def ids(self) -> pa.ChunkedArray:
+        """All passage ids in row order, zero-copy (memory-mapped)."""
+        chunks = [c for t in self._tables for c in t.column("id").chunks]
+        return pa.chunked_array(chunks, pa.string())
+
+    def row_of(self, ids: Sequence[str]) -> np.ndarray:
+        """Global row of each id, ``-1`` where the store has no such id. ``(len(ids),)`` int64.
+
+        The first call hashes every id (a few seconds per million passages); later calls are
+        binary searches.
+        """
+        hashes, rows = self._lookup()
+        out = np.full(len(ids), -1, dtype=np.int64)
+        if not len(ids):
+            return out
+        query = _hash_ids(ids)  # (n,)
+        lo = np.searchsorted(hashes, query, side="left")
+        hi = np.searchsorted(hashes, query, side="right")
+        for i, (a, b) in enumerate(zip(lo, hi, strict=True)):
+            candidates = rows[a:b]
+            if len(candidates):
+                found = [
+                    r
+                    for r, p in zip(candidates, self.get(candidates), strict=True)
+                    if p.id == ids[i]
+                ]
+                out[i] = found[0] if found else -1
+        return out
+
+    def duplicate_id(self) -> str | None:
+        """An id that occurs twice in the store, or None if all ids are unique."""
+        hashes, rows = self._lookup()
+        same = np.nonzero(hashes[1:] == hashes[:-1])[0]
+        for i in same:  # equal 64-bit hashes: compare the ids themselves
+            a, b = self.get([rows[i], rows[i + 1]])
+            if a.id == b.id:
+                return a.id
+        return None
+
+    def _lookup(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._id_hashes is None:
+            hashes = np.concatenate(
+                [_hash_ids(t.column("id").to_pylist()) for t in self._tables]
+                or [np.zeros(0, np.uint64)]
+            )  # (n,)
+            order = np.argsort(hashes, kind="stable")
+            self._id_hashes, self._id_rows = hashes[order], order.astype(np.int64)
+        assert self._id_rows is not None
+        return self._id_hashes, self._id_rows
+
+
+def _open_shard(path: Path) -> tuple[pa.Table, str | None, str]:
+    """Memory-map one shard: (zero-copy table, checksum before it or None, checksum after it)."""
+    if not path.is_file():
+        raise MarginError(f"{path} is missing; rebuild the index (or restore the file)")
+    try:
+        reader = ipc.open_file(pa.memory_map(str(path), "r"))
+        table = reader.read_all()
+    except (pa.ArrowException, OSError) as exc:
+        raise MarginError(f"{path} is corrupt or truncated ({exc}); rebuild the index") from None
+    metadata = {k.decode(): v.decode() for k, v in (reader.schema.metadata or {}).items()}
+    if table.schema.remove_metadata() != SCHEMA or "margin.checksum" not in metadata:
+        raise MarginError(f"{path} is not a margin passage shard; rebuild the index")
+    if int(metadata.get("margin.rows", -1)) != table.num_rows:
+        raise MarginError(f"{path} is truncated ({table.num_rows} rows); rebuild the index")
+    return table, metadata.get("margin.checksum_before"), metadata["margin.checksum"]
+
+
+def _passages(table: pa.Table) -> list[Passage]:
+    columns = [table.column(name).to_pylist() for name in SCHEMA.names]
+    return [Passage(*fields) for fields in zip(*columns, strict=True)]
+
+
+def _hash_ids(ids: Iterable[str]) -> np.ndarray:
+    """64-bit blake2b of each id, as uint64. Collisions are resolved by comparing the ids."""
+    return np.array(
+        [
+            int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8).digest(), "little")
+            for i in ids
+        ],
+        dtype=np.uint64,
+    )
