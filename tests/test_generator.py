@@ -1,0 +1,282 @@
+"""The generator interface: transformers' RAG inputs, batched scoring, KV-cached steps.
+
+Tiny random models built here (and imported by test_decoding / test_transformers_parity):
+a 2-layer BART with a byte-level BPE tokenizer written to a tmp dir, and a 2-layer Llama with a
+word-level tokenizer that carries a chat template.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from functools import cache
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import (
+    BartConfig,
+    BartForConditionalGeneration,
+    BartTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    RagConfig,
+    RagRetriever,
+)
+
+from margin.errors import MarginError
+from margin.generator import (
+    CausalGenerator,
+    GenInputs,
+    Seq2SeqFormat,
+    Seq2SeqGenerator,
+    default_prompt,
+    rag_context_string,
+)
+from margin.passages import Passage
+
+_LETTERS = "abcdefghijklmnopqrstuvwxyz0123456789"
+_MERGES = ["Ġ t", "h e", "Ġt he", "i n", "a n", "e r", "o n", "Ġ a", "Ġ w", "Ġ /"]
+
+PASSAGES = [
+    [Passage("p1", '"Eiffel Tower"', "a tower in paris."), Passage("p2", "Paris", "the  capital.")],
+    [Passage("p3", "Seine", "a river in  france."), Passage("p4", "Louvre", "an art museum.")],
+]
+QUESTIONS = ["where is the tower?", "what is the seine?"]
+
+
+def bart_tokenizer() -> BartTokenizer:
+    """A byte-level BPE BartTokenizer from a vocab.json + merges.txt written to a tmp dir."""
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+    for tok in list(_LETTERS + "/.?,:'\"-") + ["Ġ"] + ["Ġ" + c for c in _LETTERS + "/"]:
+        vocab[tok] = len(vocab)
+    for merge in _MERGES:
+        vocab[merge.replace(" ", "")] = len(vocab)
+    vocab["<mask>"] = len(vocab)
+    tmp = tempfile.mkdtemp()
+    try:
+        with open(f"{tmp}/vocab.json", "w") as f:
+            json.dump(vocab, f)
+        with open(f"{tmp}/merges.txt", "w") as f:
+            f.write("#version: 0.2\n" + "\n".join(_MERGES) + "\n")
+        return BartTokenizer.from_pretrained(tmp)
+    finally:
+        shutil.rmtree(tmp)
+
+
+def bart_config(vocab_size: int, **kw) -> BartConfig:
+    base = dict(
+        vocab_size=vocab_size,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=128,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        init_std=0.3,  # large init: generations differ across passages, so parity can fail
+        forced_bos_token_id=0,  # as facebook/bart-large: generation starts with a forced <s>
+    )
+    base.update(kw)
+    return BartConfig(**base)
+
+
+@cache
+def tiny_bart(seed: int = 0) -> tuple[BartForConditionalGeneration, BartTokenizer]:
+    tok = bart_tokenizer()
+    torch.manual_seed(seed)
+    model = BartForConditionalGeneration(bart_config(len(tok))).eval()
+    with torch.no_grad():  # never let a random model generate <pad> (transformers masks it out)
+        model.final_logits_bias[0, tok.pad_token_id] = -1e4
+    return model, tok
+
+
+_CHAT = (
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} </s> {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+
+
+@cache
+def tiny_llama(seed: int = 0) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
+    """A 2-layer Llama with a word-level tokenizer whose chat template wraps the user turn."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = "<pad> <unk> <s> </s> <|user|> <|assistant|> context question paris tower river".split()
+    words += "where what is the a in of eiffel seine louvre art museum capital france".split()
+    words += list(_LETTERS) + list(":?./")
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        chat_template=_CHAT,
+    )
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.3,
+        bos_token_id=vocab["<s>"],
+        eos_token_id=vocab["</s>"],
+        pad_token_id=vocab["<pad>"],
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    return model, tok
+
+
+@pytest.fixture(scope="module")
+def bart():
+    model, tok = tiny_bart()
+    return Seq2SeqGenerator(model, tok, Seq2SeqFormat(max_combined_length=64))
+
+
+@pytest.fixture(scope="module")
+def llama():
+    model, tok = tiny_llama()
+    return CausalGenerator(model, tok)
+
+
+# -- inputs ------------------------------------------------------------------------------------
+
+
+def test_context_string_matches_transformers_postprocess_docs():
+    model, tok = tiny_bart()
+    rag_cfg = RagConfig(generator=model.config.to_dict(), max_combined_length=48)
+    retriever = RagRetriever.__new__(RagRetriever)  # postprocess_docs needs no index
+    retriever.config, retriever.generator_tokenizer = rag_cfg, tok
+    docs = [{"title": [p.title for p in ps], "text": [p.text for p in ps]} for ps in PASSAGES]
+    ref_ids, ref_mask = retriever.postprocess_docs(docs, QUESTIONS, "", 2, return_tensors="pt")
+    gen = Seq2SeqGenerator(
+        model, tok, Seq2SeqFormat(max_combined_length=48, pad_to_max_length=True)
+    )
+    ours = gen.build_inputs(QUESTIONS, PASSAGES)
+    assert ours.n_docs == 2 and ours.batch_size == 2
+    assert torch.equal(ours.input_ids, ref_ids) and torch.equal(ours.attention_mask, ref_mask)
+    # the quirks by hand: one pair of quotes stripped from the title, double spaces collapsed
+    text = rag_context_string(QUESTIONS[0], PASSAGES[0][1], Seq2SeqFormat(prefix="x: "))
+    assert text == "x: Paris / the capital. // where is the tower?"
+    assert rag_context_string("q", PASSAGES[0][0], Seq2SeqFormat()).startswith("Eiffel Tower / ")
+
+
+def test_closed_book_and_bad_passage_lists(bart):
+    inputs = bart.build_inputs(QUESTIONS, None)
+    assert inputs.n_docs == 1 and inputs.input_ids.shape[0] == 2
+    with pytest.raises(MarginError, match="same number k"):
+        bart.build_inputs(QUESTIONS, [PASSAGES[0], PASSAGES[1][:1]])
+    with pytest.raises(MarginError, match="passage lists"):
+        bart.build_inputs(QUESTIONS, PASSAGES[:1])
+    with pytest.raises(MarginError, match="multiple of n_docs"):
+        GenInputs.from_ids(inputs.input_ids[:1].repeat(3, 1), inputs.attention_mask[:1], 2)
+
+
+def test_default_prompt_uses_chat_template_else_plain_text():
+    _, tok = tiny_llama()
+    chat = default_prompt(tok, "where is the tower ?", PASSAGES[0][0])
+    assert chat.startswith("<|user|> Context:") and chat.endswith("<|assistant|> ")
+    assert "a tower in paris." in chat
+    plain = default_prompt(object(), "q?", None)
+    assert plain == "Question: q?\nAnswer:"
+
+
+# -- scoring -----------------------------------------------------------------------------------
+
+
+def _manual_seq2seq(model, ids, mask, target, tmask, start):
+    """log p(y_i|x,z,y_<i) for one unpadded row, the plain way."""
+    n = int(mask.sum())
+    dec = torch.cat([torch.tensor([start]), target[:-1]])[None]
+    logits = model(input_ids=ids[None, :n], decoder_input_ids=dec).logits[0]
+    lp = F.log_softmax(logits, -1).gather(-1, target[:, None])[:, 0]
+    return lp * tmask
+
+
+@torch.no_grad()
+def test_seq2seq_token_logprobs_equal_per_row_forward(bart):
+    inputs = bart.build_inputs(QUESTIONS, PASSAGES)
+    target, tmask = bart.build_targets(["paris", "a river"])
+    assert target[0, 0] == bart.tokenizer.bos_token_id and tmask[0].sum() < tmask.shape[1]
+    got = bart.token_logprobs(inputs, target, tmask)  # (B, k, T)
+    assert got.shape == (2, 2, target.shape[1])
+    for b in range(2):
+        for z in range(2):
+            row = b * 2 + z
+            want = _manual_seq2seq(
+                bart.model, inputs.input_ids[row], inputs.attention_mask[row], target[b],
+                tmask[b], bart.decoder_start_token_id,
+            )  # fmt: skip
+            torch.testing.assert_close(got[b, z], want, atol=1e-5, rtol=1e-5)
+    assert torch.all(got[tmask[:, None, :].expand_as(got) == 0] == 0.0)  # padding is exactly 0
+    full = bart.vocab_logprobs(inputs, target, tmask)  # (B, k, T, V)
+    gathered = full.gather(-1, target[:, None, :, None].expand(-1, 2, -1, 1))[..., 0]
+    torch.testing.assert_close(gathered * tmask[:, None], got)
+
+
+@torch.no_grad()
+def test_causal_token_logprobs_equal_per_row_forward(llama):
+    inputs = llama.build_inputs(["where is the tower ?", "what is a river ?"], PASSAGES)
+    assert (inputs.attention_mask[:, -1] == 1).all()  # LEFT padded
+    assert (inputs.attention_mask[:, 0] == 0).any()
+    target, tmask = llama.build_targets(["paris", "a river in france"])
+    assert target[0, 1] == llama.eos_token_ids[0] and tmask[0].sum() == 2
+    got = llama.token_logprobs(inputs, target, tmask)
+    for b in range(2):
+        for z in range(2):
+            row = b * 2 + z
+            prompt = inputs.input_ids[row][inputs.attention_mask[row].bool()]
+            n = int(tmask[b].sum())
+            ids = torch.cat([prompt, target[b, :n]])[None]
+            logits = llama.model(input_ids=ids).logits[0, len(prompt) - 1 : -1]
+            want = F.log_softmax(logits, -1).gather(-1, target[b, :n, None])[:, 0]
+            torch.testing.assert_close(got[b, z, :n], want, atol=1e-5, rtol=1e-5)
+            assert torch.all(got[b, z, n:] == 0.0)
+
+
+# -- incremental decoding ----------------------------------------------------------------------
+
+
+def _check_cached_steps(gen, inputs, target, tmask):
+    """Feeding the targets step by step through the KV cache reproduces teacher forcing,
+    also after a beam reorder that swaps the two copies of every row."""
+    enc = gen.encode(inputs)
+    R = inputs.input_ids.shape[0]
+    full = gen.score(enc, torch.arange(R), target, tmask)  # (R, T)
+    state = gen.start(enc, expand=2)  # rows (R, 2)
+    swap = torch.arange(2 * R).view(R, 2).flip(1).flatten()
+    T = int(tmask.sum(-1).min())
+    for t in range(T):
+        lp = gen.step(state).view(R, 2, -1)  # (R, 2, V)
+        for j in range(2):
+            step_lp = lp[:, j].gather(-1, target[:, t, None])[:, 0]
+            torch.testing.assert_close(step_lp, full[:, t], atol=1e-5, rtol=1e-5)
+        gen.advance(state, target[:, t].repeat_interleave(2), swap)
+    assert state.steps == T
+
+
+@torch.no_grad()
+def test_seq2seq_cached_decoding_equals_recomputation(bart):
+    inputs = bart.build_inputs(QUESTIONS, PASSAGES)
+    target, tmask = bart.build_targets(["a tower in paris", "the river seine"] * 2)
+    _check_cached_steps(bart, inputs, target, tmask)
+
+
+@torch.no_grad()
+def test_causal_cached_decoding_equals_recomputation(llama):
+    inputs = llama.build_inputs(["where is the tower ?", "what is a river ?"], PASSAGES)
+    target, tmask = llama.build_targets(["a tower in paris", "the river seine in france"] * 2)
+    _check_cached_steps(llama, inputs, target, tmask)
