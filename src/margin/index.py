@@ -1,0 +1,299 @@
+"""Dense retrieval: maximum inner product search (MIPS) over the passage embeddings.
+
+RAG retrieves the top-k passages z by d(z)ᵀ q(x) (Sec. 2.2) from a FAISS index of 21M DPR
+embeddings; the paper uses HNSW on CPU (Sec. 3, App. C). Three kinds are offered, all scoring by
+inner product:
+
+- ``flat``: exact search (``IndexFlatIP``), the reference the others are measured against;
+- ``hnsw``: a graph (``IndexHNSWFlat``), fast and close to exact, the paper's choice;
+- ``ivfpq``: inverted lists of product-quantised codes (``IndexIVFPQ``), ~15x smaller than flat;
+  its approximate scores are corrected by exactly re-scoring ``k * rerank`` candidates with the
+  stored embeddings.
+
+The embeddings themselves stay on disk as ``.npy`` shards, memory-mapped (:class:`Embeddings`).
+RAG needs them after search: the top-k prior p_eta(z|x) is a softmax over d(z)ᵀq(x) recomputed
+in torch so the question encoder gets gradient (Sec. 2.4), hence :meth:`DenseIndex.vectors`.
+Indexes are saved with ``faiss.write_index`` (never pickle) and loaded memory-mapped.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from margin._io import atomic_path
+from margin.errors import MarginError
+
+DENSE_KINDS = ("flat", "hnsw", "ivfpq")
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """How to build and search a dense index. ``None`` fields are set by the rules below."""
+
+    kind: str = "flat"  # "flat" (exact), "hnsw" (graph, the paper's choice) or "ivfpq" (compressed)
+    hnsw_m: int = 32  # HNSW: neighbours per node (memory: ~2 * hnsw_m * 4 bytes per vector)
+    ef_construction: int = 80  # HNSW: candidate list size while building
+    ef_search: int = 128  # HNSW: candidate list size while searching (raised to k when smaller)
+    nlist: int | None = None  # IVF: number of inverted lists; None: ivf_nlist(n)
+    pq_m: int | None = None  # PQ: sub-quantisers = bytes per vector; None: pq_m(dim)
+    pq_bits: int | None = None  # PQ: bits per sub-quantiser code; None: 8, fewer for tiny n
+    nprobe: int | None = None  # IVF: lists visited per query; None: ivf_nprobe(nlist)
+    rerank: int = 10  # IVF-PQ: re-score k * rerank candidates exactly from the embeddings; 1: off
+    train_size: int | None = None  # IVF: vectors sampled for training; None: ivf_train_size(...)
+    seed: int = 0  # seed of the training sample and of k-means
+
+    def resolved(self, n: int, dim: int) -> IndexConfig:
+        """A copy with every rule-based field set for ``n`` vectors of dimension ``dim``."""
+        if self.kind not in DENSE_KINDS:
+            raise MarginError(f"unknown dense index kind '{self.kind}'; use one of {DENSE_KINDS}")
+        if self.kind != "ivfpq":
+            return self
+        nlist = self.nlist or ivf_nlist(n)
+        m = self.pq_m or pq_m(dim)
+        if dim % m:
+            raise MarginError(f"pq_m={m} does not divide the dimension {dim}; pick a divisor")
+        return replace(
+            self,
+            nlist=nlist,
+            pq_m=m,
+            pq_bits=self.pq_bits or pq_bits(n),
+            nprobe=self.nprobe or ivf_nprobe(nlist),
+            train_size=self.train_size or ivf_train_size(n, nlist),
+        )
+
+
+def ivf_nlist(n: int) -> int:
+    """Inverted lists: the power of two nearest 4·sqrt(n) (FAISS's guideline is 4 to 16·sqrt(n)),
+    at most n/39 so k-means has the 39 points per centroid FAISS asks for."""
+    nlist = 2 ** round(math.log2(max(1.0, 4 * math.sqrt(n))))
+    return max(1, min(nlist, n // 39))
+
+
+def pq_m(dim: int) -> int:
+    """Sub-quantisers: one byte per 4 dimensions (96 for 384-d, 192 for DPR's 768-d): with 8-byte
+    ids an IVF-PQ entry is dim/4 + 8 bytes against flat's 4·dim, ~15x smaller."""
+    m = max(1, dim // 4)
+    while dim % m:
+        m -= 1
+    return m
+
+
+def pq_bits(n: int) -> int:
+    """Bits per PQ code: 8 (256 centroids per sub-quantiser) once there are 39 * 256 vectors to
+    train on; fewer for tiny collections so that every centroid still gets ~39 points."""
+    return int(min(8, max(1, math.floor(math.log2(max(2, n // 39))))))
+
+
+def ivf_nprobe(nlist: int) -> int:
+    """Lists visited per query: nlist / 16, at least 1 (re-ranking recovers what PQ loses)."""
+    return max(1, nlist // 16)
+
+
+def ivf_train_size(n: int, nlist: int) -> int:
+    """Training sample: 64 points per list, at least 39 * 256 for the PQ codebooks, at most n."""
+    return min(n, max(64 * nlist, 39 * 256))
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """Top-k results of a batch of queries, best first; row -1 (score -inf) where none was found."""
+
+    scores: np.ndarray  # (n_queries, k) float32 inner products (BM25: BM25 scores)
+    rows: np.ndarray  # (n_queries, k) int64 global passage rows
+
+
+class Embeddings:
+    """Passage vectors in ``.npy`` shards, memory-mapped: rows are read only when asked for."""
+
+    def __init__(self, shards: Sequence[np.ndarray]):
+        self.shards = list(shards)  # each (n_shard, dim) float32, usually np.memmap
+        sizes = [len(s) for s in self.shards]
+        self.offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])  # (n_shards + 1,)
+        self.dim = int(self.shards[0].shape[1]) if self.shards else 0
+
+    @classmethod
+    def open(cls, paths: Sequence[Path], dim: int) -> Embeddings:
+        """Memory-map ``.npy`` shards, checking each is a 2-D float32 array of width ``dim``."""
+        shards = []
+        for path in paths:
+            if not Path(path).is_file():
+                raise MarginError(f"{path} is missing; rebuild the index (or restore the file)")
+            try:
+                array = np.load(path, mmap_mode="r", allow_pickle=False)
+            except (ValueError, OSError, EOFError) as exc:
+                raise MarginError(
+                    f"{path} is corrupt or truncated ({exc}); rebuild the index"
+                ) from None
+            if array.dtype != np.float32 or array.ndim != 2 or array.shape[1] != dim:
+                raise MarginError(
+                    f"{path} holds {array.dtype} {array.shape}, expected float32 (n, {dim}): "
+                    "dimension mismatch; rebuild the index"
+                )
+            shards.append(array)
+        return cls(shards)
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """Vectors at global ``rows`` (any shape) -> rows.shape + (dim,); zeros for row -1."""
+        rows = np.asarray(rows, dtype=np.int64)
+        flat = rows.reshape(-1)  # (m,)
+        out = np.zeros((flat.size, self.dim), dtype=np.float32)  # (m, dim)
+        shard_of = np.searchsorted(self.offsets, flat, side="right") - 1  # (m,)
+        for s in np.unique(shard_of[flat >= 0]):
+            where = np.nonzero((shard_of == s) & (flat >= 0))[0]
+            local = flat[where] - self.offsets[s]
+            order = np.argsort(local)  # sorted reads are kinder to the page cache
+            out[where[order]] = self.shards[s][local[order]]
+        return out.reshape(*rows.shape, self.dim)
+
+
+class DenseIndex:
+    """A FAISS inner-product index over :class:`Embeddings`; rows are global passage rows.
+
+    >>> index = DenseIndex.build(embeddings, IndexConfig(kind="hnsw"))  # doctest: +SKIP
+    >>> result = index.search(query_vectors, k=5)  # (n, 5) scores and rows  # doctest: +SKIP
+    >>> index.vectors(result.rows).shape  # (n, 5, dim)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self, index: faiss.Index, embeddings: Embeddings, config: IndexConfig, writable: bool = True
+    ):
+        self.index = index  # the FAISS index, ntotal == len(embeddings)
+        self.embeddings = embeddings  # memory-mapped vectors, for vectors() and re-ranking
+        self.config = config  # resolved config (no None left for the index's kind)
+        self.writable = writable  # False when memory-mapped from disk: FAISS cannot add then
+
+    @classmethod
+    def build(cls, embeddings: Embeddings, config: IndexConfig) -> DenseIndex:
+        """Build (and for IVF-PQ train) an index over every vector in ``embeddings``."""
+        n, dim = len(embeddings), embeddings.dim
+        if n == 0:
+            raise MarginError("cannot build an index over no passages")
+        config = config.resolved(n, dim)
+        index = _new_faiss_index(config, dim)
+        if not index.is_trained:
+            rng = np.random.default_rng(config.seed)
+            sample = np.sort(rng.choice(n, size=config.train_size, replace=False))
+            index.train(np.ascontiguousarray(embeddings.take(sample)))  # (train_size, dim)
+        dense = cls(index, Embeddings([]), config)
+        dense.add(embeddings)
+        return dense
+
+    def add(self, embeddings: Embeddings) -> None:
+        """Index the rows of ``embeddings`` beyond the ones already indexed (append-only)."""
+        if not self.writable:
+            raise MarginError(
+                "this index was opened memory-mapped (read-only); load it with "
+                "mmap=False to add passages"
+            )
+        if embeddings.dim and embeddings.dim != self.index.d:
+            raise MarginError(
+                f"dimension mismatch: index is {self.index.d}-d, vectors "
+                f"{embeddings.dim}-d; use the index's encoder"
+            )
+        start = self.index.ntotal
+        for shard, lo in zip(embeddings.shards, embeddings.offsets[:-1], strict=True):
+            skip = max(0, start - int(lo))
+            if skip < len(shard):
+                self.index.add(np.ascontiguousarray(shard[skip:], dtype=np.float32))
+        self.embeddings = embeddings
+
+    def __len__(self) -> int:
+        return int(self.index.ntotal)
+
+    def search(self, queries: np.ndarray, k: int) -> SearchResult:
+        """Top-k rows by inner product for each query. queries: (n, dim) float32."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.index.d:
+            raise MarginError(
+                f"queries have shape {queries.shape}, expected (n, {self.index.d}): "
+                "dimension mismatch; encode them with the index's encoder"
+            )
+        _check_k(k, len(self))
+        config = self.config
+        if config.kind == "hnsw":
+            params = faiss.SearchParametersHNSW(efSearch=max(config.ef_search, k))
+            scores, rows = self.index.search(queries, k, params=params)
+        elif config.kind == "ivfpq":
+            params = faiss.SearchParametersIVF(nprobe=config.nprobe)
+            candidates = min(len(self), k * max(1, config.rerank))
+            scores, rows = self.index.search(queries, candidates, params=params)  # (n, c)
+            if config.rerank > 1:
+                scores, rows = _rerank(queries, rows, self.embeddings, k)
+        else:
+            scores, rows = self.index.search(queries, k)
+        scores = np.where(rows >= 0, scores, -np.inf).astype(np.float32)
+        return SearchResult(scores, rows.astype(np.int64))
+
+    def vectors(self, rows: np.ndarray) -> np.ndarray:
+        """Stored embeddings of ``rows`` (e.g. SearchResult.rows (n, k)) -> (n, k, dim) float32."""
+        return self.embeddings.take(rows)
+
+    def save(self, path: str | Path) -> None:
+        """Write the FAISS index to ``path`` atomically (``faiss.write_index``, no pickle)."""
+        with atomic_path(Path(path)) as tmp:
+            faiss.write_index(self.index, str(tmp))
+
+    @classmethod
+    def load(
+        cls, path: str | Path, embeddings: Embeddings, config: IndexConfig, mmap: bool = True
+    ) -> DenseIndex:
+        """Read an index saved by :meth:`save`; ``mmap=True`` maps it read-only from disk."""
+        path = Path(path)
+        if not path.is_file():
+            raise MarginError(f"{path} is missing; rebuild the index (or restore the file)")
+        flags = faiss.IO_FLAG_MMAP_IFC if mmap else 0  # maps flat codes and inverted lists
+        try:
+            index = faiss.read_index(str(path), flags)
+        except RuntimeError as exc:
+            reason = str(exc).strip().splitlines()[-1][:120]
+            raise MarginError(
+                f"{path} is corrupt or truncated ({reason}); rebuild the index"
+            ) from None
+        if index.d != embeddings.dim or index.ntotal != len(embeddings):
+            raise MarginError(
+                f"{path} holds {index.ntotal} vectors of dimension {index.d} but the embeddings "
+                f"are {len(embeddings)} x {embeddings.dim}; rebuild the index"
+            )
+        if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+            raise MarginError(f"{path} is not an inner-product index; rebuild the index")
+        return cls(index, embeddings, config, writable=not mmap)
+
+
+def _new_faiss_index(config: IndexConfig, dim: int) -> faiss.Index:
+    ip = faiss.METRIC_INNER_PRODUCT
+    if config.kind == "flat":
+        return faiss.IndexFlatIP(dim)
+    if config.kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, config.hnsw_m, ip)
+        index.hnsw.efConstruction = config.ef_construction
+        return index
+    quantizer = faiss.IndexFlatIP(dim)
+    index = faiss.IndexIVFPQ(quantizer, dim, config.nlist, config.pq_m, config.pq_bits, ip)
+    index.cp.seed = config.seed
+    index.pq.cp.seed = config.seed
+    return index
+
+
+def _rerank(
+    queries: np.ndarray, rows: np.ndarray, embeddings: Embeddings, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner products of the candidates, from the stored vectors; keep the best k."""
+    vectors = embeddings.take(rows)  # (n, c, dim)
+    exact = np.einsum("nd,ncd->nc", queries, vectors)  # (n, c)
+    exact = np.where(rows >= 0, exact, -np.inf)
+    best = np.argsort(-exact, axis=1, kind="stable")[:, :k]  # (n, k)
+    return np.take_along_axis(exact, best, 1), np.take_along_axis(rows, best, 1)
+
+
+def _check_k(k: int, n: int) -> None:
+    if k < 1 or k > n:
+        raise MarginError(f"k={k} but the index holds {n} passages; use 1 <= k <= {n}")
