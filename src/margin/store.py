@@ -99,15 +99,20 @@ class PassageStore:
         self._id_rows: np.ndarray | None = None  # row of each sorted hash
 
     @classmethod
-    def open(cls, root: str | Path, shards: Sequence[str] | None = None) -> PassageStore:
-        """Open the store in ``root``: the given shard files, or every ``shard-*.arrow`` there."""
+    def open(
+        cls, root: str | Path, shards: Sequence[str] | None = None, start: str = EMPTY_CHECKSUM
+    ) -> PassageStore:
+        """Open the store in ``root``: the given shard files, or every ``shard-*.arrow`` there.
+
+        ``start`` is the checksum the first shard continues from (to open a tail of a store).
+        """
         root = Path(root)
         if shards is None:
             if not root.is_dir():
                 raise MarginError(f"{root}: no such passage store; build the index first")
             shards = sorted(p.name for p in root.iterdir() if _SHARD_RE.match(p.name))
         tables, checksums = [], []
-        previous = EMPTY_CHECKSUM
+        previous = start
         for name in shards:
             table, before, after = _open_shard(root / name)
             if before is not None and before != previous:

@@ -1,0 +1,646 @@
+"""The index directory and its lifecycle: build (resumable), open (validated), append.
+
+Encoding 21M passages takes hours (Sec. 3), so a build must survive being killed. The corpus is
+streamed in shards of ``shard_size`` passages; each shard's passages (Arrow) and embeddings
+(``.npy``) are written atomically into a work directory ``.<name>.building/`` next to the target,
+together with the build plan. Run the same build again and finished shards whose content still
+matches the corpus are kept; the result is the same index an uninterrupted build gives. Only when
+everything is written does the manifest appear, and the work directory is renamed to its final
+name, so a directory never looks like a valid index before it is one::
+
+    DIR/manifest.json            written last: what the index is, see Manifest
+    DIR/passages/shard-*.arrow   the passage text (store.PassageStore)
+    DIR/embeddings/shard-*.npy   float32 (n_shard, dim) passage vectors d(z) (dense kinds)
+    DIR/index.faiss | DIR/bm25/  the search structure (index.DenseIndex | bm25.BM25Index)
+
+The encoder is frozen with the index (Sec. 2.4: "we keep the document encoder fixed"); the
+manifest records its fingerprint so a query encoder from another model is refused.
+
+>>> build_index("corpus.jsonl", encoder, "wiki-index", kind="hnsw")  # doctest: +SKIP
+>>> index = open_index("wiki-index")  # doctest: +SKIP
+>>> index.search(encoder.encode_queries(["who wrote hamlet?"]), k=5)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import itertools
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from margin._io import atomic_path, write_json_atomic
+from margin.bm25 import BM25Config, BM25Index
+from margin.errors import MarginError
+from margin.index import DENSE_KINDS, DenseIndex, Embeddings, IndexConfig, SearchResult
+from margin.passages import Passage, read_corpus
+from margin.store import EMPTY_CHECKSUM, PassageStore, chain_checksum, shard_name, write_shard
+
+FORMAT = "margin-index"  # manifest "format" marker
+FORMAT_VERSION = 1  # bumped when the directory layout changes incompatibly
+MANIFEST = "manifest.json"
+PLAN = "plan.json"  # the build plan inside a work directory
+DEFAULT_SHARD_SIZE = 100_000  # passages per shard: the unit of resumption and of appending
+KINDS = (*DENSE_KINDS, "bm25")
+
+log = logging.getLogger("margin")
+
+
+class Encoder(Protocol):
+    """What the index needs from a passage/question encoder (margin.encoders provides them)."""
+
+    dim: int  # embedding dimension
+    fingerprint: str  # sha256 hex of the weights; recorded in the manifest
+    spec: dict  # JSON-able recipe to reload the encoder, e.g. {"kind": ..., "name": ...}
+
+    def encode_passages(
+        self, passages: Sequence[Passage], batch_size: int = 64, progress: bool = False
+    ) -> np.ndarray: ...  # (n, dim) float32
+
+    def encode_queries(
+        self, texts: Sequence[str], batch_size: int = 64, progress: bool = False
+    ) -> np.ndarray: ...  # (n, dim) float32
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One shard: files ``passages/<name>.arrow`` and (dense) ``embeddings/<name>.npy``."""
+
+    name: str  # "shard-00000"
+    rows: int  # passages in the shard
+    checksum: str  # corpus checksum after the shard's last passage (store.chain_checksum)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """``manifest.json``: everything needed to trust and reload an index directory."""
+
+    kind: str  # "flat", "hnsw", "ivfpq" or "bm25"
+    passages: int  # number of passages (rows)
+    corpus_checksum: str  # sha256 chain over (id, title, text) of every passage, in row order
+    shards: list[ShardInfo]  # shard files in row order
+    index_params: dict[str, Any]  # resolved IndexConfig or BM25Config fields
+    index_file: str  # the FAISS file or BM25 directory, relative to the index directory
+    encoder: dict[str, Any] | None  # {"spec", "fingerprint", "dim"}; None for BM25
+    shard_size: int  # passages per shard when built
+    created_at: str  # ISO 8601 UTC
+    updated_at: str  # ISO 8601 UTC, last add_to_index
+    margin_version: str  # margin version that wrote it
+    generation: int = 0  # bumped by each add_to_index (names the new index file)
+    metric: str = "ip"  # inner product, as MIPS in the paper
+    format: str = FORMAT  # marker
+    format_version: int = FORMAT_VERSION  # layout version
+    path: Path | None = field(default=None, compare=False)  # directory it was read from
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("path")
+        return data
+
+    @classmethod
+    def read(cls, directory: Path) -> Manifest:
+        """Read and check ``directory/manifest.json``; MarginError if missing or corrupt."""
+        path = directory / MANIFEST
+        if not path.is_file():
+            building = _work_dir(directory)
+            hint = (
+                f"a build was interrupted ({building.name} exists); run the same build again "
+                "to resume it"
+                if building.exists()
+                else "build the index first"
+            )
+            raise MarginError(f"{directory} is not a margin index (no {MANIFEST}); {hint}")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if data.get("format") != FORMAT:
+                raise ValueError(f"format is {data.get('format')!r}, not {FORMAT!r}")
+            if data.get("format_version") != FORMAT_VERSION:
+                raise ValueError(f"format_version {data.get('format_version')} is not supported")
+            data["shards"] = [ShardInfo(**s) for s in data["shards"]]
+            manifest = cls(**data, path=directory)
+            if manifest.kind not in KINDS or manifest.passages != sum(
+                s.rows for s in manifest.shards
+            ):
+                raise ValueError("kind or passage count inconsistent")
+        except (ValueError, TypeError, KeyError, UnicodeDecodeError) as exc:
+            raise MarginError(f"{path} is corrupt ({exc}); rebuild the index") from None
+        return manifest
+
+
+@dataclass
+class LoadedIndex:
+    """An opened index directory: its manifest, passages and search structure."""
+
+    path: Path  # the index directory
+    manifest: Manifest  # what it is
+    store: PassageStore  # the passages, memory-mapped
+    dense: DenseIndex | None  # for flat/hnsw/ivfpq
+    bm25: BM25Index | None  # for bm25
+
+    def search(self, queries: np.ndarray | Sequence[str], k: int) -> SearchResult:
+        """Dense: query vectors (n, dim) from the index's encoder; BM25: query strings."""
+        if self.dense is not None:
+            if not isinstance(queries, np.ndarray):
+                raise MarginError(
+                    f"{self.path} is a dense index: encode the queries with its encoder "
+                    "(encoder.encode_queries) and search with the vectors"
+                )
+            return self.dense.search(queries, k)
+        assert self.bm25 is not None
+        if isinstance(queries, np.ndarray):
+            raise MarginError(f"{self.path} is a BM25 index: search it with query strings")
+        return self.bm25.search(queries, k)
+
+    def passages(self, result: SearchResult) -> list[list[Passage]]:
+        """The passages of a search result, one list per query, best first (row -1 dropped)."""
+        return [self.store.get(rows[rows >= 0]) for rows in result.rows]
+
+
+# ----------------------------------------------------------------------------- build
+
+
+def build_index(
+    corpus: str | Path | Iterable[Passage],
+    encoder: Encoder | None,
+    out: str | Path,
+    kind: str | None = None,
+    config: IndexConfig | BM25Config | None = None,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    overwrite: bool = False,
+    progress: bool = True,
+    batch_size: int = 64,
+) -> Manifest:
+    """Build an index directory ``out`` from ``corpus``; resume an interrupted build of it.
+
+    corpus: a path for :func:`margin.passages.read_corpus` (or ``"default"``), or passages.
+    encoder: encodes passages for dense kinds; None for ``kind="bm25"``.
+    kind: "flat", "hnsw", "ivfpq" or "bm25"; defaults to ``config``'s kind, else "flat".
+    """
+    out = Path(out)
+    config = _resolve_config(kind, config)
+    kind = _kind_of(config)
+    if kind != "bm25" and encoder is None:
+        raise MarginError(f"a '{kind}' index needs an encoder; pass one (or use kind='bm25')")
+    if shard_size < 1:
+        raise MarginError(f"shard_size must be >= 1, got {shard_size}")
+    if out.exists() and not out.is_dir():
+        raise MarginError(f"{out} is a file; give a directory path for the index")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        what = "an index" if (out / MANIFEST).exists() else "a non-empty directory"
+        raise MarginError(
+            f"{out} already exists ({what}); pass overwrite=True or pick another path"
+        )
+
+    work = _work_dir(out)
+    plan = {
+        "corpus": _corpus_source(corpus),
+        "encoder": None if encoder is None else encoder.fingerprint,
+        "kind": kind,
+        "config": asdict(config),
+        "shard_size": shard_size,
+        "format_version": FORMAT_VERSION,
+    }
+    _prepare_work_dir(work, plan, dense=encoder is not None)
+    passages = read_corpus(corpus) if isinstance(corpus, str | Path) else iter(corpus)
+    shards = _write_shards(
+        work, passages, encoder, 0, EMPTY_CHECKSUM, shard_size, batch_size, progress, resume=True
+    )
+    for stale in _numbered_files(work, first=len(shards)):  # left by a longer earlier corpus
+        stale.unlink()
+    if not shards:
+        raise MarginError("the corpus has no passages; nothing to index")
+
+    store = PassageStore.open(work / "passages", [f"{s.name}.arrow" for s in shards])
+    _check_unique_ids(store)
+    index_file, params = _build_search(work, store, shards, config, encoder, generation=0)
+    now = _now()
+    manifest = Manifest(
+        kind=kind,
+        passages=len(store),
+        corpus_checksum=store.checksum(),
+        shards=shards,
+        index_params=params,
+        index_file=index_file,
+        encoder=_encoder_record(encoder),
+        shard_size=shard_size,
+        created_at=now,
+        updated_at=now,
+        margin_version=_margin_version(),
+    )
+    write_json_atomic(work / MANIFEST, manifest.to_json())
+    os.remove(work / PLAN)
+    _move_into_place(work, out)
+    return replace(manifest, path=out)
+
+
+def _write_shards(
+    work: Path,
+    passages: Iterator[Passage],
+    encoder: Encoder | None,
+    first: int,
+    checksum: str,
+    shard_size: int,
+    batch_size: int,
+    progress: bool,
+    resume: bool,
+) -> list[ShardInfo]:
+    """Stream passages into shards ``first``, ``first + 1``, ...; keep finished ones if resuming."""
+    from tqdm import tqdm
+
+    shards: list[ShardInfo] = []
+    kept = 0
+    with tqdm(desc="indexing", unit=" passages", disable=not progress, dynamic_ncols=True) as bar:
+        for number in itertools.count(first):
+            batch = list(itertools.islice(passages, shard_size))
+            if not batch:
+                break
+            name = shard_name(number, "")
+            after = chain_checksum(batch, checksum)
+            arrow, npy = work / "passages" / f"{name}.arrow", work / "embeddings" / f"{name}.npy"
+            done = _shard_done(arrow, npy if encoder else None, checksum, after, len(batch))
+            if resume and done:
+                kept += 1
+            else:
+                npy.unlink(missing_ok=True)  # its passages are about to change
+                write_shard(arrow, batch, checksum)
+                if encoder is not None:
+                    _save_npy(npy, _encode(encoder, batch, batch_size))
+            shards.append(ShardInfo(name, len(batch), after))
+            checksum = after
+            bar.update(len(batch))
+    if kept:
+        log.info("reused %d finished shard(s) from the interrupted build in %s", kept, work)
+    return shards
+
+
+def _shard_done(arrow: Path, npy: Path | None, before: str, after: str, rows: int) -> bool:
+    """Is this shard already written, for exactly these passages (and their embeddings)?"""
+    try:
+        store = PassageStore.open(arrow.parent, [arrow.name], start=before)
+        if store.checksum() != after or len(store) != rows:
+            return False
+        return npy is None or len(np.load(npy, mmap_mode="r", allow_pickle=False)) == rows
+    except (MarginError, OSError, ValueError, EOFError):
+        return False
+
+
+def _encode(encoder: Encoder, batch: Sequence[Passage], batch_size: int) -> np.ndarray:
+    vectors = encoder.encode_passages(batch, batch_size=batch_size, progress=False)  # (n, dim)
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if vectors.shape != (len(batch), encoder.dim):
+        raise MarginError(
+            f"the encoder returned vectors of shape {vectors.shape} for {len(batch)} passages, "
+            f"expected ({len(batch)}, {encoder.dim}); check the encoder's dim"
+        )
+    return vectors
+
+
+def _build_search(
+    work: Path,
+    store: PassageStore,
+    shards: list[ShardInfo],
+    config: IndexConfig | BM25Config,
+    encoder: Encoder | None,
+    generation: int,
+    previous: DenseIndex | None = None,
+) -> tuple[str, dict[str, Any]]:
+    """Build (or extend ``previous``) and save the search structure; return (file, params)."""
+    suffix = "" if generation == 0 else f"-{generation}"
+    if isinstance(config, BM25Config):
+        name = f"bm25{suffix}"
+        BM25Index.build(store, config).save(work / name)
+        return name, asdict(config)
+    assert encoder is not None
+    embeddings = Embeddings.open(
+        [work / "embeddings" / f"{s.name}.npy" for s in shards], encoder.dim
+    )
+    if previous is None:
+        dense = DenseIndex.build(embeddings, config)
+    else:
+        dense = previous
+        dense.add(embeddings)
+    name = f"index{suffix}.faiss"
+    dense.save(work / name)
+    return name, asdict(dense.config)
+
+
+# ----------------------------------------------------------------------------- open
+
+
+def open_index(directory: str | Path, mmap: bool = True) -> LoadedIndex:
+    """Open and validate an index directory; every inconsistency is a MarginError naming the file.
+
+    mmap: memory-map the FAISS index (read-only); pass False to load it into RAM.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        if _work_dir(directory).exists():
+            raise MarginError(
+                f"{directory} does not exist yet: its build was interrupted; run the same build "
+                "again to resume it"
+            )
+        raise MarginError(f"{directory}: no such index directory; build the index first")
+    manifest = Manifest.read(directory)
+    store = PassageStore.open(directory / "passages", [f"{s.name}.arrow" for s in manifest.shards])
+    for info, table_rows in zip(manifest.shards, store.shard_rows(), strict=True):
+        if info.rows != table_rows:
+            raise MarginError(
+                f"{directory / 'passages' / info.name}.arrow has {table_rows} rows, the manifest "
+                f"says {info.rows}; rebuild the index"
+            )
+    if store.checksum() != manifest.corpus_checksum:
+        raise MarginError(
+            f"{directory}/passages does not match the corpus checksum in {MANIFEST}; "
+            "rebuild the index"
+        )
+    dense = bm25 = None
+    if manifest.kind == "bm25":
+        bm25 = BM25Index.load(directory / manifest.index_file, mmap=mmap)
+        if len(bm25) != manifest.passages:
+            raise MarginError(
+                f"{directory / manifest.index_file} covers {len(bm25)} passages, the manifest "
+                f"{manifest.passages}; rebuild the index"
+            )
+    else:
+        if not manifest.encoder:
+            raise MarginError(f"{directory / MANIFEST} is corrupt (no encoder); rebuild the index")
+        dim = int(manifest.encoder["dim"])
+        paths = [directory / "embeddings" / f"{s.name}.npy" for s in manifest.shards]
+        embeddings = Embeddings.open(paths, dim)
+        for info, path, shard in zip(manifest.shards, paths, embeddings.shards, strict=True):
+            if len(shard) != info.rows:
+                raise MarginError(
+                    f"{path} has {len(shard)} rows, the manifest says {info.rows}; "
+                    "rebuild the index"
+                )
+        config = _config_of(manifest)
+        dense = DenseIndex.load(directory / manifest.index_file, embeddings, config, mmap=mmap)
+    return LoadedIndex(directory, manifest, store, dense, bm25)
+
+
+def ensure_encoder_matches(manifest: Manifest, encoder: Encoder) -> None:
+    """Refuse an encoder that does not fit the index: MarginError naming both encoders.
+
+    A passage encoder (the default) must be the very one the index was built with: same weights
+    fingerprint, same dimension (Sec. 2.4: the document encoder stays frozen). A question encoder
+    (``encoder.spec["role"] == "question"``: DPR's other tower, or one being fine-tuned, whose
+    weights change by design) is checked on the dimension only.
+    """
+    where = manifest.path or "this index"
+    if manifest.encoder is None:
+        raise MarginError(
+            f"index {where} is a BM25 index; search it with query strings, no encoder needed"
+        )
+    built = manifest.encoder
+    question = isinstance(encoder.spec, dict) and encoder.spec.get("role") == "question"
+    same_weights = question or built["fingerprint"] == encoder.fingerprint
+    if not same_weights or int(built["dim"]) != encoder.dim:
+        raise MarginError(
+            f"index {where} was built with encoder {_describe(built['spec'])} "
+            f"({built['dim']}-d, sha256 {built['fingerprint'][:12]}); the given encoder is "
+            f"{_describe(encoder.spec)} ({encoder.dim}-d, sha256 {encoder.fingerprint[:12]}); "
+            "use the index's encoder or rebuild the index with this one"
+        )
+
+
+# ----------------------------------------------------------------------------- add
+
+
+def add_to_index(
+    directory: str | Path,
+    corpus: str | Path | Iterable[Passage],
+    encoder: Encoder | None = None,
+    progress: bool = True,
+    batch_size: int = 64,
+) -> Manifest:
+    """Append passages as new shard(s) without re-encoding the old ones; return the new manifest.
+
+    New files are written first and the manifest is swapped last, so a crash leaves the old
+    index valid. Dense kinds add the new vectors to the existing FAISS index (IVF-PQ keeps its
+    trained quantisers); BM25 is rebuilt over all passages (cheap). Ids must stay unique.
+    """
+    directory = Path(directory)
+    loaded = open_index(directory, mmap=True)
+    old = loaded.manifest
+    if old.kind != "bm25":
+        if encoder is None:
+            raise MarginError(f"{directory} is a dense index; pass its encoder to add passages")
+        ensure_encoder_matches(old, encoder)
+    else:
+        encoder = None
+    _remove_unreferenced(directory, old)
+
+    passages = read_corpus(corpus) if isinstance(corpus, str | Path) else iter(corpus)
+    checked = _refuse_known_ids(passages, loaded.store, directory)
+    new = _write_shards(
+        directory,
+        checked,
+        encoder,
+        len(old.shards),
+        old.corpus_checksum,
+        old.shard_size,
+        batch_size,
+        progress,
+        resume=False,
+    )
+    if not new:
+        raise MarginError("no passages to add")
+    shards = [*old.shards, *new]
+    store = PassageStore.open(directory / "passages", [f"{s.name}.arrow" for s in shards])
+    _check_unique_ids(store)
+    generation = old.generation + 1
+    if old.kind == "bm25":
+        config = _config_of(old)
+        previous = None
+    else:
+        config = _config_of(old)
+        assert loaded.dense is not None
+        previous = DenseIndex.load(
+            directory / old.index_file, loaded.dense.embeddings, config, mmap=False
+        )
+    index_file, params = _build_search(
+        directory, store, shards, config, encoder, generation, previous
+    )
+    manifest = replace(
+        old,
+        passages=len(store),
+        corpus_checksum=store.checksum(),
+        shards=shards,
+        index_params=params,
+        index_file=index_file,
+        updated_at=_now(),
+        generation=generation,
+        margin_version=_margin_version(),
+    )
+    write_json_atomic(directory / MANIFEST, manifest.to_json())
+    _remove(directory / old.index_file)
+    return manifest
+
+
+def _refuse_known_ids(
+    passages: Iterable[Passage], store: PassageStore, directory: Path
+) -> Iterator[Passage]:
+    """Pass passages through, shard-sized chunk by chunk, refusing ids the store already has."""
+    iterator = iter(passages)
+    while chunk := list(itertools.islice(iterator, 10_000)):
+        rows = store.row_of([p.id for p in chunk])
+        if (rows >= 0).any():
+            clash = chunk[int(np.argmax(rows >= 0))].id
+            raise MarginError(
+                f"passage id '{clash}' is already in the index {directory}; give the new "
+                "documents other ids (or leave the ids out)"
+            )
+        yield from chunk
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _resolve_config(kind: str | None, config: IndexConfig | BM25Config | None):
+    if kind is not None and kind not in KINDS:
+        raise MarginError(f"unknown index kind '{kind}'; use one of {', '.join(KINDS)}")
+    if config is None:
+        kind = kind or "flat"
+        return BM25Config() if kind == "bm25" else IndexConfig(kind=kind)
+    if kind is not None and kind != _kind_of(config):
+        raise MarginError(
+            f"kind='{kind}' but the config is for '{_kind_of(config)}'; pass one or make them agree"
+        )
+    if _kind_of(config) not in KINDS:
+        raise MarginError(f"unknown index kind '{_kind_of(config)}'; use one of {', '.join(KINDS)}")
+    return config
+
+
+def _config_of(manifest: Manifest) -> IndexConfig | BM25Config:
+    """The index config recorded in a manifest."""
+    try:
+        if manifest.kind == "bm25":
+            return BM25Config(**manifest.index_params)
+        return IndexConfig(**manifest.index_params)
+    except TypeError as exc:
+        raise MarginError(f"{MANIFEST} has bad index_params ({exc}); rebuild the index") from None
+
+
+def _kind_of(config: IndexConfig | BM25Config) -> str:
+    return "bm25" if isinstance(config, BM25Config) else config.kind
+
+
+def _corpus_source(corpus: str | Path | Iterable[Passage]) -> str:
+    """How the plan names the corpus: "default", its absolute path, or "<passages>"."""
+    if str(corpus) == "default":
+        return "default"
+    if isinstance(corpus, str | Path):
+        return str(Path(corpus).resolve())
+    return "<passages>"
+
+
+def _work_dir(out: Path) -> Path:
+    return out.with_name(f".{out.name}.building")
+
+
+def _prepare_work_dir(work: Path, plan: dict[str, Any], dense: bool) -> None:
+    """Create the work directory, or keep an earlier one built to the same plan."""
+    if work.exists():
+        try:
+            earlier = json.loads((work / PLAN).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            earlier = None
+        if earlier == plan:
+            log.warning("resuming the interrupted build in %s", work)
+        else:
+            changed = [k for k in plan if earlier is None or earlier.get(k) != plan[k]]
+            log.warning(
+                "discarding the unfinished build in %s: it was for another %s; starting afresh",
+                work,
+                "/".join(changed) or "plan",
+            )
+            shutil.rmtree(work)
+    for sub in ("passages", "embeddings") if dense else ("passages",):
+        (work / sub).mkdir(parents=True, exist_ok=True)
+        for tmp in (work / sub).glob(".*.tmp"):  # half-written files of a killed build
+            _remove(tmp)
+    write_json_atomic(work / PLAN, plan)
+
+
+def _numbered_files(directory: Path, first: int) -> list[Path]:
+    """Shard files numbered ``first`` or more in passages/ and embeddings/."""
+    found = []
+    for sub in ("passages", "embeddings"):
+        for path in (directory / sub).glob("shard-*"):
+            number = path.name.split(".")[0].removeprefix("shard-")
+            if number.isdigit() and int(number) >= first:
+                found.append(path)
+    return found
+
+
+def _remove_unreferenced(directory: Path, manifest: Manifest) -> None:
+    """Delete leftovers of an add_to_index that crashed before its manifest swap."""
+    for path in _numbered_files(directory, first=len(manifest.shards)):
+        path.unlink()
+    for path in [*directory.glob("index*.faiss"), *directory.glob("bm25*")]:
+        if path.name != manifest.index_file:
+            _remove(path)
+
+
+def _check_unique_ids(store: PassageStore) -> None:
+    duplicate = store.duplicate_id()
+    if duplicate is not None:
+        raise MarginError(
+            f"passage id '{duplicate}' occurs more than once in the corpus; make the ids "
+            "unique (documents without an id get a hash of title and text: drop duplicates)"
+        )
+
+
+def _move_into_place(work: Path, out: Path) -> None:
+    """Rename the finished work directory to ``out`` (replacing an old index if allowed)."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        _remove(old)
+        os.replace(out, old)
+        os.replace(work, out)
+        _remove(old)
+    else:
+        os.replace(work, out)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    """np.save, atomically (through a file object, so numpy does not append '.npy')."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _encoder_record(encoder: Encoder | None) -> dict[str, Any] | None:
+    if encoder is None:
+        return None
+    return {"spec": encoder.spec, "fingerprint": encoder.fingerprint, "dim": int(encoder.dim)}
+
+
+def _describe(spec: dict[str, Any]) -> str:
+    return str(spec.get("name") or json.dumps(spec, sort_keys=True))
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+def _margin_version() -> str:
+    import margin
+
+    return margin.__version__
