@@ -81,7 +81,6 @@ def bart_config(vocab_size: int, **kw) -> BartConfig:
         attention_dropout=0.0,
         activation_dropout=0.0,
         init_std=0.3,  # large init: generations differ across passages, so parity can fail
-        forced_bos_token_id=0,  # as facebook/bart-large: generation starts with a forced <s>
     )
     base.update(kw)
     return BartConfig(**base)
@@ -92,8 +91,10 @@ def tiny_bart(seed: int = 0) -> tuple[BartForConditionalGeneration, BartTokenize
     tok = bart_tokenizer()
     torch.manual_seed(seed)
     model = BartForConditionalGeneration(bart_config(len(tok))).eval()
-    with torch.no_grad():  # never let a random model generate <pad> (transformers masks it out)
-        model.final_logits_bias[0, tok.pad_token_id] = -1e4
+    with torch.no_grad():
+        model.final_logits_bias[0, tok.pad_token_id] = -1e4  # never generate <pad>
+        model.final_logits_bias[0, tok.eos_token_id] = 5.0  # hypotheses end at mixed lengths
+    model.generation_config.forced_bos_token_id = 0  # as facebook/bart-large's generation config
     return model, tok
 
 

@@ -172,7 +172,11 @@ class Generator(ABC):
     def _logits(
         self, enc: Encoded, rows: torch.Tensor, target_ids: torch.Tensor, target_mask: torch.Tensor
     ) -> torch.Tensor:
-        """Teacher-forced logits (M, T, V) predicting target_ids (M, T) under context rows (M,)."""
+        """Teacher-forced logits (M, T, V) predicting target_ids (M, T) under context rows (M,).
+
+        The model reads every target token; ``target_mask`` only says which positions are scored
+        (right padding cannot influence earlier positions of a decoder).
+        """
 
     @abstractmethod
     def start(self, enc: Encoded, expand: int) -> DecodeState:
@@ -308,9 +312,7 @@ class Seq2SeqGenerator(Generator):
     ) -> torch.Tensor:
         assert enc.hidden is not None
         dec_in = target_ids.new_full(target_ids.shape, self.decoder_start_token_id)  # (M, T)
-        dec_in[:, 1:] = target_ids[:, :-1].masked_fill(
-            ~target_mask[:, :-1].bool(), self.pad_token_id
-        )
+        dec_in[:, 1:] = target_ids[:, :-1]
         out = self.model(
             encoder_outputs=BaseModelOutput(last_hidden_state=enc.hidden.index_select(0, rows)),
             attention_mask=enc.inputs.attention_mask.index_select(0, rows),
@@ -417,7 +419,7 @@ class CausalGenerator(Generator):
         prompt = enc.inputs.input_ids.index_select(0, rows)  # (M, S)
         pmask = enc.inputs.attention_mask.index_select(0, rows)
         ids = torch.cat([prompt, target_ids], 1)  # (M, S+T)
-        mask = torch.cat([pmask, target_mask.to(pmask.dtype)], 1)
+        mask = torch.cat([pmask, torch.ones_like(target_ids, dtype=pmask.dtype)], 1)
         out = self.model(
             input_ids=ids, attention_mask=mask, position_ids=self._positions(mask), use_cache=False
         )

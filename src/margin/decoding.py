@@ -1,0 +1,391 @@
+"""The paper's decoding (Sec. 2.5), batched over questions, passages and beams at once.
+
+- RAG-Token is ordinary beam search whose next-token distribution is the marginal
+  p'(y_i|x,y_<i) = Σ_z p(z|x) p(y_i|x,z,y_<i): every step runs the generator on
+  (questions x passages x beams) rows in one forward and sums the passages out.
+- RAG-Sequence runs one beam search per passage (all questions x passages x beams batched) and
+  pools each question's distinct hypotheses Y. Thorough Decoding scores every y in Y under every
+  passage: pairs the passage's own beam produced reuse the beam's score, and only the missing
+  pairs get one extra teacher-forced pass, on the encoder outputs the beam search already has.
+  Fast Decoding skips the extra pass and takes p(y|x,z) ≈ 0 where z's beam did not produce y.
+
+Nothing retrieves again and no Python loop runs per question around a model call. The beam search
+is the one transformers 5.x runs (top 2·beams continuations, finished hypotheses ranked by
+Σ log p / len^length_penalty, the same ``early_stopping`` heuristics), so with the same inputs
+the two produce the same tokens; tests/test_transformers_parity.py holds us to it.
+
+Scores: log p(y|x,z) is the generator's own log-probability of the generated tokens. A token
+forced by ``forced_bos_token_id`` is part of the prompt and is not scored (transformers'
+``exclude_bos_score``); a forced EOS at the length limit is scored with the model's probability.
+The pad token is never generated unless it is also an EOS token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from margin.errors import MarginError
+from margin.generator import Encoded, Generator, GenInputs
+from margin.marginalize import (
+    rag_sequence_logprob,
+    rag_token_logprob,
+    rag_token_next_logprobs,
+    sequence_doc_posterior,
+    token_doc_posterior,
+)
+
+_NEG = -1.0e9  # transformers' "impossible" score: large but finite, so sums stay ordered
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Options of the paper's decoding; defaults follow transformers' beam search."""
+
+    num_beams: int = 4  # beams per question (RAG-Token) or per passage (RAG-Sequence); 1 = greedy
+    max_new_tokens: int = 32  # generated tokens at most, EOS included
+    min_new_tokens: int = 0  # EOS is banned before this many tokens
+    length_penalty: float = 1.0  # finished beams rank by Σ log p / len ** length_penalty
+    early_stopping: bool | Literal["never"] = False  # transformers' beam-search stopping rule
+    num_return_sequences: int = 1  # size of the n-best list per question
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    """One answer with its marginal score and provenance."""
+
+    token_ids: tuple[int, ...]  # generated tokens (no prompt/decoder start), EOS kept if produced
+    text: str  # decoded, special tokens skipped
+    logprob: float  # log p(y|x) marginalised under the mode (Fast: over passages whose beam had y)
+    doc_posterior: tuple[float, ...]  # p(z|x,y) for the k passages (RAG-Token: per-token average)
+    token_docs: tuple[int, ...] | None  # RAG-Token: argmax_z p(z|x,y_i,y_<i) per token
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """The decoding of one question: an n-best list, best first."""
+
+    nbest: tuple[Hypothesis, ...]
+
+    @property
+    def best(self) -> Hypothesis:
+        return self.nbest[0]
+
+
+@dataclass
+class _Beams:
+    """Finished hypotheses of G beam-search groups, best first."""
+
+    tokens: torch.Tensor  # (G, nb, L) padded with pad_token_id
+    lengths: torch.Tensor  # (G, nb) generated tokens, EOS included; 0 for an unfilled slot
+    scores: torch.Tensor  # (G, nb) Σ processed log p / len ** length_penalty
+    raw: torch.Tensor  # (G, nb) Σ raw model log p (forced BOS excluded)
+    filled: torch.Tensor  # (G, nb) bool, False where no hypothesis finished in that slot
+
+    def cpu(self) -> _Beams:
+        return _Beams(
+            *(t.cpu() for t in (self.tokens, self.lengths, self.scores, self.raw, self.filled))
+        )
+
+
+def _process(
+    raw: torch.Tensor, t: int, gen: Generator, cfg: DecodeConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply the logits processors at step t; return (processed, raw-as-scored) (..., V)."""
+    proc = raw.clone()
+    eos = list(gen.eos_token_ids)
+    if gen.pad_token_id not in eos:
+        proc[..., gen.pad_token_id] = float("-inf")
+    if t < cfg.min_new_tokens and eos:
+        proc[..., eos] = float("-inf")
+    scored = raw
+    if t == 0 and gen.forced_bos_token_id is not None:
+        proc = torch.full_like(raw, float("-inf"))
+        proc[..., gen.forced_bos_token_id] = 0.0
+        scored = torch.zeros_like(raw)  # a forced BOS is prompt, not prediction
+    if t == cfg.max_new_tokens - 1 and gen.forced_eos_token_id is not None:
+        proc = torch.full_like(raw, float("-inf"))
+        proc[..., gen.forced_eos_token_id] = 0.0
+    return proc, scored
+
+
+def beam_search(
+    next_logprobs: Callable[[], torch.Tensor],
+    advance: Callable[[torch.Tensor, torch.Tensor], None],
+    groups: int,
+    gen: Generator,
+    cfg: DecodeConfig,
+) -> _Beams:
+    """Batched beam search over G independent groups of ``num_beams`` running hypotheses.
+
+    ``next_logprobs()`` gives (G, nb, V) log-probs of the next token of every running beam;
+    ``advance(tokens (G, nb), parents (G, nb))`` extends beam j of each group from beam
+    ``parents[g, j]`` with ``tokens[g, j]``. Mirrors transformers' ``GenerationMixin._beam_search``.
+    """
+    nb, L, lp, dev = cfg.num_beams, cfg.max_new_tokens, cfg.length_penalty, gen.device
+    eos = torch.tensor(gen.eos_token_ids, dtype=torch.long, device=dev)
+    K = max(2, 1 + len(gen.eos_token_ids)) * nb  # candidates kept per group and step
+    g_idx = torch.arange(groups, device=dev)[:, None]  # (G, 1)
+    run_tok = torch.full((groups, nb, L), gen.pad_token_id, dtype=torch.long, device=dev)
+    run_score = torch.zeros(groups, nb, device=dev)
+    run_score[:, 1:] = _NEG  # only the first beam expands at step 0
+    run_raw = torch.zeros(groups, nb, device=dev)
+    fin_tok = run_tok.clone()
+    fin_score = torch.full((groups, nb), _NEG, device=dev)
+    fin_raw = torch.zeros(groups, nb, device=dev)
+    fin_len = torch.zeros(groups, nb, dtype=torch.long, device=dev)
+    finished = torch.zeros(groups, nb, dtype=torch.bool, device=dev)
+    improvable = torch.ones(groups, 1, dtype=torch.bool, device=dev)
+    top_nb = torch.arange(K, device=dev) < nb  # only the top nb candidates may finish
+
+    for t in range(L):
+        raw = next_logprobs()  # (G, nb, V)
+        V = raw.shape[-1]
+        proc, scored = _process(raw, t, gen, cfg)
+        acc = (proc + run_score[:, :, None]).view(groups, nb * V)
+        cand_score, flat = acc.topk(K, dim=-1)  # (G, K)
+        parent, tok = flat // V, flat % V
+        cand_raw = run_raw.gather(1, parent) + scored[g_idx, parent, tok]  # (G, K)
+        cand_tok = run_tok[g_idx, parent]  # (G, K, L)
+        cand_tok[:, :, t] = tok
+        hits = torch.isin(tok, eos) | (t + 1 >= L)  # (G, K)
+
+        # running beams for the next step: the best nb candidates that did not finish
+        keep = (cand_score + hits.float() * _NEG).topk(nb, dim=-1).indices  # (G, nb)
+        run_tok, run_raw = cand_tok[g_idx, keep], cand_raw.gather(1, keep)
+        run_score = (cand_score + hits.float() * _NEG).gather(1, keep)
+        next_parent, next_tok = parent.gather(1, keep), tok.gather(1, keep)
+
+        # finished beams: merge new EOS hypotheses (length-penalised) into the best nb so far
+        new_score = cand_score / float(t + 1) ** lp
+        all_done = finished.all(-1, keepdim=True) & (cfg.early_stopping is True)
+        new_score = new_score + all_done.float() * _NEG + (~improvable).float() * _NEG
+        did_finish = hits & top_nb[None, :]
+        new_score = new_score + (~did_finish).float() * _NEG
+        m_score = torch.cat([fin_score, new_score], 1)  # (G, nb + K)
+        best = m_score.topk(nb, dim=-1).indices  # (G, nb)
+        fin_score = m_score.gather(1, best)
+        fin_tok = torch.cat([fin_tok, cand_tok], 1)[g_idx, best]
+        fin_raw = torch.cat([fin_raw, cand_raw], 1).gather(1, best)
+        fin_len = torch.cat([fin_len, torch.full_like(tok, t + 1)], 1).gather(1, best)
+        finished = torch.cat([finished, did_finish], 1).gather(1, best)
+
+        # stop when no group can improve (transformers' heuristics), or everyone hit the limit
+        best_len = L if (cfg.early_stopping == "never" and lp > 0) else t + 1
+        best_possible = run_score[:, :1] / float(best_len) ** lp  # (G, 1)
+        worst = torch.where(finished, fin_score.min(-1, keepdim=True).values, _NEG)
+        improvable = improvable & (best_possible > worst).any(-1, keepdim=True)
+        stop_all = bool(finished.all()) and cfg.early_stopping is True
+        if not bool(improvable.any()) or stop_all or bool(hits.all()):
+            break
+        advance(next_tok, next_parent)
+
+    fin_len = torch.where(finished, fin_len, 0)
+    return _Beams(fin_tok, fin_len, fin_score, fin_raw, finished)
+
+
+def _check(gen: Generator, inputs: GenInputs, doc_scores: torch.Tensor, cfg: DecodeConfig) -> None:
+    if tuple(doc_scores.shape) != (inputs.batch_size, inputs.n_docs):
+        raise MarginError(
+            f"doc_scores has shape {tuple(doc_scores.shape)}, expected "
+            f"({inputs.batch_size}, {inputs.n_docs}); pass one score per (question, passage)"
+        )
+    if cfg.num_beams < 1 or cfg.max_new_tokens < 1 or cfg.num_return_sequences < 1:
+        raise MarginError("num_beams, max_new_tokens and num_return_sequences must be >= 1")
+    if cfg.num_return_sequences > cfg.num_beams:
+        raise MarginError(
+            f"num_return_sequences={cfg.num_return_sequences} exceeds num_beams={cfg.num_beams}; "
+            "raise num_beams or lower num_return_sequences"
+        )
+    if not gen.eos_token_ids:
+        raise MarginError("the generator has no EOS token id; set generation_config.eos_token_id")
+
+
+def _score_mask(tokens: torch.Tensor, lengths: torch.Tensor, gen: Generator) -> torch.Tensor:
+    """Which generated positions count in log p(y|x,z): real tokens, minus a forced BOS."""
+    mask = torch.arange(tokens.shape[-1])[None, :] < lengths[:, None]  # (M, L)
+    if gen.forced_bos_token_id is not None:
+        mask[:, 0] = False
+    return mask
+
+
+@torch.no_grad()
+def decode_rag_token(
+    gen: Generator, inputs: GenInputs, doc_scores: torch.Tensor, cfg: DecodeConfig
+) -> list[Decoded]:
+    """RAG-Token decoding (Sec. 2.5): beam search on the passage-marginal next-token distribution.
+
+    ``doc_scores`` (B, k) are the retriever's inner products d(z)ᵀq(x); p(z|x) is their softmax.
+    """
+    _check(gen, inputs, doc_scores, cfg)
+    B, k, nb = inputs.batch_size, inputs.n_docs, cfg.num_beams
+    prior = F.log_softmax(doc_scores.float(), -1)  # (B, k)
+    enc = gen.encode(inputs)
+    state = gen.start(enc, expand=nb)  # rows (B, k, nb)
+    dev = gen.device
+    row_base = (
+        torch.arange(B, device=dev)[:, None, None] * k + torch.arange(k, device=dev)[None, :, None]
+    ) * nb
+
+    def next_logprobs() -> torch.Tensor:
+        step = gen.step(state).view(B, k, nb, -1).transpose(1, 2)  # (B, nb, k, V)
+        marg = rag_token_next_logprobs(prior.repeat_interleave(nb, 0), step.flatten(0, 1))
+        return F.log_softmax(marg, -1).view(B, nb, -1)  # (B, nb, V), as transformers re-normalises
+
+    def advance(tokens: torch.Tensor, parents: torch.Tensor) -> None:
+        rows = (row_base + parents[:, None, :]).flatten()  # (B*k*nb,) same passage, parent beam
+        gen.advance(state, tokens[:, None, :].expand(B, k, nb).flatten(), rows)
+
+    beams = beam_search(next_logprobs, advance, B, gen, cfg).cpu()
+    prior = prior.cpu()
+    R = cfg.num_return_sequences
+    tokens, lengths = beams.tokens[:, :R], beams.lengths[:, :R]  # (B, R, L)
+    # one teacher-forced pass on the kept encoder outputs gives per-passage token scores
+    pair_q = torch.arange(B).repeat_interleave(R * k)  # (B*R*k,) question of each pair
+    rows = pair_q * k + torch.arange(k).repeat(B * R)
+    tgt = tokens.repeat_interleave(k, 1).flatten(0, 1)  # (B*R*k, L)
+    mask = _score_mask(tgt, lengths.repeat_interleave(k, 1).flatten(), gen)
+    tok_lp = gen.score(enc, rows.to(dev), tgt.to(dev), mask.to(dev)).cpu().view(B * R, k, -1)
+    flat_mask = mask.view(B * R, k, -1)[:, 0]  # (B*R, L)
+    pri = prior.repeat_interleave(R, 0)  # (B*R, k)
+    logprob = rag_token_logprob(pri, tok_lp, flat_mask)  # (B*R,)
+    tok_post = token_doc_posterior(pri, tok_lp)  # (B*R, k, L)
+    seq_post = (tok_post * flat_mask[:, None]).sum(-1) / flat_mask.sum(-1).clamp(min=1)[:, None]
+    out = []
+    for b in range(B):
+        hyps = []
+        for r in range(R):
+            i, n = b * R + r, int(lengths[b, r])
+            if not bool(beams.filled[b, r]):
+                continue
+            ids = tuple(tokens[b, r, :n].tolist())
+            hyps.append(
+                Hypothesis(
+                    token_ids=ids,
+                    text=gen.decode(ids),
+                    logprob=float(logprob[i]),
+                    doc_posterior=tuple(seq_post[i].tolist()),
+                    token_docs=tuple(tok_post[i, :, :n].argmax(0).tolist()),
+                )
+            )
+        out.append(Decoded(tuple(hyps)))
+    return out
+
+
+def _distinct(tokens: torch.Tensor, q: torch.Tensor, valid: torch.Tensor):
+    """Distinct hypotheses per question, in first-occurrence order (transformers' dedup order).
+
+    tokens (N, L), q (N,) question index, valid (N,). Returns (unique_id (N,), first (U,)): the
+    id of every hypothesis and the row where each distinct one first occurs.
+    """
+    keyed = torch.cat([q[:, None], tokens], 1)[valid]  # (N', 1+L)
+    _, inverse = torch.unique(keyed, dim=0, return_inverse=True)
+    rows = torch.arange(tokens.shape[0])[valid]
+    first = torch.full((int(inverse.max()) + 1,), tokens.shape[0], dtype=torch.long)
+    first = first.scatter_reduce(0, inverse, rows, reduce="amin")
+    order = torch.argsort(first)  # distinct hypotheses by first occurrence
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel())
+    uid = torch.full((tokens.shape[0],), -1, dtype=torch.long)
+    uid[valid] = rank[inverse]
+    return uid, first[order]
+
+
+@torch.no_grad()
+def decode_rag_sequence(
+    gen: Generator,
+    inputs: GenInputs,
+    doc_scores: torch.Tensor,
+    cfg: DecodeConfig,
+    thorough: bool = True,
+) -> list[Decoded]:
+    """RAG-Sequence decoding (Sec. 2.5): Thorough (default) or Fast.
+
+    One beam search per (question, passage), all batched; each question's distinct hypotheses
+    are scored by logsumexp_z [log p(z|x) + log p(y|x,z)] and ranked.
+    """
+    _check(gen, inputs, doc_scores, cfg)
+    B, k, nb = inputs.batch_size, inputs.n_docs, cfg.num_beams
+    G = B * k
+    prior = F.log_softmax(doc_scores.float(), -1)  # (B, k)
+    enc: Encoded = gen.encode(inputs)
+    state = gen.start(enc, expand=nb)  # rows (G, nb)
+    base = torch.arange(G, device=gen.device)[:, None] * nb
+
+    def next_logprobs() -> torch.Tensor:
+        return gen.step(state).view(G, nb, -1)
+
+    def advance(tokens: torch.Tensor, parents: torch.Tensor) -> None:
+        gen.advance(state, tokens.flatten(), (base + parents).flatten())
+
+    beams = beam_search(next_logprobs, advance, G, gen, cfg).cpu()
+    prior = prior.cpu()
+    flat_tok = beams.tokens.flatten(0, 1)  # (G*nb, L) rows (b, z, j)
+    flat_len = beams.lengths.flatten()
+    q = torch.arange(B).repeat_interleave(k * nb)  # question of every beam hypothesis
+    z = torch.arange(k).repeat_interleave(nb).repeat(B)  # passage of every beam hypothesis
+    uid, first = _distinct(flat_tok, q, beams.filled.flatten())
+    U = first.numel()
+    hyp_tok, hyp_len, hyp_q = flat_tok[first], flat_len[first], q[first]  # (U, L), (U,), (U,)
+
+    # log p(y|x,z) for every (distinct y, passage z): the beam's own score where z produced y
+    seq_lp = torch.full((U, k), float("-inf"))
+    got = uid >= 0
+    seq_lp[uid[got], z[got]] = beams.raw.flatten()[got]
+    if thorough:  # one extra teacher-forced pass for exactly the missing pairs
+        miss_u, miss_z = torch.nonzero(torch.isinf(seq_lp), as_tuple=True)
+        if miss_u.numel():
+            tgt = hyp_tok[miss_u]
+            mask = _score_mask(tgt, hyp_len[miss_u], gen)
+            rows = (hyp_q[miss_u] * k + miss_z).to(gen.device)
+            lp = gen.score(enc, rows, tgt.to(gen.device), mask.to(gen.device))  # (M, L)
+            seq_lp[miss_u, miss_z] = lp.sum(-1).cpu()
+    ones = torch.ones(U, 1)
+    marg = rag_sequence_logprob(prior[hyp_q], seq_lp[:, :, None], ones)  # (U,)
+    post = sequence_doc_posterior(prior[hyp_q], seq_lp[:, :, None], ones)  # (U, k)
+
+    # rank each question's hypotheses: place them in a (B, max per question) table
+    count = torch.bincount(hyp_q, minlength=B)
+    slot = torch.arange(U) - (torch.cumsum(count, 0) - count)[hyp_q]
+    table = torch.full((B, int(count.max())), float("-inf"))
+    table[hyp_q, slot] = marg
+    idx = torch.full((B, table.shape[1]), -1, dtype=torch.long)
+    idx[hyp_q, slot] = torch.arange(U)
+    R = min(cfg.num_return_sequences, table.shape[1])
+    top = table.topk(R, dim=-1).indices  # (B, R)
+    out = []
+    for b in range(B):
+        hyps = []
+        for r in range(min(R, int(count[b]))):
+            u = int(idx[b, top[b, r]])
+            ids = tuple(hyp_tok[u, : int(hyp_len[u])].tolist())
+            hyps.append(
+                Hypothesis(
+                    token_ids=ids,
+                    text=gen.decode(ids),
+                    logprob=float(marg[u]),
+                    doc_posterior=tuple(post[u].tolist()),
+                    token_docs=None,
+                )
+            )
+        out.append(Decoded(tuple(hyps)))
+    return out
+
+
+def decode(
+    gen: Generator,
+    inputs: GenInputs,
+    doc_scores: torch.Tensor,
+    cfg: DecodeConfig,
+    method: Literal["token", "thorough", "fast"],
+) -> list[Decoded]:
+    """Decode with RAG-Token ("token") or RAG-Sequence ("thorough" or "fast" decoding)."""
+    if method == "token":
+        return decode_rag_token(gen, inputs, doc_scores, cfg)
+    if method in ("thorough", "fast"):
+        return decode_rag_sequence(gen, inputs, doc_scores, cfg, thorough=method == "thorough")
+    raise MarginError(f"unknown decoding {method!r}; use 'token', 'thorough' or 'fast'")
