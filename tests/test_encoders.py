@@ -342,6 +342,9 @@ def test_errors_are_one_line_margin_errors(models, tmp_path, monkeypatch):
     not_model = tmp_path / "not_model"
     shutil.copytree(models["hf"], not_model)
     (not_model / "config.json").unlink()
+    no_weights = tmp_path / "no_weights"
+    shutil.copytree(models["hf"], no_weights)
+    (no_weights / "model.safetensors").unlink()
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     cases = [
         (lambda: load_encoder(tmp_path / "missing"), "no such model directory"),
@@ -349,6 +352,7 @@ def test_errors_are_one_line_margin_errors(models, tmp_path, monkeypatch):
         (lambda: load_encoder(tmp_path / "empty"), "not a model directory"),
         (lambda: load_encoder(tmp_path / "file.txt"), "not a model directory"),
         (lambda: load_encoder(not_model), "not a model directory"),
+        (lambda: load_encoder(no_weights), "cannot load the model"),
         (lambda: load_encoder("no-such-org/no-such-model"), "could not be fetched"),
         (lambda: load_encoder("facebook/dpr-x", kind="dpr", role="passage"), "not be fetched"),
         (lambda: load_encoder(models["hf"], role="answer"), "unknown encoder role"),

@@ -103,6 +103,7 @@ class Encoder:
     tokenizer input (``_passage_inputs``); batching, sorting and padding live here.
     """
 
+    dim: int  # embedding dimension
     module: torch.nn.Module  # the trainable torch module behind embed_queries
     tokenizer: Any  # the transformers tokenizer that matches module
     pass_token_type_ids: bool = True  # DPR, as RAG calls it, leaves token_type_ids at zero
@@ -457,12 +458,15 @@ def _model_file(source: str, filename: str) -> Path | None:
 
 @contextlib.contextmanager
 def _load_errors(source: str) -> Iterator[None]:
-    """Turn a failed from_pretrained on a hub name into a one-line MarginError."""
+    """Turn a failed from_pretrained into a one-line MarginError."""
     try:
         yield
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         if Path(source).is_dir():
-            raise MarginError(f"cannot load the model in '{source}' ({_first_line(exc)})") from exc
+            raise MarginError(
+                f"cannot load the model in '{source}' ({_first_line(exc)}); "
+                "check that the directory holds a complete transformers model"
+            ) from exc
         raise MarginError(_hub_message(source, exc)) from exc
 
 
