@@ -220,13 +220,14 @@ def decode_rag_token(
     """RAG-Token decoding (Sec. 2.5): beam search on the passage-marginal next-token distribution.
 
     ``doc_scores`` (B, k) are the retriever's inner products d(z)ᵀq(x); p(z|x) is their softmax.
+    After the search, one teacher-forced pass over the kept encoder outputs gives each returned
+    hypothesis its per-passage token scores: the marginal log p(y|x) and per-token provenance.
     """
     _check(gen, inputs, doc_scores, cfg)
-    B, k, nb = inputs.batch_size, inputs.n_docs, cfg.num_beams
-    prior = F.log_softmax(doc_scores.float(), -1)  # (B, k)
+    B, k, nb, dev = inputs.batch_size, inputs.n_docs, cfg.num_beams, gen.device
+    prior = F.log_softmax(doc_scores.float(), -1).to(dev)  # (B, k)
     enc = gen.encode(inputs)
     state = gen.start(enc, expand=nb)  # rows (B, k, nb)
-    dev = gen.device
     row_base = (
         torch.arange(B, device=dev)[:, None, None] * k + torch.arange(k, device=dev)[None, :, None]
     ) * nb
@@ -276,7 +277,9 @@ def decode_rag_token(
     return out
 
 
-def _distinct(tokens: torch.Tensor, q: torch.Tensor, valid: torch.Tensor):
+def _distinct(
+    tokens: torch.Tensor, q: torch.Tensor, valid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Distinct hypotheses per question, in first-occurrence order (transformers' dedup order).
 
     tokens (N, L), q (N,) question index, valid (N,). Returns (unique_id (N,), first (U,)): the
