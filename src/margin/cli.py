@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -15,6 +18,11 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+index_app = typer.Typer(help="Build and extend passage indexes.", no_args_is_help=True)
+app.add_typer(index_app, name="index")
+
+KINDS = ("flat", "hnsw", "ivfpq", "bm25")
+MAX_QUERY_CHARS = 4096  # longer stdin lines are refused rather than silently truncated
 
 
 @app.callback()
@@ -22,8 +30,224 @@ def _root() -> None:
     """Retrieval-Augmented Generation (Lewis et al., 2020): index, search, ask."""
 
 
+# ----------------------------------------------------------------------------- index
+
+
+@index_app.command("build")
+def index_build(
+    out: Annotated[Path, typer.Option("--out", help="Directory to write the index to.")],
+    corpus: Annotated[
+        str, typer.Option(help="JSONL, DPR psgs_w100 TSV, Parquet, or 'default'.")
+    ] = "default",
+    encoder: Annotated[
+        str, typer.Option(help="Passage encoder: 'default', a model directory or hub name.")
+    ] = "default",
+    kind: Annotated[str, typer.Option(help="flat, hnsw, ivfpq or bm25.")] = "flat",
+    shard_size: Annotated[int, typer.Option(help="Passages per shard (unit of resumption).")] = (
+        100_000
+    ),
+    batch_size: Annotated[int, typer.Option(help="Encoding batch size.")] = 64,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing index at --out.")] = False,
+) -> None:
+    """Build an index; run it again after an interruption to resume."""
+    from margin.build import build_index
+    from margin.encoders import load_encoder
+
+    _check_choice("kind", kind, KINDS)
+    enc = None if kind == "bm25" else load_encoder(encoder, role="passage")
+    manifest = build_index(
+        corpus, enc, out, kind=kind, shard_size=shard_size, overwrite=overwrite,
+        batch_size=batch_size, progress=True,
+    )
+    typer.echo(f"indexed {manifest.passages} passages ({kind}) into {out}")
+
+
+@index_app.command("add")
+def index_add(
+    index: Annotated[Path, typer.Option("--index", help="Index directory to extend.")],
+    corpus: Annotated[str, typer.Option(help="JSONL, DPR TSV or Parquet of new documents.")],
+    batch_size: Annotated[int, typer.Option(help="Encoding batch size.")] = 64,
+) -> None:
+    """Append passages to an index without re-encoding the existing ones."""
+    from margin.build import add_to_index, open_index
+    from margin.encoders import load_encoder_from_spec
+
+    manifest = open_index(index).manifest
+    enc = None if manifest.encoder is None else load_encoder_from_spec(manifest.encoder["spec"])
+    new = add_to_index(index, corpus, enc, batch_size=batch_size, progress=True)
+    typer.echo(f"{index} now holds {new.passages} passages (+{new.passages - manifest.passages})")
+
+
+# ----------------------------------------------------------------------------- search
+
+
+@app.command()
+def search(
+    queries: Annotated[
+        list[str] | None, typer.Argument(help="Queries; read from stdin if none.")
+    ] = None,
+    index: Annotated[str, typer.Option(help="Index directory, or 'default'.")] = "default",
+    k: Annotated[int, typer.Option("--k", "-k", help="Passages per query.")] = 5,
+    query_encoder: Annotated[
+        str | None, typer.Option(help="Question encoder (needed for DPR context-encoder indexes).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per query.")] = False,
+) -> None:
+    """Top-k passages for each query, with scores."""
+    from margin.retriever import Retriever
+
+    questions = _read_queries(queries)
+    retriever = Retriever.load(index, query_encoder=query_encoder)
+    hits = retriever.retrieve(questions, k=k)
+    for qi, question in enumerate(questions):
+        passages = hits.passages[qi]
+        scores = hits.scores[qi]
+        if as_json:
+            obj = {
+                "query": question,
+                "passages": [
+                    {"id": p.id, "title": p.title, "text": p.text, "score": float(s)}
+                    for p, s in zip(passages, scores, strict=True)
+                ],
+            }
+            typer.echo(json.dumps(obj, ensure_ascii=False))
+            continue
+        _print_hits(question, passages, scores)
+
+
+def _print_hits(question, passages, scores) -> None:
+    from rich.console import Console
+
+    console = Console()
+    console.print(f"[bold]{question}[/bold]")
+    for rank, (p, s) in enumerate(zip(passages, scores, strict=True), 1):
+        text = p.text if len(p.text) <= 200 else p.text[:200] + "..."
+        console.print(f"  {rank}. [cyan]{p.title}[/cyan] ({float(s):.3f}) {text}", highlight=False)
+
+
+# ----------------------------------------------------------------------------- ask
+
+DEMO_QUESTIONS = (
+    "Who painted the Mona Lisa?",
+    "What is the capital of Australia?",
+    "Which planet is known as the Red Planet?",
+    "Who wrote the play Romeo and Juliet?",
+)
+
+
+@app.command()
+def ask(
+    questions: Annotated[
+        list[str] | None, typer.Argument(help="Questions; read from stdin if none.")
+    ] = None,
+    model: Annotated[
+        str, typer.Option(help="'default', a margin model or a transformers RAG directory.")
+    ] = "default",
+    index: Annotated[str, typer.Option(help="Index directory, or 'default'.")] = "default",
+    k: Annotated[int, typer.Option("--k", "-k", help="Passages retrieved per question.")] = 5,
+    mode: Annotated[str, typer.Option(help="token (RAG-Token) or sequence (RAG-Sequence).")] = (
+        "token"
+    ),
+    decoding: Annotated[str, typer.Option(help="greedy, beam, thorough or fast.")] = "greedy",
+    beams: Annotated[int, typer.Option(help="Beams for beam/thorough/fast decoding.")] = 4,
+    max_new_tokens: Annotated[
+        int | None, typer.Option(help="Longest answer in tokens (model default if unset).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per question.")] = False,
+) -> None:
+    """Answer questions with provenance: passages, priors p(z|x) and posteriors p(z|x,y)."""
+    from margin.rag import RAG, decoding_method
+
+    items = _read_queries(questions)
+    decoding_method(mode, decoding)  # reject a bad combination before loading anything
+    rag = RAG.load(model=model, index=index)
+    answers = rag.ask(
+        items, k=k, mode=mode, decoding=decoding, num_beams=beams, max_new_tokens=max_new_tokens
+    )
+    for answer in answers:
+        if as_json:
+            typer.echo(json.dumps(answer.to_json(), ensure_ascii=False))
+        else:
+            _print_answer(answer)
+
+
+@app.command()
+def demo(
+    k: Annotated[int, typer.Option("--k", "-k", help="Passages retrieved per question.")] = 5,
+) -> None:
+    """Answer a few questions over the bundled Wikipedia corpus, with provenance."""
+    import time
+
+    from rich.console import Console
+
+    from margin.rag import RAG
+
+    console = Console(stderr=True)
+    start = time.perf_counter()
+    console.print("[dim]loading the default model and index (built on first use)...[/dim]")
+    rag = RAG.load(model="default", index="default")
+    loaded = time.perf_counter()
+    console.print(f"[dim]ready in {loaded - start:.1f} s[/dim]")
+    for mode in ("token", "sequence"):
+        answers = rag.ask(list(DEMO_QUESTIONS), k=k, mode=mode, decoding="greedy")
+        typer.echo(f"\n=== RAG-{mode.capitalize()} (greedy, k={k}) ===")
+        for answer in answers:
+            _print_answer(answer)
+    console.print(f"[dim]answered in {time.perf_counter() - loaded:.1f} s[/dim]")
+
+
+def _print_answer(answer) -> None:
+    from rich.console import Console
+
+    console = Console()
+    console.print(f"[bold]Q: {answer.question}[/bold]", highlight=False)
+    console.print(
+        f"A: [green]{answer.answer}[/green]  (log p = {answer.logprob:.2f}, RAG-{answer.mode}, "
+        f"{answer.decoding})",
+        highlight=False,
+    )
+    for i, p in enumerate(answer.passages):
+        bar = "#" * round(20 * p.posterior)
+        console.print(
+            f"  [{i}] prior {p.prior:5.2f}  posterior {p.posterior:5.2f} {bar:<20} "
+            f"[cyan]{p.title}[/cyan] ({p.id})",
+            highlight=False,
+        )
+    if answer.token_docs:
+        shown = " ".join(f"{t.strip() or repr(t)}[{z}]" for t, z in answer.token_docs)
+        console.print(f"  tokens by supporting passage: {shown}", highlight=False)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _read_queries(queries: list[str] | None) -> list[str]:
+    """Queries from the command line, else one per non-blank stdin line."""
+    if queries:
+        items = list(queries)
+    elif sys.stdin is not None and not sys.stdin.isatty():
+        items = [line.strip() for line in sys.stdin if line.strip()]
+    else:
+        items = []
+    if not items:
+        raise MarginError("no query given; pass it as an argument or one per line on stdin")
+    for i, q in enumerate(items, 1):
+        if not q.strip():
+            raise MarginError(f"query {i} is blank; give a non-blank query")
+        if len(q) > MAX_QUERY_CHARS:
+            raise MarginError(f"query {i} is {len(q)} characters; the limit is {MAX_QUERY_CHARS}")
+    return items
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise MarginError(f"unknown {name} {value!r}; use one of {', '.join(choices)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: a MarginError becomes one line on stderr and a non-zero exit code."""
+    import click
+
     try:
         app(args=argv, standalone_mode=False)
     except MarginError as exc:
@@ -32,17 +256,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("margin: interrupted", file=sys.stderr)
         return 130
-    except typer.Exit as exc:
+    except click.exceptions.Exit as exc:
         return exc.exit_code
-    except Exception as exc:  # click's usage errors
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            return exc.exit_code
-        if isinstance(exc, click.exceptions.Abort):
-            return 1
-        raise
+    except click.exceptions.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Abort:
+        return 1
     return 0
 
 

@@ -1,0 +1,219 @@
+"""Loading and saving RAG models: the default, margin's own checkpoints, transformers' RAG.
+
+A margin checkpoint is a plain directory (never pickle)::
+
+    DIR/margin_model.json          format + version, generator kind and formatting, the document
+                                   score scale, decoding defaults, the question encoder's spec, and
+                                   the fingerprint of the passage encoder its indexes must use
+    DIR/generator/                 save_pretrained model (safetensors) + tokenizer
+    DIR/question_encoder/          the question encoder's model directory (safetensors)
+
+``RAG.load(model=...)`` accepts ``"default"`` (SmolLM2-135M-Instruct over the default corpus with
+the all-MiniLM-L6-v2 retriever), such a directory, or a directory written by transformers'
+``RagSequenceForGeneration``/``RagTokenForGeneration.save_pretrained`` plus
+``RagTokenizer.save_pretrained`` (see margin.hf_rag).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from margin._io import atomic_path
+from margin.build import open_index
+from margin.decoding import DecodeConfig
+from margin.encoders import Encoder, load_encoder, load_encoder_from_spec
+from margin.errors import MarginError
+from margin.generator import (
+    CausalFormat,
+    CausalGenerator,
+    Generator,
+    Seq2SeqFormat,
+    Seq2SeqGenerator,
+)
+from margin.rag import RAG
+from margin.retriever import Retriever, resolve_index
+
+MODEL_FILE = "margin_model.json"
+MODEL_FORMAT = "margin-rag"
+MODEL_VERSION = 1
+DEFAULT_COSINE_SCALE = 20.0  # doc score scale for unit-norm (cosine) encoders; see margin.rag
+
+
+@dataclass
+class ModelConfig:
+    """What a margin checkpoint records besides the weights."""
+
+    generator_kind: str = "causal"  # "causal" (decoder-only) or "seq2seq" (BART/T5, the paper's)
+    prompt: str = "qa-default"  # causal prompt template name (margin.prompting)
+    seq2seq: dict[str, Any] = field(default_factory=dict)  # Seq2SeqFormat fields (separators, ...)
+    doc_score_scale: float = 1.0  # s in p(z|x) ∝ exp(s · d(z)ᵀq(x))
+    decode: dict[str, Any] = field(default_factory=dict)  # DecodeConfig defaults
+    question_encoder: dict[str, Any] = field(default_factory=dict)  # Encoder.spec, minus "name"
+    index_encoder_fingerprint: str | None = None  # passage encoder of compatible indexes
+
+
+# ----------------------------------------------------------------------------- generators
+
+
+def make_generator(path: str | Path, kind: str, config: ModelConfig | None = None) -> Generator:
+    """Load a generator directory (or hub name) of the given kind."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    config = config or ModelConfig(generator_kind=kind)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if kind == "seq2seq":
+        model = AutoModelForSeq2SeqLM.from_pretrained(path).eval()
+        return Seq2SeqGenerator(model, tokenizer, Seq2SeqFormat(**config.seq2seq))
+    if kind == "causal":
+        model = AutoModelForCausalLM.from_pretrained(path).eval()
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return CausalGenerator(model, tokenizer, CausalFormat(prompt_fn=_prompt_fn(config.prompt)))
+    raise MarginError(f"unknown generator kind {kind!r}; use 'causal' or 'seq2seq'")
+
+
+def _prompt_fn(name: str):
+    from margin import prompting
+
+    if name == "qa-default":
+        return prompting.prompt_fn
+    if name == "chat":
+        from margin.generator import default_prompt
+
+        return default_prompt
+    raise MarginError(f"unknown prompt template {name!r}; use 'qa-default' or 'chat'")
+
+
+def _postprocess(config: ModelConfig):
+    if config.generator_kind == "causal":
+        from margin.prompting import postprocess_answer
+
+        return postprocess_answer
+    return None
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_model(model: str | Path = "default", index: str | Path | None = "default",
+               progress: bool = True) -> RAG:
+    """A ready RAG: generator, question encoder and (unless ``index`` is None) retriever."""
+    if str(model) == "default":
+        return _load_default(index, progress)
+    path = Path(model)
+    if (path / MODEL_FILE).is_file():
+        return _load_margin(path, index, progress)
+    if (path / "config.json").is_file() and _model_type(path) == "rag":
+        from margin.hf_rag import load_hf_rag
+
+        return load_hf_rag(path, index, progress=progress)
+    if not path.exists():
+        raise MarginError(f"{path}: no such model directory; give 'default' or a model directory")
+    raise MarginError(
+        f"{path} is neither a margin model (no {MODEL_FILE}) nor a transformers RAG checkpoint "
+        "(config.json with model_type 'rag'); give 'default' or one of those"
+    )
+
+
+def _load_default(index: str | Path | None, progress: bool) -> RAG:
+    from margin.default_generator import default_generator_dir
+
+    config = ModelConfig(doc_score_scale=DEFAULT_COSINE_SCALE, decode={"max_new_tokens": 16})
+    generator = make_generator(default_generator_dir(progress=progress), "causal", config)
+    retriever = None
+    encoder: Encoder | None = None
+    if index is not None:
+        retriever = Retriever.load(index, progress=progress)
+        encoder = retriever.encoder
+    else:
+        encoder = load_encoder("default", role="question")
+    return _assemble(generator, retriever, encoder, config)
+
+
+def _load_margin(path: Path, index: str | Path | None, progress: bool) -> RAG:
+    raw = _read_json(path / MODEL_FILE)
+    if raw.get("format") != MODEL_FORMAT or int(raw.get("version", 0)) > MODEL_VERSION:
+        raise MarginError(
+            f"{path / MODEL_FILE} is not a margin model this version can read "
+            f"(format {raw.get('format')!r}, version {raw.get('version')}); upgrade margin"
+        )
+    fields = {k: v for k, v in raw.items() if k in ModelConfig.__dataclass_fields__}
+    config = ModelConfig(**fields)
+    generator = make_generator(path / "generator", config.generator_kind, config)
+    encoder = None
+    if config.question_encoder:
+        spec = dict(config.question_encoder, name=str(path / "question_encoder"), role="question")
+        encoder = load_encoder_from_spec(spec)
+    retriever = None
+    if index is not None:
+        loaded = open_index(resolve_index(index, progress=progress))
+        _check_index(loaded, config, path)
+        retriever = Retriever(loaded, encoder if loaded.dense is not None else None, check=False)
+    return _assemble(generator, retriever, encoder, config)
+
+
+def _check_index(loaded, config: ModelConfig, path: Path) -> None:
+    built = loaded.manifest.encoder
+    expected = config.index_encoder_fingerprint
+    if built is None or expected is None:
+        return
+    if built["fingerprint"] != expected:
+        raise MarginError(
+            f"index {loaded.path} was built with passage encoder sha256 "
+            f"{built['fingerprint'][:12]} but model {path} expects {expected[:12]}; "
+            "use an index built with the model's passage encoder"
+        )
+
+
+def _assemble(generator, retriever, encoder, config: ModelConfig) -> RAG:
+    rag = RAG(
+        generator,
+        retriever,
+        question_encoder=encoder,
+        doc_score_scale=config.doc_score_scale,
+        default_decode=DecodeConfig(**config.decode),
+        postprocess=_postprocess(config),
+    )
+    rag.config = config  # type: ignore[attr-defined]
+    return rag
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+def save_model(rag: RAG, out: str | Path) -> Path:
+    """Write ``rag`` as a margin checkpoint directory, atomically."""
+    out = Path(out)
+    config: ModelConfig = getattr(rag, "config", None) or ModelConfig()
+    encoder = rag.question_encoder
+    with atomic_path(out) as tmp:
+        tmp.mkdir(parents=True)
+        rag.generator.model.save_pretrained(tmp / "generator")  # type: ignore[attr-defined]
+        rag.generator.tokenizer.save_pretrained(tmp / "generator")  # type: ignore[attr-defined]
+        record = asdict(config)
+        if encoder is not None:
+            encoder.save(tmp / "question_encoder")  # type: ignore[attr-defined]
+            record["question_encoder"] = {k: v for k, v in encoder.spec.items() if k != "name"}
+        built = rag.retriever.index.manifest.encoder if rag.retriever is not None else None
+        if built is not None:
+            record["index_encoder_fingerprint"] = built["fingerprint"]
+        record.update(format=MODEL_FORMAT, version=MODEL_VERSION)
+        (tmp / MODEL_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MarginError(f"{path} cannot be read ({exc}); restore or re-save the model") from None
+    if not isinstance(data, dict):
+        raise MarginError(f"{path} is not a JSON object; restore or re-save the model")
+    return data
+
+
+def _model_type(path: Path) -> str | None:
+    return _read_json(path / "config.json").get("model_type")

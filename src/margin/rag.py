@@ -1,0 +1,289 @@
+"""RAG: a retriever and a generator, with the latent passage summed out (Lewis et al., 2020).
+
+This is the object users hold. It ties together the retriever p_eta(z|x) (margin.retriever), the
+generator p_theta(y_i|x,z,y_<i) (margin.generator), the two marginalisations (margin.marginalize)
+and the decoding procedures of Sec. 2.5 (margin.decoding), and gives answers with provenance.
+
+    >>> import margin
+    >>> rag = margin.RAG.load(model="default", index="default")       # doctest: +SKIP
+    >>> [a] = rag.ask(["Who wrote Hamlet?"], k=5, mode="token")        # doctest: +SKIP
+    >>> a.answer, a.passages[0].title                                 # doctest: +SKIP
+
+The document prior is recomputed in torch from the retrieved passage vectors, p(z|x) =
+softmax_z(s · d(z)ᵀq(x)), so the question encoder receives gradient (Sec. 2.4); retrieval itself
+stays outside autograd. ``s`` (``doc_score_scale``) is 1 for DPR as in the paper; cosine encoders
+such as the default all-MiniLM-L6-v2 give inner products in [-1, 1], whose softmax over k passages
+would be nearly uniform, so their models set a larger scale (documented in docs/models.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from margin.decoding import DecodeConfig, Decoded, decode
+from margin.encoders import Encoder
+from margin.errors import MarginError
+from margin.generator import Generator, GenInputs
+from margin.marginalize import nll_loss
+from margin.passages import Passage
+from margin.retriever import Retrieved, Retriever
+
+Mode = Literal["token", "sequence"]
+Decoding = Literal["greedy", "beam", "thorough", "fast"]
+MODES: tuple[str, ...] = ("token", "sequence")
+DECODINGS: tuple[str, ...] = ("greedy", "beam", "thorough", "fast")
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """One retrieved passage and what it contributed to an answer."""
+
+    id: str  # passage id in the index
+    title: str  # title of its document
+    text: str  # the passage text
+    source: str  # attribution (URL, licence)
+    score: float  # retriever score d(z)ᵀq(x) (BM25 score for BM25)
+    prior: float  # p(z|x)
+    posterior: float  # p(z|x,y) given the answer (RAG-Token: averaged over its tokens)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The answer to one question, with its marginal log-probability and its provenance."""
+
+    question: str
+    answer: str  # decoded text of the best hypothesis
+    logprob: float  # marginal log p(answer|question) under ``mode``
+    mode: str  # "token" or "sequence"
+    decoding: str  # "greedy", "beam", "thorough" or "fast"
+    passages: list[Provenance]  # the k retrieved passages, retriever order
+    token_docs: list[tuple[str, int]] | None = None  # RAG-Token: (token text, supporting passage)
+    nbest: list[tuple[str, float]] = field(default_factory=list)  # (text, marginal logprob)
+
+    def to_json(self) -> dict:
+        """The object ``margin ask --json`` prints."""
+        out = {
+            "question": self.question,
+            "answer": self.answer,
+            "logprob": self.logprob,
+            "mode": self.mode,
+            "decoding": self.decoding,
+            "passages": [
+                {
+                    "id": p.id, "title": p.title, "text": p.text, "source": p.source,
+                    "score": p.score, "prior": p.prior, "posterior": p.posterior,
+                }
+                for p in self.passages
+            ],
+        }
+        if self.token_docs is not None:
+            out["token_docs"] = [{"token": t, "passage": z} for t, z in self.token_docs]
+        if len(self.nbest) > 1:
+            out["nbest"] = [{"answer": t, "logprob": lp} for t, lp in self.nbest]
+        return out
+
+
+def decoding_method(mode: str, decoding: str) -> Literal["token", "thorough", "fast"]:
+    """Map (mode, decoding) onto a procedure of Sec. 2.5.
+
+    RAG-Token decodes by (greedy or beam) search on the marginal; RAG-Sequence by Thorough or
+    Fast Decoding, where "greedy" and "beam" mean Thorough Decoding with 1 or several beams.
+    """
+    if mode not in MODES:
+        raise MarginError(f"unknown mode {mode!r}; use 'token' or 'sequence'")
+    if decoding not in DECODINGS:
+        raise MarginError(f"unknown decoding {decoding!r}; use one of {', '.join(DECODINGS)}")
+    if mode == "token":
+        if decoding in ("thorough", "fast"):
+            raise MarginError(
+                f"'{decoding}' decoding is RAG-Sequence's (Sec. 2.5); use --mode sequence, "
+                "or greedy/beam with RAG-Token"
+            )
+        return "token"
+    return "fast" if decoding == "fast" else "thorough"
+
+
+class RAG:
+    """Retrieval-Augmented Generation: RAG-Sequence and RAG-Token over one retriever/generator."""
+
+    def __init__(
+        self,
+        generator: Generator,
+        retriever: Retriever | None = None,
+        question_encoder: Encoder | None = None,
+        doc_score_scale: float = 1.0,
+        default_decode: DecodeConfig | None = None,
+        postprocess: Callable[[str], str] | None = None,
+    ):
+        self.generator = generator
+        self.retriever = retriever
+        self.question_encoder = question_encoder or (retriever.encoder if retriever else None)
+        self.doc_score_scale = doc_score_scale  # s in p(z|x) ∝ exp(s · d(z)ᵀq(x))
+        self.default_decode = default_decode or DecodeConfig()
+        self.postprocess = postprocess  # cleans decoded text (e.g. a causal model's extra lines)
+
+    @classmethod
+    def load(
+        cls, model: str = "default", index: str = "default", progress: bool = True
+    ) -> RAG:
+        """Load a model (``"default"``, a margin checkpoint or a transformers RAG directory)
+        and an index (``"default"`` or a directory)."""
+        from margin.models import load_model
+
+        return load_model(model, index, progress=progress)
+
+    # -- retrieval and the document prior ------------------------------------------------------
+
+    def retrieve(self, questions: Sequence[str], k: int) -> Retrieved:
+        """Top-k passages for each question, with their stored vectors for the prior."""
+        if self.retriever is None:
+            raise MarginError("this RAG has no retriever; load it with an index, or give passages")
+        return self.retriever.retrieve(questions, k=k, with_vectors=True)
+
+    def doc_scores(self, questions: Sequence[str], hits: Retrieved) -> torch.Tensor:
+        """Scores (B, k) whose softmax is p(z|x); differentiable w.r.t. the question encoder.
+
+        Dense: s · d(z)ᵀq(x) with q(x) recomputed in torch (Sec. 2.4). BM25: the BM25 scores,
+        constants for autograd (the paper's BM25 ablation has no retriever gradient).
+        """
+        if hits.vectors is None or self.question_encoder is None:
+            return torch.as_tensor(hits.scores, dtype=torch.float32) * self.doc_score_scale
+        q = self.question_encoder.embed_queries(list(questions))  # (B, d)
+        d = torch.as_tensor(hits.vectors, dtype=q.dtype, device=q.device)  # (B, k, d)
+        return torch.einsum("bd,bkd->bk", q, d) * self.doc_score_scale  # (B, k)
+
+    # -- answering -----------------------------------------------------------------------------
+
+    def ask(
+        self,
+        questions: Sequence[str],
+        k: int = 5,
+        mode: str = "token",
+        decoding: str = "greedy",
+        num_beams: int | None = None,
+        max_new_tokens: int | None = None,
+        num_return_sequences: int = 1,
+    ) -> list[Answer]:
+        """Retrieve k passages per question and answer, with provenance."""
+        questions = _check_questions(questions)
+        method = decoding_method(mode, decoding)
+        hits = self.retrieve(questions, k)
+        with torch.no_grad():
+            scores = self.doc_scores(questions, hits)
+        return self.generate(
+            questions, hits.passages, scores, mode=mode, decoding=decoding, num_beams=num_beams,
+            max_new_tokens=max_new_tokens, num_return_sequences=num_return_sequences,
+            retriever_scores=hits.scores.tolist(), method=method,
+        )
+
+    def generate(
+        self,
+        questions: Sequence[str],
+        passages: Sequence[Sequence[Passage]],
+        doc_scores: torch.Tensor,
+        mode: str = "token",
+        decoding: str = "greedy",
+        num_beams: int | None = None,
+        max_new_tokens: int | None = None,
+        num_return_sequences: int = 1,
+        retriever_scores: list[list[float]] | None = None,
+        method: str | None = None,
+    ) -> list[Answer]:
+        """Answer with passages and document scores (B, k) given by the caller (no retrieval),
+        as transformers' RAG accepts ``context_input_ids`` and ``doc_scores``."""
+        method = method or decoding_method(mode, decoding)
+        beams = 1 if decoding == "greedy" else (num_beams or max(self.default_decode.num_beams, 1))
+        cfg = DecodeConfig(
+            num_beams=beams,
+            max_new_tokens=max_new_tokens or self.default_decode.max_new_tokens,
+            min_new_tokens=self.default_decode.min_new_tokens,
+            length_penalty=self.default_decode.length_penalty,
+            early_stopping=self.default_decode.early_stopping,
+            num_return_sequences=num_return_sequences,
+        )
+        inputs = self.generator.build_inputs(list(questions), passages)
+        doc_scores = doc_scores.detach().float()
+        decoded = decode(self.generator, inputs, doc_scores, cfg, method)  # type: ignore[arg-type]
+        prior = torch.softmax(doc_scores, -1).tolist()
+        raw = retriever_scores or doc_scores.tolist()
+        return [
+            _answer(q, ps, d, pr, rs, mode, decoding, self.generator, self.postprocess)
+            for q, ps, d, pr, rs in zip(questions, passages, decoded, prior, raw, strict=True)
+        ]
+
+    # -- training ------------------------------------------------------------------------------
+
+    def loss(
+        self,
+        questions: Sequence[str],
+        answers: Sequence[str],
+        k: int = 5,
+        mode: str = "token",
+        hits: Retrieved | None = None,
+        reduction: str = "mean",
+    ) -> torch.Tensor:
+        """Negative marginal log-likelihood −log p(y|x) of the answers (Sec. 2.4), batched.
+
+        Gradient reaches the generator and, through the document prior, the question encoder.
+        Pass ``hits`` to reuse a retrieval (e.g. cached while the question encoder is frozen).
+        """
+        if mode not in MODES:
+            raise MarginError(f"unknown mode {mode!r}; use 'token' or 'sequence'")
+        questions = _check_questions(questions)
+        if len(answers) != len(questions):
+            raise MarginError(f"got {len(questions)} questions but {len(answers)} answers")
+        hits = hits or self.retrieve(questions, k)
+        doc_logprior = torch.log_softmax(self.doc_scores(questions, hits), -1)  # (B, k)
+        inputs: GenInputs = self.generator.build_inputs(list(questions), hits.passages)
+        target_ids, target_mask = self.generator.build_targets(list(answers))  # (B, T)
+        tok = self.generator.token_logprobs(inputs, target_ids, target_mask)  # (B, k, T)
+        return nll_loss(mode, doc_logprior, tok, target_mask, reduction)  # type: ignore[arg-type]
+
+
+def _answer(
+    question: str,
+    passages: Sequence[Passage],
+    decoded: Decoded,
+    prior: list[float],
+    raw_scores: list[float],
+    mode: str,
+    decoding: str,
+    gen: Generator,
+    postprocess: Callable[[str], str] | None = None,
+) -> Answer:
+    best = decoded.best
+    clean = postprocess or (lambda text: text)
+    provenance = [
+        Provenance(p.id, p.title, p.text, p.source, float(s), float(pz), float(post))
+        for p, s, pz, post in zip(passages, raw_scores, prior, best.doc_posterior, strict=True)
+    ]
+    token_docs = None
+    if best.token_docs is not None:
+        pieces = [gen.decode([t]) for t in best.token_ids]
+        token_docs = [(t, int(z)) for t, z in zip(pieces, best.token_docs, strict=True)]
+    return Answer(
+        question=question,
+        answer=clean(best.text),
+        logprob=best.logprob,
+        mode=mode,
+        decoding=decoding,
+        passages=provenance,
+        token_docs=token_docs,
+        nbest=[(clean(h.text), h.logprob) for h in decoded.nbest],
+    )
+
+
+def _check_questions(questions: Sequence[str]) -> list[str]:
+    if isinstance(questions, str):
+        raise MarginError("give a list of questions, not a single string")
+    out = list(questions)
+    if not out:
+        raise MarginError("no question given; pass at least one")
+    for i, q in enumerate(out, 1):
+        if not isinstance(q, str) or not q.strip():
+            raise MarginError(f"question {i} is empty; give a non-blank question")
+    return out

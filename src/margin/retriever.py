@@ -1,0 +1,172 @@
+"""The retriever p_eta(z|x) of RAG (Sec. 2.1): a question encoder over an index of passages.
+
+Retrieval is maximum inner product search outside autograd. The hits' stored passage vectors come
+back with them so that a RAG model can recompute the document scores d(z)ᵀq(x) in torch and the
+question encoder still receives gradient (Sec. 2.4). A BM25 index (the paper's Table 6 ablation)
+is searched with the question strings instead, through the same interface.
+
+    >>> retriever = Retriever.load("default")                      # doctest: +SKIP
+    >>> hits = retriever.retrieve(["Who painted the Mona Lisa?"], k=5)  # doctest: +SKIP
+    >>> hits.passages[0][0].title                                  # doctest: +SKIP
+    'Mona Lisa'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from margin.assets import margin_home
+from margin.build import LoadedIndex, build_index, ensure_encoder_matches, open_index
+from margin.encoders import Encoder, load_encoder, load_encoder_from_spec
+from margin.errors import MarginError
+from margin.passages import Passage
+
+DEFAULT_INDEX_NAME = "default-minilm-flat"  # cache folder of the default index under $MARGIN_HOME
+
+
+@dataclass
+class Retrieved:
+    """Top-k passages for a batch of questions, best first."""
+
+    passages: list[list[Passage]]  # (n_questions, k)
+    scores: np.ndarray  # (n_questions, k) float32 inner products (BM25 scores for BM25)
+    rows: np.ndarray  # (n_questions, k) int64 rows in the index's passage store
+    vectors: np.ndarray | None  # (n_questions, k, dim) stored passage vectors; None for BM25
+
+
+def default_index_dir() -> Path:
+    """Where the default index (default corpus, default encoder, exact search) is cached."""
+    return margin_home() / "indexes" / DEFAULT_INDEX_NAME
+
+
+def ensure_default_index(progress: bool = True) -> Path:
+    """Build the default index on first use (resuming an interrupted build) and return its path."""
+    out = default_index_dir()
+    if not (out / "manifest.json").exists():
+        encoder = load_encoder("default", role="passage")
+        build_index("default", encoder, out, kind="flat", progress=progress)
+    return out
+
+
+def resolve_index(index: str | Path, progress: bool = True) -> Path:
+    """``"default"`` means the cached default index (built if missing); anything else is a path."""
+    if str(index) == "default":
+        return ensure_default_index(progress=progress)
+    return Path(index)
+
+
+class Retriever:
+    """Question encoder + index + passage store -> top-k passages with scores, batched."""
+
+    def __init__(self, index: LoadedIndex, encoder: Encoder | None = None, check: bool = True):
+        self.index = index
+        self.encoder = encoder
+        if index.dense is not None:
+            if encoder is None:
+                raise MarginError(f"{index.path} is a dense index; give a question encoder")
+            if check and _symmetric(index):
+                ensure_encoder_matches(index.manifest, encoder)
+            elif encoder.dim != int(index.manifest.encoder["dim"]):  # type: ignore[index]
+                raise MarginError(
+                    f"the question encoder gives {encoder.dim}-d vectors but index {index.path} "
+                    f"holds {index.manifest.encoder['dim']}-d ones; "  # type: ignore[index]
+                    "use the question encoder that goes with the index's passage encoder"
+                )
+
+    @classmethod
+    def load(
+        cls,
+        index: str | Path = "default",
+        query_encoder: str | Path | Encoder | None = None,
+        progress: bool = True,
+    ) -> Retriever:
+        """Open an index and the question encoder that goes with it.
+
+        index: a directory, or ``"default"`` (built and cached on first use).
+        query_encoder: an Encoder, a model name/directory, or None to reuse the index's own
+            encoder (right for sentence-transformers and plain HF encoders, which embed questions
+            and passages alike; a DPR context-encoder index needs its DPR question encoder named).
+        """
+        loaded = open_index(resolve_index(index, progress=progress))
+        if loaded.dense is None:
+            return cls(loaded, None)
+        if isinstance(query_encoder, Encoder):
+            return cls(loaded, query_encoder)
+        if query_encoder is not None:
+            return cls(loaded, load_encoder(query_encoder, role="question"))
+        if not _symmetric(loaded):
+            raise MarginError(
+                f"index {loaded.path} was built with a DPR context encoder; name its question "
+                "encoder (e.g. --query-encoder facebook/dpr-question_encoder-single-nq-base)"
+            )
+        spec = dict(loaded.manifest.encoder["spec"])  # type: ignore[index]
+        spec["role"] = "question"
+        return cls(loaded, load_encoder_from_spec(spec))
+
+    @property
+    def kind(self) -> str:
+        """The index kind: flat, hnsw, ivfpq or bm25."""
+        return self.index.manifest.kind
+
+    def __len__(self) -> int:
+        return self.index.manifest.passages
+
+    def retrieve(
+        self, questions: Sequence[str], k: int = 5, with_vectors: bool = False
+    ) -> Retrieved:
+        """Top-k passages for each question. ``with_vectors`` also returns the hits' vectors."""
+        questions = _check_questions(questions)
+        if self.index.dense is None:
+            return self._collect(self.index.search(questions, self._check_k(k)), False)
+        assert self.encoder is not None
+        return self.retrieve_by_vector(self.encoder.encode_queries(questions), k, with_vectors)
+
+    def retrieve_by_vector(
+        self, query_vectors: np.ndarray, k: int = 5, with_vectors: bool = False
+    ) -> Retrieved:
+        """Top-k passages for question vectors already computed (e.g. in a RAG forward pass)."""
+        if self.index.dense is None:
+            raise MarginError(f"{self.index.path} is a BM25 index: retrieve with question strings")
+        query_vectors = np.ascontiguousarray(query_vectors, dtype=np.float32)  # (n, dim)
+        return self._collect(self.index.search(query_vectors, self._check_k(k)), with_vectors)
+
+    def _collect(self, result, with_vectors: bool) -> Retrieved:
+        rows = result.rows  # (n, k)
+        if (rows < 0).any():
+            raise MarginError(
+                f"the index found fewer passages than asked for; lower k "
+                f"(the index holds {len(self)})"
+            )
+        vectors = None
+        if with_vectors and self.index.dense is not None:
+            vectors = self.index.dense.vectors(rows)  # (n, k, dim)
+        return Retrieved(self.index.passages(result), result.scores, rows, vectors)
+
+    def _check_k(self, k: int) -> int:
+        if k < 1:
+            raise MarginError(f"k must be at least 1, got {k}")
+        if k > len(self):
+            raise MarginError(f"k={k} is larger than the index ({len(self)} passages); lower k")
+        return k
+
+
+def _symmetric(index: LoadedIndex) -> bool:
+    """Whether the index's encoder also embeds questions (anything but a DPR context encoder)."""
+    encoder = index.manifest.encoder or {}
+    return encoder.get("spec", {}).get("kind") != "dpr"
+
+
+def _check_questions(questions: Sequence[str]) -> list[str]:
+    if isinstance(questions, str):
+        raise MarginError("give a list of questions, not a single string")
+    questions = list(questions)
+    if not questions:
+        raise MarginError("no questions given; pass at least one")
+    for i, q in enumerate(questions):
+        if not isinstance(q, str) or not q.strip():
+            raise MarginError(f"question {i + 1} is empty; give a non-blank question")
+    return questions
