@@ -92,8 +92,9 @@ def test_ivfpq_recall_with_rerank(vectors, embeddings, flat):
 
 
 def test_config_rules_by_hand():
-    assert ivf_nlist(1_000_000) == 4096  # 4 * sqrt(1e6) = 4000 -> nearest power of two
-    assert ivf_nlist(3000) == 76  # 4 * sqrt(3000) ~ 219 -> 256, capped at 3000 // 39
+    assert ivf_nlist(1_000_000) == 1024  # sqrt(1e6) = 1000 -> nearest power of two
+    assert ivf_nlist(3000) == 64  # sqrt(3000) ~ 55 -> 64 (under the cap 3000 // 39 = 76)
+    assert ivf_nlist(1000) == 25  # sqrt(1000) ~ 32 -> 32, capped at 1000 // 39 = 25
     assert ivf_nlist(10) == 1
     assert pq_m(384) == 96 and pq_m(768) == 192 and pq_m(30) == 6  # 30 // 4 = 7 -> divisor 6
     assert pq_bits(1_000_000) == 8 and pq_bits(3000) == 6  # 2**6 * 39 <= 3000 < 2**7 * 39

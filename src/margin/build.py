@@ -264,8 +264,7 @@ def _write_shards(
             name = shard_name(number, "")
             after = chain_checksum(batch, checksum)
             arrow, npy = work / "passages" / f"{name}.arrow", work / "embeddings" / f"{name}.npy"
-            done = _shard_done(arrow, npy if encoder else None, checksum, after, len(batch))
-            if resume and done:
+            if resume and _shard_done(arrow, npy if encoder else None, checksum, after, len(batch)):
                 kept += 1
             else:
                 npy.unlink(missing_ok=True)  # its passages are about to change
