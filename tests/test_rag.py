@@ -1,0 +1,175 @@
+"""The RAG object: retrieval wired to the generator, provenance, the loss and its gradients.
+
+A keyword encoder (tests/conftest.py) makes retrieval hand-checkable; a tiny random BART
+(tests/test_generator.py) generates. The math itself is tested in test_marginalize/test_decoding;
+here we check that RAG feeds it the right things.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import KeywordEncoder
+from margin.build import build_index, open_index
+from margin.errors import MarginError
+from margin.generator import Seq2SeqFormat, Seq2SeqGenerator
+from margin.marginalize import nll_loss
+from margin.rag import RAG, decoding_method
+from margin.retriever import Retriever
+from test_generator import tiny_bart
+
+
+class TorchKeywordEncoder(KeywordEncoder):
+    """The keyword encoder plus a learnable (dim x dim) question-side map, identity at start.
+
+    Questions embed as W·kw(x), so d(z)ᵀq(x) equals the keyword inner product at initialisation and
+    the document prior sends gradient into W, like a real question encoder (Sec. 2.4).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.module = torch.nn.Linear(self.dim, self.dim, bias=False)
+        with torch.no_grad():
+            self.module.weight.copy_(torch.eye(self.dim))
+
+    def embed_queries(self, texts):
+        return self.module(torch.from_numpy(self.embed(list(texts))))  # (n, dim)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def rag(tmp_path_factory):
+    from conftest import DOCS
+    from margin.passages import split_document
+
+    out = tmp_path_factory.mktemp("rag") / "index"
+    encoder = TorchKeywordEncoder()
+    passages = [
+        p for i, d in enumerate(DOCS) for p in split_document(d["title"], d["text"], str(i))
+    ]
+    build_index(passages, encoder, out, kind="flat", progress=False)
+    model, tok = tiny_bart()
+    gen = Seq2SeqGenerator(model, tok, Seq2SeqFormat(max_combined_length=64))
+    return RAG(gen, Retriever(open_index(out), encoder), doc_score_scale=5.0)
+
+
+QUESTIONS = ["paris france", "germany river"]
+
+
+def test_ask_returns_the_hand_obvious_passages_with_normalised_provenance(rag):
+    answers = rag.ask(QUESTIONS, k=3, mode="token", decoding="greedy", max_new_tokens=6)
+    assert [a.passages[0].title for a in answers] == ["Paris", "Rhine"]
+    for a in answers:
+        assert len(a.passages) == 3
+        assert math.isclose(sum(p.prior for p in a.passages), 1.0, rel_tol=1e-5)
+        assert math.isclose(sum(p.posterior for p in a.passages), 1.0, rel_tol=1e-5)
+        # the prior is the softmax of the scaled retriever scores, best passage first
+        scores = np.array([p.score for p in a.passages])
+        expected = np.exp(5 * scores) / np.exp(5 * scores).sum()
+        np.testing.assert_allclose([p.prior for p in a.passages], expected, rtol=1e-5)
+        assert a.token_docs is not None and len(a.token_docs) >= 1
+        assert all(0 <= z < 3 for _, z in a.token_docs)
+        assert a.logprob <= 0.0
+
+
+def test_ask_logprob_is_the_marginal_of_the_answer_under_the_mode(rag):
+    for mode in ("token", "sequence"):
+        [answer] = rag.ask(QUESTIONS[:1], k=2, mode=mode, decoding="greedy", max_new_tokens=5)
+        hits = rag.retrieve(QUESTIONS[:1], 2)
+        with torch.no_grad():
+            prior = torch.log_softmax(rag.doc_scores(QUESTIONS[:1], hits), -1)
+        gen = rag.generator
+        inputs = gen.build_inputs(QUESTIONS[:1], hits.passages)
+        ids = torch.tensor([answer_ids(rag, answer, mode)])
+        mask = torch.ones_like(ids)
+        if gen.forced_bos_token_id is not None:
+            mask[:, 0] = 0  # a forced BOS is prompt, not prediction
+        with torch.no_grad():
+            tok = gen.token_logprobs(inputs, ids, mask)  # (1, k, T)
+        loss = nll_loss(mode, prior, tok, mask)
+        assert math.isclose(-loss.item(), answer.logprob, abs_tol=1e-4), mode
+
+
+def answer_ids(rag, answer, mode):
+    """Re-decode the answer's token ids (the Answer keeps text; n-best keeps ids internally)."""
+    hits = rag.retrieve([answer.question], len(answer.passages))
+    from margin.decoding import DecodeConfig, decode
+
+    with torch.no_grad():
+        scores = rag.doc_scores([answer.question], hits)
+    inputs = rag.generator.build_inputs([answer.question], hits.passages)
+    method = decoding_method(mode, answer.decoding)
+    [decoded] = decode(rag.generator, inputs, scores, DecodeConfig(num_beams=1, max_new_tokens=5),
+                       method)
+    assert decoded.best.text == answer.answer
+    return list(decoded.best.token_ids)
+
+
+def test_loss_trains_generator_and_question_encoder(rag):
+    rag.question_encoder.module.zero_grad()
+    rag.generator.model.zero_grad()
+    loss = rag.loss(QUESTIONS, ["a tower", "a river"], k=3, mode="sequence")
+    assert loss.ndim == 0 and loss.item() > 0
+    loss.backward()
+    q_grad = rag.question_encoder.module.weight.grad
+    assert q_grad is not None and q_grad.abs().sum() > 0  # gradient through p(z|x)
+    g_grad = rag.generator.model.get_input_embeddings().weight.grad
+    assert g_grad is not None and g_grad.abs().sum() > 0
+    rag.generator.model.zero_grad()
+    rag.question_encoder.module.zero_grad()
+
+
+def test_loss_modes_coincide_for_a_one_token_target(rag):
+    """With a one-token target RAG-Sequence and RAG-Token are the same model (Sec. 2)."""
+    hits = rag.retrieve(QUESTIONS, 3)
+    gen = rag.generator
+    ids = torch.tensor([[7], [9]])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        prior = torch.log_softmax(rag.doc_scores(QUESTIONS, hits), -1)
+        tok = gen.token_logprobs(gen.build_inputs(QUESTIONS, hits.passages), ids, mask)
+    seq = nll_loss("sequence", prior, tok, mask, "none")
+    token = nll_loss("token", prior, tok, mask, "none")
+    torch.testing.assert_close(seq, token)
+
+
+@pytest.mark.parametrize(
+    ("mode", "decoding", "method"),
+    [("token", "greedy", "token"), ("token", "beam", "token"), ("sequence", "greedy", "thorough"),
+     ("sequence", "beam", "thorough"), ("sequence", "thorough", "thorough"),
+     ("sequence", "fast", "fast")],
+)
+def test_decoding_method_mapping(mode, decoding, method):
+    assert decoding_method(mode, decoding) == method
+
+
+@pytest.mark.parametrize(
+    ("mode", "decoding", "message"),
+    [("token", "thorough", "RAG-Sequence"), ("token", "fast", "RAG-Sequence"),
+     ("both", "greedy", "unknown mode"), ("token", "nucleus", "unknown decoding")],
+)
+def test_bad_mode_or_decoding_is_one_clear_error(mode, decoding, message):
+    with pytest.raises(MarginError, match=message):
+        decoding_method(mode, decoding)
+
+
+def test_bad_questions_and_k(rag):
+    with pytest.raises(MarginError, match="empty"):
+        rag.ask(["paris", "  "], k=2)
+    with pytest.raises(MarginError, match="no question"):
+        rag.ask([], k=2)
+    with pytest.raises(MarginError, match="larger than the index"):
+        rag.ask(["paris"], k=50)
+    with pytest.raises(MarginError, match="not a single string"):
+        rag.ask("paris", k=2)
