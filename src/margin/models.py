@@ -53,6 +53,7 @@ class ModelConfig:
     decode: dict[str, Any] = field(default_factory=dict)  # DecodeConfig defaults
     question_encoder: dict[str, Any] = field(default_factory=dict)  # Encoder.spec, minus "name"
     index_encoder_fingerprint: str | None = None  # passage encoder of compatible indexes
+    stop_at_newline: bool = True  # causal: a newline ends the answer (few-shot QA prompts)
 
 
 # ----------------------------------------------------------------------------- generators
@@ -71,8 +72,20 @@ def make_generator(path: str | Path, kind: str, config: ModelConfig | None = Non
         model = AutoModelForCausalLM.from_pretrained(path).eval()
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
-        return CausalGenerator(model, tokenizer, CausalFormat(prompt_fn=_prompt_fn(config.prompt)))
+        gen = CausalGenerator(model, tokenizer, CausalFormat(prompt_fn=_prompt_fn(config.prompt)))
+        if config.stop_at_newline:
+            gen.eos_token_ids = tuple(sorted({*gen.eos_token_ids, *newline_token_ids(tokenizer)}))
+        return gen
     raise MarginError(f"unknown generator kind {kind!r}; use 'causal' or 'seq2seq'")
+
+
+def newline_token_ids(tokenizer) -> list[int]:
+    """Ids of the tokens whose text contains a line break (they end a short answer)."""
+    vocab = tokenizer.get_vocab()
+    if any(tok.startswith("Ġ") for tok in list(vocab)[:1000]):  # byte-level BPE: "Ċ" is "\n"
+        return sorted(i for tok, i in vocab.items() if "Ċ" in tok)
+    texts = tokenizer.batch_decode([[i] for i in range(len(vocab))])
+    return [i for i, text in enumerate(texts) if "\n" in text]
 
 
 def _prompt_fn(name: str):
