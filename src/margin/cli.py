@@ -244,10 +244,23 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise MarginError(f"unknown {name} {value!r}; use one of {', '.join(choices)}")
 
 
+def _quiet_libraries() -> None:
+    """Keep transformers' per-load progress bars and advice off the user's terminal."""
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: a MarginError becomes one line on stderr and a non-zero exit code."""
     import click
 
+    _quiet_libraries()
     try:
         app(args=argv, standalone_mode=False)
     except MarginError as exc:
