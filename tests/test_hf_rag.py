@@ -54,8 +54,6 @@ from margin.errors import MarginError
 from margin.hf_rag import RagCheckpointGenerator, load_hf_rag, seq2seq_format
 from margin.models import load_model
 
-datasets = pytest.importorskip("datasets", reason="the transformers side needs `datasets`")
-
 K = 3  # the checkpoints' n_docs
 MAX_NEW = 8
 
@@ -90,6 +88,7 @@ def world(tmp_path_factory):
 
 def _reference(ckpt, index_dir):
     """transformers' RAG with a RagRetriever over the margin index's passages and vectors."""
+    datasets = pytest.importorskip("datasets", reason="transformers' RagRetriever needs it")
     from transformers import RagRetriever
 
     loaded = open_index(index_dir)
