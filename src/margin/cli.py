@@ -144,10 +144,12 @@ def ask(
         str, typer.Option(help="'default', a margin model or a transformers RAG directory.")
     ] = "default",
     index: Annotated[str, typer.Option(help="Index directory, or 'default'.")] = "default",
-    k: Annotated[int, typer.Option("--k", "-k", help="Passages retrieved per question.")] = 5,
-    mode: Annotated[str, typer.Option(help="token (RAG-Token) or sequence (RAG-Sequence).")] = (
-        "token"
-    ),
+    k: Annotated[
+        int | None, typer.Option("--k", "-k", help="Passages per question [model's default: 5].")
+    ] = None,
+    mode: Annotated[
+        str | None, typer.Option(help="token or sequence [model's default: token].")
+    ] = None,
     decoding: Annotated[str, typer.Option(help="greedy, beam, thorough or fast.")] = "greedy",
     beams: Annotated[int, typer.Option(help="Beams for beam/thorough/fast decoding.")] = 4,
     max_new_tokens: Annotated[
@@ -159,7 +161,8 @@ def ask(
     from margin.rag import RAG, decoding_method
 
     items = _read_queries(questions)
-    decoding_method(mode, decoding)  # reject a bad combination before loading anything
+    if mode is not None:
+        decoding_method(mode, decoding)  # reject a bad combination before loading anything
     rag = RAG.load(model=model, index=index)
     answers = rag.ask(
         items, k=k, mode=mode, decoding=decoding, num_beams=beams, max_new_tokens=max_new_tokens

@@ -235,8 +235,8 @@ def load_hf_rag(
     rag.config = ModelConfig(  # type: ignore[attr-defined]
         generator_kind="seq2seq", seq2seq=asdict(fmt), doc_score_scale=1.0, decode=asdict(decode)
     )
-    rag.default_mode = mode  # type: ignore[attr-defined]
-    rag.default_k = int(config.get("n_docs", 5))  # type: ignore[attr-defined]
+    rag.default_mode = mode
+    rag.default_k = int(config.get("n_docs", 5))
     return rag
 
 

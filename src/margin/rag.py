@@ -118,6 +118,8 @@ class RAG:
         doc_score_scale: float = 1.0,
         default_decode: DecodeConfig | None = None,
         postprocess: Callable[[str], str] | None = None,
+        default_mode: str = "token",
+        default_k: int = 5,
     ):
         self.generator = generator
         self.retriever = retriever
@@ -125,6 +127,8 @@ class RAG:
         self.doc_score_scale = doc_score_scale  # s in p(z|x) ∝ exp(s · d(z)ᵀq(x))
         self.default_decode = default_decode or DecodeConfig()
         self.postprocess = postprocess  # cleans decoded text (e.g. a causal model's extra lines)
+        self.default_mode = default_mode  # the mode the model was trained for
+        self.default_k = default_k  # passages per question it was trained with
 
     @classmethod
     def load(
@@ -161,15 +165,20 @@ class RAG:
     def ask(
         self,
         questions: Sequence[str],
-        k: int = 5,
-        mode: str = "token",
+        k: int | None = None,
+        mode: str | None = None,
         decoding: str = "greedy",
         num_beams: int | None = None,
         max_new_tokens: int | None = None,
         num_return_sequences: int = 1,
     ) -> list[Answer]:
-        """Retrieve k passages per question and answer, with provenance."""
+        """Retrieve k passages per question and answer, with provenance.
+
+        ``k`` and ``mode`` default to the model's own (``default_k``, ``default_mode``).
+        """
         questions = _check_questions(questions)
+        k = k or self.default_k
+        mode = mode or self.default_mode
         method = decoding_method(mode, decoding)
         hits = self.retrieve(questions, k)
         with torch.no_grad():
