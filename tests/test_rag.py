@@ -173,3 +173,29 @@ def test_bad_questions_and_k(rag):
         rag.ask(["paris"], k=50)
     with pytest.raises(MarginError, match="not a single string"):
         rag.ask("paris", k=2)
+
+
+def test_overlong_question_is_truncated_with_a_warning_not_an_error(rag):
+    long_question = "paris " * 5000
+    with pytest.warns(UserWarning, match="truncated"):
+        [answer] = rag.ask([long_question], k=2, max_new_tokens=3)
+    assert answer.question.split() == ["paris"] * 128
+    assert answer.passages[0].title == "Paris"
+
+
+def test_bm25_retrieval_gives_the_prior_from_bm25_scores(rag, tmp_path):
+    from conftest import DOCS
+    from margin.passages import split_document
+
+    passages = [
+        p for i, d in enumerate(DOCS) for p in split_document(d["title"], d["text"], str(i))
+    ]
+    build_index(passages, None, tmp_path / "bm25", kind="bm25", progress=False)
+    bm25_rag = RAG(rag.generator, Retriever(open_index(tmp_path / "bm25")))
+    [answer] = bm25_rag.ask(["capital of germany"], k=3, max_new_tokens=3)
+    assert answer.passages[0].title == "Berlin"
+    scores = np.array([p.score for p in answer.passages])
+    expected = np.exp(scores) / np.exp(scores).sum()  # softmax of the BM25 scores, s = 1
+    np.testing.assert_allclose([p.prior for p in answer.passages], expected, rtol=1e-5)
+    loss = bm25_rag.loss(["capital of germany"], ["berlin"], k=3)
+    assert loss.item() > 0 and loss.requires_grad  # the generator still learns

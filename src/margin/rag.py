@@ -18,6 +18,7 @@ would be nearly uniform, so their models set a larger scale (documented in docs/
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -35,6 +36,7 @@ from margin.retriever import Retrieved, Retriever
 Mode = Literal["token", "sequence"]
 Decoding = Literal["greedy", "beam", "thorough", "fast"]
 MODES: tuple[str, ...] = ("token", "sequence")
+MAX_QUESTION_WORDS = 128  # longer questions are truncated (with a warning) to fit the context
 DECODINGS: tuple[str, ...] = ("greedy", "beam", "thorough", "fast")
 
 
@@ -287,12 +289,22 @@ def _answer(
 
 
 def _check_questions(questions: Sequence[str]) -> list[str]:
+    """Non-blank questions, each cut to MAX_QUESTION_WORDS words (warning) so prompts fit."""
     if isinstance(questions, str):
         raise MarginError("give a list of questions, not a single string")
     out = list(questions)
     if not out:
         raise MarginError("no question given; pass at least one")
-    for i, q in enumerate(out, 1):
+    for i, q in enumerate(out):
         if not isinstance(q, str) or not q.strip():
-            raise MarginError(f"question {i} is empty; give a non-blank question")
+            raise MarginError(f"question {i + 1} is empty; give a non-blank question")
+        words = q.split()
+        if len(words) > MAX_QUESTION_WORDS:
+            warnings.warn(
+                f"question {i + 1} has {len(words)} words; truncated to the first "
+                f"{MAX_QUESTION_WORDS} to fit the model's context",
+                UserWarning,
+                stacklevel=3,
+            )
+            out[i] = " ".join(words[:MAX_QUESTION_WORDS])
     return out
