@@ -144,6 +144,13 @@ class Encoder:
             self._fingerprint = (key, weights_fingerprint(self.module))
         return self._fingerprint[1]
 
+    def save(self, directory: str | Path) -> None:
+        """Write weights (safetensors) and tokenizer so ``load_encoder(directory)`` reloads it."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.module.save_pretrained(directory)  # type: ignore[operator]
+        self.tokenizer.save_pretrained(directory)
+
     def __repr__(self) -> str:
         s = self._spec
         return f"{type(self).__name__}(name={s.name!r}, role={s.role!r}, dim={self.dim})"
@@ -259,6 +266,9 @@ class Encoder:
 
 class SentenceTransformerEncoder(Encoder):
     """A sentence-transformers model run through its own Transformer, Pooling, Normalize modules."""
+
+    def save(self, directory: str | Path) -> None:
+        self.module.save(str(directory))  # type: ignore[operator]  # modules.json + weights
 
     def _forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.module(dict(features))["sentence_embedding"]  # (batch, dim)

@@ -1,0 +1,104 @@
+"""margin's own checkpoint format: save, load, and refusing an index from another encoder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import DOCS
+from margin.build import build_index, open_index
+from margin.encoders import load_encoder
+from margin.errors import MarginError
+from margin.models import MODEL_FILE, ModelConfig, load_model, make_generator, save_model
+from margin.passages import split_document
+from margin.rag import RAG
+from margin.retriever import Retriever
+from test_cli import st_model  # noqa: F401  (module fixture: a tiny sentence-transformers model)
+from test_encoders import one_thread
+from test_generator import tiny_llama
+
+QUESTIONS = ["where is the tower ?", "what is the capital of france ?"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def index(tmp_path_factory, st_model):  # noqa: F811
+    out = tmp_path_factory.mktemp("models") / "index"
+    passages = [
+        p for i, d in enumerate(DOCS) for p in split_document(d["title"], d["text"], str(i))
+    ]
+    build_index(passages, load_encoder(st_model, role="passage"), out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def rag(tmp_path_factory, index):
+    model, tok = tiny_llama()
+    gen_dir = tmp_path_factory.mktemp("gen")
+    model.save_pretrained(gen_dir)
+    tok.save_pretrained(gen_dir)
+    config = ModelConfig(generator_kind="causal", prompt="chat", doc_score_scale=7.0,
+                         decode={"max_new_tokens": 4}, stop_at_newline=False)
+    rag = RAG(make_generator(gen_dir, "causal", config), Retriever.load(index),
+              doc_score_scale=7.0)
+    rag.config = config
+    return rag
+
+
+def test_save_load_round_trip_gives_the_same_answers(rag, index, tmp_path):
+    before = rag.ask(QUESTIONS, k=3, mode="sequence", decoding="beam", num_beams=2)
+    out = save_model(rag, tmp_path / "model")
+    record = json.loads((out / MODEL_FILE).read_text())
+    assert record["format"] == "margin-rag" and record["doc_score_scale"] == 7.0
+    assert record["index_encoder_fingerprint"] == open_index(index).manifest.encoder["fingerprint"]
+    assert (out / "generator" / "model.safetensors").exists()
+    assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pkl"))  # never pickle
+    loaded = load_model(out, index)
+    after = loaded.ask(QUESTIONS, k=3, mode="sequence", decoding="beam", num_beams=2)
+    for a, b in zip(before, after, strict=True):
+        assert a.answer == b.answer
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
+        assert [p.id for p in a.passages] == [p.id for p in b.passages]
+        assert [p.prior for p in a.passages] == pytest.approx([p.prior for p in b.passages])
+
+
+def test_trained_question_encoder_survives_the_round_trip(rag, index, tmp_path):
+    encoder = rag.question_encoder
+    with torch.no_grad():
+        for p in encoder.module.parameters():
+            p.add_(0.01)  # as if a training step had moved it
+    try:
+        loaded = load_model(save_model(rag, tmp_path / "model"), index)
+        assert loaded.question_encoder.fingerprint == encoder.fingerprint
+        torch.testing.assert_close(loaded.question_encoder.embed_queries(QUESTIONS),
+                                   encoder.embed_queries(QUESTIONS))
+    finally:
+        with torch.no_grad():
+            for p in encoder.module.parameters():
+                p.sub_(0.01)
+
+
+def test_an_index_from_another_passage_encoder_is_refused(rag, tmp_path):
+    from conftest import KeywordEncoder
+
+    out = save_model(rag, tmp_path / "model")
+    other = tmp_path / "other"
+    passages = [p for d in DOCS for p in split_document(d["title"], d["text"])]
+    build_index(passages, KeywordEncoder(), other, progress=False)
+    with pytest.raises(MarginError, match="passage encoder"):
+        load_model(out, other)
+
+
+def test_a_newer_format_is_refused_in_one_line(rag, tmp_path):
+    out = save_model(rag, tmp_path / "model")
+    record = json.loads((out / MODEL_FILE).read_text())
+    (out / MODEL_FILE).write_text(json.dumps(dict(record, version=99)))
+    with pytest.raises(MarginError, match="upgrade margin"):
+        load_model(out, None)
