@@ -9,6 +9,7 @@ import torch
 
 from conftest import DOCS
 from margin.build import build_index, open_index
+from margin.decoding import DecodeConfig
 from margin.encoders import load_encoder
 from margin.errors import MarginError
 from margin.models import MODEL_FILE, ModelConfig, load_model, make_generator, save_model
@@ -47,7 +48,7 @@ def rag(tmp_path_factory, index):
     config = ModelConfig(generator_kind="causal", prompt="chat", doc_score_scale=7.0,
                          decode={"max_new_tokens": 4}, stop_at_newline=False)
     rag = RAG(make_generator(gen_dir, "causal", config), Retriever.load(index),
-              doc_score_scale=7.0)
+              doc_score_scale=7.0, default_decode=DecodeConfig(max_new_tokens=4))
     rag.config = config
     return rag
 
