@@ -11,7 +11,15 @@ from margin.decoding import DecodeConfig, decode, decode_rag_sequence, decode_ra
 from margin.errors import MarginError
 from margin.generator import CausalGenerator, Seq2SeqFormat, Seq2SeqGenerator
 from margin.marginalize import rag_sequence_logprob
-from test_generator import PASSAGES, QUESTIONS, tiny_bart, tiny_llama
+from test_generator import (
+    PASSAGES,
+    QUESTIONS,
+    bare_prompt,
+    causal,
+    preamble_prompt,
+    tiny_bart,
+    tiny_llama,
+)
 
 QS = [*QUESTIONS, "who made the louvre?"]
 PS = [
@@ -210,3 +218,43 @@ def test_causal_k1_decoding_equals_plain_generate(llama):
             SCORES[b : b + 1, :2].log_softmax(-1), tok, torch.ones_like(tgt)
         )
         assert d.best.logprob == pytest.approx(float(want), abs=1e-4)
+
+
+@pytest.mark.parametrize("prompt_fn", [preamble_prompt, bare_prompt])
+@torch.no_grad()
+def test_causal_shared_prefix_decodes_like_the_plain_path(prompt_fn):
+    """The shared-prefix cache changes no token and no score (1e-4), greedy and beam, and a batch
+    whose prompts share nothing (bare_prompt) takes the plain left-padded path. Suffix groups
+    of one row length each (suffix_padding=0) against one left-padded batch."""
+    shared, plain = causal(prompt_fn, True, 0.0), causal(prompt_fn, False, 10.0)
+    qs = ["where is the tower ?", "what is a river in france ?", "what is the louvre ?"]
+    inputs = shared.build_inputs(qs, PS)
+    for beams, method in ((1, "token"), (3, "token"), (1, "thorough"), (2, "thorough")):
+        cfg = DecodeConfig(num_beams=beams, max_new_tokens=6, num_return_sequences=beams)
+        a = decode(shared, inputs, SCORES, cfg, method)
+        b = decode(plain, inputs, SCORES, cfg, method)
+        assert _ids(a) == _ids(b), (beams, method)
+        for da, db in zip(a, b, strict=True):
+            for ha, hb in zip(da.nbest, db.nbest, strict=True):
+                assert ha.logprob == pytest.approx(hb.logprob, abs=1e-4)
+                assert ha.doc_posterior == pytest.approx(hb.doc_posterior, abs=1e-4)
+                assert ha.token_docs == hb.token_docs
+
+
+@torch.no_grad()
+def test_causal_shared_prefix_equals_plain_generate():
+    gen = causal(preamble_prompt, True)
+    inputs = gen.build_inputs(["where is the tower ?", "what is a river in france ?"], None)
+    for beams in (1, 3):
+        cfg = DecodeConfig(num_beams=beams, max_new_tokens=7)
+        ours = decode_rag_token(gen, inputs, torch.zeros(2, 1), cfg)
+        ref = gen.model.generate(
+            inputs.input_ids,
+            attention_mask=inputs.attention_mask,
+            do_sample=False,
+            num_beams=beams,
+            max_new_tokens=7,
+            pad_token_id=gen.pad_token_id,
+        )
+        width = inputs.input_ids.shape[1]
+        assert _ids(ours) == _strip(ref, gen.pad_token_id, gen.eos_token_ids, width), beams

@@ -28,12 +28,17 @@ from transformers import (
 
 from margin.errors import MarginError
 from margin.generator import (
+    CausalFormat,
     CausalGenerator,
     GenInputs,
     Seq2SeqFormat,
     Seq2SeqGenerator,
+    common_prefix_length,
     default_prompt,
+    length_groups,
+    prefix_layout,
     rag_context_string,
+    unpadded_rows,
 )
 from margin.passages import Passage
 
@@ -290,3 +295,148 @@ def test_causal_cached_decoding_equals_recomputation(llama):
     inputs = llama.build_inputs(["where is the tower ?", "what is a river ?"], PASSAGES)
     target, tmask = llama.build_targets(["a tower in paris", "the river seine in france"] * 2)
     _check_cached_steps(llama, inputs, target, tmask)
+
+
+# -- causal prompt cache and shared prefix -----------------------------------------------------
+
+# A few-shot-like preamble every prompt starts with, so the rows share a long token prefix.
+PREAMBLE = "the louvre is an art museum in paris . the seine is a river in france . "
+
+
+def preamble_prompt(tokenizer, question, passage):
+    context = "" if passage is None else passage.text
+    return f"{PREAMBLE}{context} question : {question} :"
+
+
+def bare_prompt(tokenizer, question, passage):
+    """Question first: prompts of different questions share no token."""
+    return f"{question} {'' if passage is None else passage.text} :"
+
+
+def causal(prompt_fn=preamble_prompt, share_prefix=True, suffix_padding=0.25) -> CausalGenerator:
+    model, tok = tiny_llama()
+    fmt = CausalFormat(prompt_fn, share_prefix=share_prefix, suffix_padding=suffix_padding)
+    return CausalGenerator(model, tok, fmt)
+
+
+def test_common_prefix_and_layout_by_hand():
+    t = torch.tensor
+    rows = [t([1, 2, 3, 4]), t([1, 2, 5]), t([1, 2, 3])]
+    assert common_prefix_length(rows) == 2  # [1, 2]; [1, 2, 3] is shorter than row 0's
+    ids, mask = prefix_layout(rows, 2, pad_token_id=0)
+    assert ids.tolist() == [[1, 2, 3, 4], [1, 2, 0, 5], [1, 2, 0, 3]]
+    assert mask.tolist() == [[1, 1, 1, 1], [1, 1, 0, 1], [1, 1, 0, 1]]
+    # identical rows keep their last token of their own (it predicts the first answer token)
+    assert common_prefix_length([t([7, 8, 9]), t([7, 8, 9])]) == 2
+    assert common_prefix_length([t([7]), t([7])]) == 0
+    # nothing shared: plain left padding, as build_inputs lays it out
+    assert common_prefix_length([t([1, 2]), t([3, 4, 5])]) == 0
+    ids, mask = prefix_layout([t([1, 2]), t([3, 4, 5])], 0, pad_token_id=0)
+    assert ids.tolist() == [[0, 1, 2], [3, 4, 5]] and mask.tolist() == [[0, 1, 1], [1, 1, 1]]
+    got = unpadded_rows(ids, mask)
+    assert [r.tolist() for r in got] == [[1, 2], [3, 4, 5]]
+
+
+def test_length_groups_by_hand():
+    # longest first; a row joins while padding to the group's longest adds <= 25% pads:
+    # 3 * 100 <= 1.25 * (100 + 90 + 80) but 4 * 100 > 1.25 * (270 + 12)
+    lengths = [10, 100, 90, 12, 80, 11]
+    assert length_groups(lengths, 0.25) == [[1, 2, 4], [3, 5, 0]]
+    assert length_groups(lengths, 10.0) == [[1, 2, 4, 3, 5, 0]]
+    assert length_groups(lengths, 0.0) == [[1], [2], [4], [3], [5], [0]]
+    assert length_groups([5, 5, 5], 0.0) == [[0, 1, 2]]
+
+
+def _reference_logprobs(gen, inputs, target, tmask):
+    """log p(y_i|x,z,y_<i) (R, T) row by row, unpadded prompt + target in one plain forward."""
+    out = torch.zeros(target.shape, dtype=torch.float32)
+    for r, prompt in enumerate(unpadded_rows(inputs.input_ids, inputs.attention_mask)):
+        n = int(tmask[r].sum())
+        logits = gen.model(input_ids=torch.cat([prompt, target[r, :n]])[None]).logits[0]
+        logits = logits[len(prompt) - 1 : -1]  # (n, V)
+        out[r, :n] = F.log_softmax(logits, -1).gather(-1, target[r, :n, None])[:, 0]
+    return out
+
+
+@pytest.mark.parametrize("prompt_fn", [preamble_prompt, bare_prompt])
+@pytest.mark.parametrize("slack", [0.0, 10.0])  # one suffix group per row length, or one group
+@torch.no_grad()
+def test_causal_prompt_cache_equals_plain_forward(prompt_fn, slack):
+    qs = ["where is the tower ?", "what is a river ?"]
+    shared, plain = causal(prompt_fn, True, slack), causal(prompt_fn, False, slack)
+    inputs = shared.build_inputs(qs, PASSAGES)
+    rows = unpadded_rows(inputs.input_ids, inputs.attention_mask)
+    n_shared = common_prefix_length(rows)
+    assert (n_shared > 10) == (prompt_fn is preamble_prompt)  # the preamble: ~20 tokens
+    assert n_shared == 0 or prompt_fn is preamble_prompt
+    target, tmask = shared.build_targets(["paris", "a river in france"] * 2)
+    want = _reference_logprobs(shared, inputs, target, tmask)  # (4, T)
+    R = inputs.input_ids.shape[0]
+    for gen in (shared, plain):
+        enc = gen.encode(inputs)
+        got = gen.score(enc, torch.arange(R), target, tmask)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        # rows in any order, repeated: scoring picks cached rows, it never re-runs a prompt
+        pick = torch.tensor([3, 0, 0, 2])
+        again = gen.score(enc, pick, target[pick], tmask[pick])
+        torch.testing.assert_close(again, want[pick], atol=1e-4, rtol=1e-4)
+        assert enc.prompt.lengths.tolist() == [len(r) for r in rows]
+        assert torch.equal(enc.prompt.last_tokens, torch.stack([r[-1] for r in rows]))
+
+
+@torch.no_grad()
+def test_prefix_runs_once_and_scoring_reads_only_targets():
+    gen = causal()
+    seen = []  # (batch, tokens) of every forward the embedding layer sees
+    hook = gen.model.get_input_embeddings().register_forward_hook(
+        lambda _m, args, _o: seen.append(tuple(args[0].shape))
+    )
+    try:
+        inputs = gen.build_inputs(QUESTIONS, PASSAGES)
+        enc = gen.encode(inputs)
+        P = common_prefix_length(unpadded_rows(inputs.input_ids, inputs.attention_mask))
+        S = inputs.input_ids.shape[1]
+        assert seen == [(1, P), (4, S - P)]  # the prefix once, then each row's own suffix
+        seen.clear()
+        target, tmask = gen.build_targets(["a tower in paris"] * 3)
+        gen.score(enc, torch.tensor([0, 1, 3]), target, tmask)
+        assert seen == [(3, target.shape[1] - 1)]  # no prompt token is run again
+        seen.clear()
+        gen.score(enc, torch.tensor([1]), target[:1, :1], tmask[:1, :1])
+        assert seen == []  # a one-token target is predicted by the prompt's last position
+    finally:
+        hook.remove()
+
+
+@torch.no_grad()
+def test_decoding_leaves_the_prompt_cache_untouched():
+    gen = causal()
+    inputs = gen.build_inputs(QUESTIONS, PASSAGES)
+    enc = gen.encode(inputs)
+    before = [(k.clone(), v.clone()) for k, v in enc.prompt.layers]
+    state = gen.start(enc, expand=2)
+    R = inputs.input_ids.shape[0]
+    swap = torch.arange(2 * R).view(R, 2).flip(1).flatten()
+    for _ in range(3):
+        tok = gen.step(state).argmax(-1)
+        gen.advance(state, tok, swap)
+    for (k, v), (k0, v0) in zip(enc.prompt.layers, before, strict=True):
+        assert torch.equal(k, k0) and torch.equal(v, v0)
+    # the first step's log-probs come from encode; the next two each append one position
+    assert state.cache.get_seq_length() == inputs.input_ids.shape[1] + 2
+
+
+def test_shared_prefix_gradients_equal_plain_path():
+    """Training reads the same cache: gradients through the shared prefix match the plain path."""
+    grads = []
+    for share, slack in ((True, 0.0), (True, 10.0), (False, 0.25)):
+        gen = causal(share_prefix=share, suffix_padding=slack)
+        gen.model.zero_grad()
+        inputs = gen.build_inputs(QUESTIONS, PASSAGES)
+        target, tmask = gen.build_targets(["paris", "a river"])
+        gen.token_logprobs(inputs, target, tmask).sum().backward()
+        grads.append([p.grad.clone() for p in gen.model.parameters()])
+    gen.model.zero_grad()
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

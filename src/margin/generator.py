@@ -21,6 +21,15 @@ How inputs and targets are tokenised:
   tokens when the tokenizer has a chat template (the template writes its own) and with them
   otherwise, LEFT-padded. Targets are ``tokenizer(answer, add_special_tokens=False) + [eos]``,
   read right after the prompt. Position ids count real tokens only, as ``model.generate`` does.
+
+Why the causal prompt is run once, into a KV cache (:class:`PromptCache`): a decoder-only model
+reads the passage as prompt, and the prompt (~340 tokens for the default few-shot prompt) is far
+longer than an answer. ``encode`` runs every row's prompt once; scoring a target then runs only
+the target tokens on a copy of the cached rows, and decoding starts from the same cache. The rows
+of a batch usually share a long token prefix (the instruction and the few-shot demonstrations),
+so that prefix is run ONCE (batch 1) and the rows' own suffixes run on top of it, laid out as
+``[prefix][pad ...][suffix]``: the pads are masked and position ids count real tokens only, so
+every row computes what its unpadded prompt alone computes (tests/test_generator.py checks it).
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ from margin.errors import MarginError
 from margin.passages import Passage
 
 PromptFn = Callable[[object, str, Passage | None], str]
+KV = tuple[torch.Tensor, torch.Tensor]  # one layer's cached (keys, values), (n, h, S, d_head)
 
 
 @dataclass
@@ -66,14 +76,38 @@ class GenInputs:
 
 
 @dataclass
+class PromptCache:
+    """A causal model's KV cache over R prompts, run once, read by scoring and by decoding.
+
+    Cached positions are laid out ``[shared prefix][pad ...][own suffix]`` (plain left padding
+    when the rows share no prefix); ``mask`` marks the real tokens. Never modified in place:
+    :meth:`select` hands out fresh caches.
+    """
+
+    layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values) (R, h, S, d_head)
+    mask: torch.Tensor  # (R, S) 1 on the real prompt tokens of each row
+    lengths: torch.Tensor  # (R,) real prompt tokens: the position id of the first target token
+    last_tokens: torch.Tensor  # (R,) the last prompt token of each row
+    next_logits: torch.Tensor  # (R, V) logits of the first target token, after the whole prompt
+
+    def select(self, rows: torch.Tensor) -> DynamicCache:
+        """A fresh cache holding prompt rows ``rows`` (M,), in that order (repeats allowed)."""
+        kv = self.layers
+        if not _is_identity(rows):
+            kv = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in kv]
+        return DynamicCache(ddp_cache_data=kv)  # copies: (M, h, S, d_head) per layer
+
+
+@dataclass
 class Encoded:
     """The per-(question, passage) work done once and reused by scoring and decoding.
 
-    Seq2seq: the encoder's output. Causal: the prompt tokens (the prefix every pass reads).
+    Seq2seq: the encoder's output. Causal: the prompts' KV cache.
     """
 
     inputs: GenInputs
     hidden: torch.Tensor | None = None  # (B*k, S, d) seq2seq encoder output; None for causal
+    prompt: PromptCache | None = None  # causal: every row's prompt, run once; None for seq2seq
 
 
 @dataclass
@@ -127,6 +161,11 @@ def _eos_ids(value: int | Sequence[int] | None) -> tuple[int, ...]:
     if value is None:
         return ()
     return (value,) if isinstance(value, int) else tuple(value)
+
+
+def _is_identity(order: torch.Tensor) -> bool:
+    """Whether a reorder (N,) keeps every row where it is."""
+    return torch.equal(order, torch.arange(order.numel(), device=order.device))
 
 
 def _check_passages(questions: Sequence[str], passages: Sequence[Sequence[Passage]]) -> int:
@@ -245,12 +284,15 @@ class Generator(ABC):
 
     def advance(self, state: DecodeState, next_tokens: torch.Tensor, reorder: torch.Tensor) -> None:
         """Row i continues row ``reorder[i]`` with ``next_tokens[i]`` (beam reordering)."""
-        state.cache.reorder_cache(reorder)
-        state.attention_mask = state.attention_mask.index_select(0, reorder)
-        if state.hidden is not None:
-            state.hidden = state.hidden.index_select(0, reorder)
+        if not _is_identity(reorder):  # greedy never reorders: skip copying the whole cache
+            state.cache.reorder_cache(reorder)
+            state.attention_mask = state.attention_mask.index_select(0, reorder)
+            if state.hidden is not None:
+                state.hidden = state.hidden.index_select(0, reorder)
+            if state.positions is not None:
+                state.positions = state.positions.index_select(0, reorder)
         if state.positions is not None:
-            state.positions = state.positions.index_select(0, reorder) + 1
+            state.positions = state.positions + 1
             ones = state.attention_mask.new_ones(state.attention_mask.shape[0], 1)
             state.attention_mask = torch.cat([state.attention_mask, ones], 1)
         state.last_tokens = next_tokens
@@ -347,6 +389,8 @@ class CausalFormat:
 
     prompt_fn: PromptFn = field(default=default_prompt)  # (tokenizer, question, passage) -> str
     max_prompt_length: int = 2048  # longer prompts are a MarginError, never silently cut
+    share_prefix: bool = True  # run the rows' common token prefix once (batch 1), not per row
+    suffix_padding: float = 0.25  # rows' own suffixes batch together while pads add <= this share
 
 
 class CausalGenerator(Generator):
@@ -406,7 +450,52 @@ class CausalGenerator(Generator):
         return target.to(self.device), mask.to(self.device)
 
     def encode(self, inputs: GenInputs) -> Encoded:
-        return Encoded(inputs)
+        rows = unpadded_rows(inputs.input_ids, inputs.attention_mask)
+        shared = common_prefix_length(rows) if self.fmt.share_prefix else 0
+        ids, mask = prefix_layout(rows, shared, self.pad_token_id)  # (R, S)
+        R, S = ids.shape
+        prefix: list[KV] = []
+        if shared:  # the common prefix once, batch 1
+            prefix, _ = self._extend(ids[:1, :shared], mask[:1, :shared], prefix)
+        # each row's own suffix on top of it, in groups of similar length (little padding)
+        own = [len(r) - shared for r in rows]
+        parts = []
+        for group in length_groups(own, self.fmt.suffix_padding):
+            g = torch.tensor(group, device=ids.device)
+            w = max(own[i] for i in group)  # the group's suffix width: columns S-w .. S-1
+            cols = torch.cat([torch.arange(shared), torch.arange(S - w, S)]).to(ids.device)
+            gmask = mask[g][:, cols]  # (n, shared + w), [prefix][pad][suffix] for these rows
+            parts.append((g, *self._extend(ids[g][:, S - w :], gmask, prefix)))
+        layers, logits = _scatter_rows(parts, shared, R, S)
+        prompt = PromptCache(
+            layers=layers,
+            mask=mask,
+            lengths=mask.sum(-1),
+            last_tokens=ids[:, -1],  # the suffix is right-aligned: never a pad
+            next_logits=logits,  # (R, V)
+        )
+        return Encoded(inputs, prompt=prompt)
+
+    def _extend(
+        self, ids: torch.Tensor, mask: torch.Tensor, past: list[KV]
+    ) -> tuple[list[KV], torch.Tensor]:
+        """Run ``ids`` (n, w) after the cached ``past`` positions (1 row, P positions, shared).
+
+        ``mask`` (n, P+w) covers both. Returns the cache over all P+w positions, per layer
+        (n, h, P+w, d_head), and the logits (n, V) after the last position: only that position
+        goes through the output layer.
+        """
+        n = ids.shape[0]
+        past_n = [(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in past]
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=self._positions(mask)[:, mask.shape[1] - ids.shape[1] :],
+            cache=DynamicCache(ddp_cache_data=past_n) if past else DynamicCache(),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return [(layer.keys, layer.values) for layer in out.cache.layers], out.logits[:, -1]
 
     @staticmethod
     def _positions(mask: torch.Tensor) -> torch.Tensor:
@@ -416,33 +505,39 @@ class CausalGenerator(Generator):
     def _logits(
         self, enc: Encoded, rows: torch.Tensor, target_ids: torch.Tensor, target_mask: torch.Tensor
     ) -> torch.Tensor:
-        prompt = enc.inputs.input_ids.index_select(0, rows)  # (M, S)
-        pmask = enc.inputs.attention_mask.index_select(0, rows)
-        ids = torch.cat([prompt, target_ids], 1)  # (M, S+T)
-        mask = torch.cat([pmask, torch.ones_like(target_ids, dtype=pmask.dtype)], 1)
+        prompt = enc.prompt
+        assert prompt is not None
+        first = prompt.next_logits.index_select(0, rows)[:, None]  # (M, 1, V) predicts y_0
+        M, T = target_ids.shape
+        if T == 1:
+            return first
+        # y_0 .. y_{T-2} read on top of the cached prompt rows predict y_1 .. y_{T-1}
+        pmask = prompt.mask.index_select(0, rows)  # (M, S)
+        mask = torch.cat([pmask, pmask.new_ones(M, T - 1)], 1)  # (M, S+T-1)
+        steps = torch.arange(T - 1, device=rows.device)
+        positions = prompt.lengths.index_select(0, rows)[:, None] + steps  # (M, T-1)
         out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=self._positions(mask), use_cache=False
-        )
-        S, T = prompt.shape[1], target_ids.shape[1]
-        return out.logits[:, S - 1 : S + T - 1]  # (M, T, V): position S-1+i predicts y_i
-
-    def start(self, enc: Encoded, expand: int) -> DecodeState:
-        ids, mask = enc.inputs.input_ids, enc.inputs.attention_mask  # (R, S)
-        cache = DynamicCache()
-        out = self.model(
-            input_ids=ids,
+            input_ids=target_ids[:, :-1],
             attention_mask=mask,
-            position_ids=self._positions(mask),
-            cache=cache,
+            position_ids=positions,
+            cache=prompt.select(rows),
             use_cache=True,
         )
-        cache = out.cache
-        cache.batch_repeat_interleave(expand)
-        first = F.log_softmax(out.logits[:, -1].float(), -1).repeat_interleave(expand, 0)  # (N, V)
-        mask = mask.repeat_interleave(expand, 0)
-        positions = (mask.sum(-1) - 1).clamp(min=0)  # (N,) position of the last prompt token
-        last = ids[:, -1].repeat_interleave(expand, 0)
-        return DecodeState(cache, last, mask, positions=positions, pending=first)
+        return torch.cat([first.to(out.logits.dtype), out.logits], 1)  # (M, T, V)
+
+    def start(self, enc: Encoded, expand: int) -> DecodeState:
+        prompt = enc.prompt
+        assert prompt is not None
+        R = prompt.mask.shape[0]
+        rows = torch.arange(R, device=prompt.mask.device).repeat_interleave(expand)  # (N,)
+        first = F.log_softmax(prompt.next_logits.float(), -1).index_select(0, rows)  # (N, V)
+        return DecodeState(
+            cache=prompt.select(rows),
+            last_tokens=prompt.last_tokens.index_select(0, rows),
+            attention_mask=prompt.mask.index_select(0, rows),  # (N, S)
+            positions=prompt.lengths.index_select(0, rows) - 1,  # of the last prompt token
+            pending=first,
+        )
 
     def _forward_step(self, state: DecodeState) -> torch.Tensor:
         assert state.positions is not None
@@ -455,3 +550,90 @@ class CausalGenerator(Generator):
         )
         state.cache = out.cache
         return out.logits[:, -1]  # (N, V)
+
+
+# -- shared prompt prefix (causal) --------------------------------------------------------------
+
+
+def unpadded_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
+    """Each row's real tokens (R rows of (n_r,)), whatever side it was padded on."""
+    return [ids[m.bool()] for ids, m in zip(input_ids, attention_mask, strict=True)]
+
+
+def common_prefix_length(rows: Sequence[torch.Tensor]) -> int:
+    """Tokens every row starts with, leaving each row at least one token of its own.
+
+    The cap keeps a last token per row to run, whose output predicts that row's next token.
+    """
+    n = min(len(r) for r in rows) - 1
+    if n <= 0:
+        return 0
+    head = torch.stack([r[:n] for r in rows])  # (R, n)
+    same = (head == head[:1]).all(0)  # (n,)
+    return n if bool(same.all()) else int(same.int().argmin())  # the first position that differs
+
+
+def length_groups(lengths: Sequence[int], slack: float) -> list[list[int]]:
+    """Row indices in groups, longest first, so that padding every row of a group to its longest
+    adds at most ``slack`` x the group's real tokens (one group when the lengths are close)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        group = groups[-1] if groups else []
+        real = sum(lengths[j] for j in group) + lengths[i]
+        if group and lengths[group[0]] * (len(group) + 1) <= (1 + slack) * real:
+            group.append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def _scatter_rows(
+    parts: Sequence[tuple[torch.Tensor, list[KV], torch.Tensor]], shared: int, R: int, S: int
+) -> tuple[list[KV], torch.Tensor]:
+    """Put the caches and logits of row groups back in row order, in one (R, S) layout.
+
+    ``parts`` holds (rows (n,), cache (n, h, shared + w, d_head) per layer, logits (n, V)) per
+    group. A group of suffix width w computed the columns [prefix][last w]; the columns between
+    are pads of each of its rows (masked) and stay zero.
+    """
+    if len(parts) == 1:  # one group of every row: already the full layout, maybe reordered
+        rows, kv, logits = parts[0]
+        if _is_identity(rows):
+            return kv, logits
+        order = torch.argsort(rows)
+        return [(k[order], v[order]) for k, v in kv], logits[order]
+    logits = parts[0][2].new_empty(R, parts[0][2].shape[-1])  # (R, V)
+    for rows, _, lg in parts:
+        logits[rows] = lg
+    layers = []
+    for i, (k0, v0) in enumerate(parts[0][1]):
+        keys = k0.new_zeros(R, k0.shape[1], S, k0.shape[3])  # (R, h, S, d_head)
+        values = v0.new_zeros(R, v0.shape[1], S, v0.shape[3])
+        for rows, kv, _ in parts:
+            k, v = kv[i]  # (n, h, shared + w, d_head)
+            w = k.shape[2] - shared
+            keys[rows, :, :shared], values[rows, :, :shared] = k[:, :, :shared], v[:, :, :shared]
+            keys[rows, :, S - w :], values[rows, :, S - w :] = k[:, :, shared:], v[:, :, shared:]
+        layers.append((keys, values))
+    return layers, logits
+
+
+def prefix_layout(
+    rows: Sequence[torch.Tensor], shared: int, pad_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids and mask (R, S) laid out ``[shared prefix][pad ...][own suffix]``, S the longest row.
+
+    With ``shared=0`` this is plain left padding. Pads sit between prefix and suffix, so the
+    prefix is the same columns in every row and its cache can be computed once.
+    """
+    S = max(len(r) for r in rows)
+    ids = torch.full((len(rows), S), pad_token_id, dtype=torch.long, device=rows[0].device)
+    mask = torch.zeros_like(ids)
+    mask[:, :shared] = 1
+    ids[:, :shared] = rows[0][:shared]
+    for i, row in enumerate(rows):
+        own = len(row) - shared  # >= 1 when shared comes from common_prefix_length
+        ids[i, S - own :] = row[shared:]
+        mask[i, S - own :] = 1
+    return ids, mask
