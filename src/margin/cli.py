@@ -212,8 +212,8 @@ def _print_answer(answer) -> None:
     for i, p in enumerate(answer.passages):
         bar = "#" * round(20 * p.posterior)
         console.print(
-            f"  [{i}] prior {p.prior:5.2f}  posterior {p.posterior:5.2f} {bar:<20} "
-            f"[cyan]{p.title}[/cyan] ({p.id})",
+            f"  [{i}] prior {p.prior:4.2f} posterior {p.posterior:4.2f} {bar:<20} "
+            f"[cyan]{p.title[:30]}[/cyan]",
             highlight=False,
         )
     if answer.token_docs:
