@@ -98,7 +98,7 @@ def test_config_rules_by_hand():
     assert ivf_nlist(10) == 1
     assert pq_m(384) == 96 and pq_m(768) == 192 and pq_m(30) == 6  # 30 // 4 = 7 -> divisor 6
     assert pq_bits(1_000_000) == 8 and pq_bits(3000) == 6  # 2**6 * 39 <= 3000 < 2**7 * 39
-    assert ivf_nprobe(4096) == 256 and ivf_nprobe(8) == 1
+    assert ivf_nprobe(4096) == 256 and ivf_nprobe(128) == 32 and ivf_nprobe(8) == 8
 
 
 def test_vectors_reads_the_stored_embeddings(vectors, flat):

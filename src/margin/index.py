@@ -92,8 +92,12 @@ def pq_bits(n: int) -> int:
 
 
 def ivf_nprobe(nlist: int) -> int:
-    """Lists visited per query: nlist / 16, at least 1 (re-ranking recovers what PQ loses)."""
-    return max(1, nlist // 16)
+    """Lists visited per query: nlist / 16, but at least 32 (or all lists when fewer).
+
+    Measured on the default corpus (12k MiniLM passages, 128 lists, re-rank on): recall@10 is
+    0.85 at nprobe 8, 0.91 at 16, 0.95 at 32; on 1M clustered vectors 64 of 1,024 lists give
+    0.99 (benchmarks/retrieval_index.py)."""
+    return min(nlist, max(32, nlist // 16))
 
 
 def ivf_train_size(n: int, nlist: int) -> int:
