@@ -29,7 +29,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -48,6 +48,7 @@ FORMAT_VERSION = 1  # bumped when the directory layout changes incompatibly
 MANIFEST = "manifest.json"
 PLAN = "plan.json"  # the build plan inside a work directory
 DEFAULT_SHARD_SIZE = 100_000  # passages per shard: the unit of resumption and of appending
+ENCODE_CHUNK = 2048  # passages per encode call: the progress bar's step (sorting by length within)
 KINDS = (*DENSE_KINDS, "bm25")
 
 log = logging.getLogger("margin")
@@ -266,14 +267,16 @@ def _write_shards(
             arrow, npy = work / "passages" / f"{name}.arrow", work / "embeddings" / f"{name}.npy"
             if resume and _shard_done(arrow, npy if encoder else None, checksum, after, len(batch)):
                 kept += 1
+                bar.update(len(batch))
             else:
                 npy.unlink(missing_ok=True)  # its passages are about to change
                 write_shard(arrow, batch, checksum)
-                if encoder is not None:
-                    _save_npy(npy, _encode(encoder, batch, batch_size))
+                if encoder is None:
+                    bar.update(len(batch))
+                else:  # the bar moves as chunks are encoded, not once per (100k) shard
+                    _save_npy(npy, _encode(encoder, batch, batch_size, bar.update))
             shards.append(ShardInfo(name, len(batch), after))
             checksum = after
-            bar.update(len(batch))
     if kept:
         log.info("reused %d finished shard(s) from the interrupted build in %s", kept, work)
     return shards
@@ -290,8 +293,19 @@ def _shard_done(arrow: Path, npy: Path | None, before: str, after: str, rows: in
         return False
 
 
-def _encode(encoder: Encoder, batch: Sequence[Passage], batch_size: int) -> np.ndarray:
-    vectors = encoder.encode_passages(batch, batch_size=batch_size, progress=False)  # (n, dim)
+def _encode(
+    encoder: Encoder,
+    batch: Sequence[Passage],
+    batch_size: int,
+    done: Callable[[int], object] = lambda n: None,
+) -> np.ndarray:
+    """Encode a shard in chunks of ENCODE_CHUNK passages, reporting each chunk to ``done``."""
+    parts = []
+    for start in range(0, len(batch), ENCODE_CHUNK):
+        chunk = batch[start : start + ENCODE_CHUNK]
+        parts.append(encoder.encode_passages(chunk, batch_size=batch_size, progress=False))
+        done(len(chunk))
+    vectors = np.concatenate(parts) if parts else np.zeros((0, encoder.dim), np.float32)  # (n, dim)
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     if vectors.shape != (len(batch), encoder.dim):
         raise MarginError(
