@@ -205,7 +205,10 @@ class Generator(ABC):
 
     @abstractmethod
     def encode(self, inputs: GenInputs) -> Encoded:
-        """The once-per-row context pass (seq2seq encoder); reused by scoring and decoding."""
+        """The once-per-row context pass, reused by scoring and decoding.
+
+        Seq2seq: the encoder. Causal: the prompt into a KV cache (shared prefix run once).
+        """
 
     @abstractmethod
     def _logits(
@@ -390,7 +393,7 @@ class CausalFormat:
     prompt_fn: PromptFn = field(default=default_prompt)  # (tokenizer, question, passage) -> str
     max_prompt_length: int = 2048  # longer prompts are a MarginError, never silently cut
     share_prefix: bool = True  # run the rows' common token prefix once (batch 1), not per row
-    suffix_padding: float = 0.25  # rows' own suffixes batch together while pads add <= this share
+    suffix_padding: float = 0.1  # rows' own suffixes batch together while pads add <= this share
 
 
 class CausalGenerator(Generator):
