@@ -145,10 +145,10 @@ def ask(
     ] = "default",
     index: Annotated[str, typer.Option(help="Index directory, or 'default'.")] = "default",
     k: Annotated[
-        int | None, typer.Option("--k", "-k", help="Passages per question [model's default: 5].")
+        int | None, typer.Option("--k", "-k", help="Passages per question (model default: 5).")
     ] = None,
     mode: Annotated[
-        str | None, typer.Option(help="token or sequence [model's default: token].")
+        str | None, typer.Option(help="token or sequence (model default: token).")
     ] = None,
     decoding: Annotated[str, typer.Option(help="greedy, beam, thorough or fast.")] = "greedy",
     beams: Annotated[int, typer.Option(help="Beams for beam/thorough/fast decoding.")] = 4,
