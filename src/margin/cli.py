@@ -217,7 +217,7 @@ def _print_answer(answer) -> None:
             highlight=False,
         )
     if answer.token_docs:
-        shown = " ".join(f"{t.strip() or repr(t)}[{z}]" for t, z in answer.token_docs)
+        shown = " ".join(f"{t.strip()}[{z}]" for t, z in answer.token_docs if t.strip())
         console.print(f"  tokens by supporting passage: {shown}", highlight=False)
 
 
