@@ -74,12 +74,17 @@ def corpus_jsonl(tmp_path):
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _single_faiss_thread():
-    """FAISS's OpenMP threads spin badly on a busy 2-core machine; tests use one thread."""
-    before = faiss.omp_get_max_threads()
+def _single_thread():
+    """One thread for torch and FAISS: tiny models gain nothing from intra-op threads, and
+    OpenMP threads spin badly on a busy 2-core machine (30x slower seen here)."""
+    import torch
+
+    before = faiss.omp_get_max_threads(), torch.get_num_threads()
     faiss.omp_set_num_threads(1)
+    torch.set_num_threads(1)
     yield
-    faiss.omp_set_num_threads(before)
+    faiss.omp_set_num_threads(before[0])
+    torch.set_num_threads(before[1])
 
 
 def clustered(n: int, dim: int, clusters: int = 20, seed: int = 0) -> np.ndarray:

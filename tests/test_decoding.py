@@ -30,15 +30,6 @@ PS = [
 SCORES = torch.tensor([[0.5, -0.2, 0.1], [0.0, 0.3, -0.4], [-0.6, 0.2, 0.4]])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose a lot on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def bart():
     model, tok = tiny_bart()

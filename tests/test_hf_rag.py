@@ -58,15 +58,6 @@ K = 3  # the checkpoints' n_docs
 MAX_NEW = 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose a lot on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Checkpoints, DPR encoder dirs, the corpus and a margin flat index over it."""

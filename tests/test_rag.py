@@ -40,14 +40,6 @@ class TorchKeywordEncoder(KeywordEncoder):
         return self.module(torch.from_numpy(self.embed(list(texts))))  # (n, dim)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def rag(tmp_path_factory):
     from conftest import DOCS

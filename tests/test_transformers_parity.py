@@ -61,15 +61,6 @@ def dpr_tokenizer() -> DPRQuestionEncoderTokenizer:
         shutil.rmtree(tmp)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose a lot on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def rag():
     bart, tok = tiny_bart()
