@@ -20,15 +20,6 @@ from test_generator import PASSAGES, QUESTIONS, causal
 SCORES = torch.tensor([[0.3, -0.1], [0.0, 0.4]])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose a lot on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class Counter:
     """Positions seen by the input embedding (every layer runs them) and by the output layer."""
 
