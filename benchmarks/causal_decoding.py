@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
-import re
 import statistics
 import sys
 import time
@@ -32,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from margin._io import atomic_path
+from _report import cpu_model, load_average, write_section
 from margin.generator import common_prefix_length, unpadded_rows
 from margin.rag import RAG
 
@@ -44,23 +42,6 @@ QUESTIONS = [
     "Who wrote Pride and Prejudice?",
     "What is the largest planet in the Solar System?",
 ]
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def load_average() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "unknown"
 
 
 def timed(fn) -> tuple[float, object]:
@@ -186,18 +167,6 @@ def main() -> int:
         write_section(BENCHMARKS_MD, section)
         print(f"wrote {SECTION!r} to {BENCHMARKS_MD}", file=sys.stderr)
     return 0
-
-
-def write_section(path: Path, section: str) -> None:
-    """Put ``section`` in ``path``, replacing an existing one with the same heading."""
-    old = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(old):
-        new = pattern.sub(lambda _: section + "\n", old, count=1)
-    else:
-        new = old.rstrip("\n") + "\n\n" + section
-    with atomic_path(path) as tmp:
-        tmp.write_text(new.rstrip("\n") + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -16,8 +16,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
-import re
 import statistics
 import sys
 import time
@@ -26,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from margin._io import atomic_path
+from _report import cpu_model, load_average, write_section
 from margin.assets import DEFAULT_CORPUS
 from margin.encoders import load_encoder
 from margin.passages import Passage
@@ -48,27 +46,10 @@ def corpus_texts(n: int, words: int = 100) -> list[str]:
     return texts
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def padded_tokens(lengths: np.ndarray, order: np.ndarray, batch_size: int) -> int:
     """Token positions a run computes when it batches ``order`` and pads to each batch's longest."""
     batches = (order[i : i + batch_size] for i in range(0, len(order), batch_size))
     return int(sum(len(b) * lengths[b].max() for b in batches))
-
-
-def load_average() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "unknown"
 
 
 def timed(fn) -> tuple[float, float]:
@@ -156,18 +137,6 @@ def main() -> int:
         write_section(BENCHMARKS_MD, section)
         print(f"wrote {SECTION!r} to {BENCHMARKS_MD}", file=sys.stderr)
     return 0
-
-
-def write_section(path: Path, section: str) -> None:
-    """Put ``section`` in ``path``, replacing an existing one with the same heading."""
-    old = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(old):
-        new = pattern.sub(lambda _: section + "\n", old, count=1)
-    else:
-        new = old.rstrip("\n") + "\n\n" + section
-    with atomic_path(path) as tmp:
-        tmp.write_text(new.rstrip("\n") + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

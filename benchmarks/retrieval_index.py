@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
-import re
 import shutil
 import statistics
 import sys
@@ -39,7 +37,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from margin._io import atomic_path
+from _report import cpu_model, write_section
 from margin.index import DenseIndex, Embeddings, IndexConfig
 
 SECTION = "## Index search"
@@ -197,25 +195,6 @@ def default_corpus_rows(tmp: Path, runs: int, n_queries: int) -> tuple[list[dict
     picked = rng.choice(len(titles), size=min(n_queries, len(titles)), replace=False)
     queries = question_encoder.encode_queries([f"What is {titles[i]}?" for i in picked])
     return measure(loaded.dense.embeddings, queries, runs), len(loaded.store)
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
-
-
-def write_section(path: Path, section: str) -> None:
-    """Replace (or append) the section in BENCHMARKS.md, atomically."""
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
 
 
 def main() -> int:
