@@ -93,3 +93,23 @@ def clustered(n: int, dim: int, clusters: int = 20, seed: int = 0) -> np.ndarray
     centres = rng.standard_normal((clusters, dim))
     x = centres[rng.integers(0, clusters, n)] + 0.6 * rng.standard_normal((n, dim))
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)  # (n, dim)
+
+
+@pytest.fixture(scope="module")
+def bart():
+    """The tiny random BART of tests/test_generator.py behind margin's seq2seq generator."""
+    from margin.generator import Seq2SeqFormat, Seq2SeqGenerator
+    from test_generator import tiny_bart
+
+    model, tok = tiny_bart()
+    return Seq2SeqGenerator(model, tok, Seq2SeqFormat(max_combined_length=64))
+
+
+@pytest.fixture(scope="module")
+def llama():
+    """The tiny random Llama of tests/test_generator.py behind margin's causal generator."""
+    from margin.generator import CausalGenerator
+    from test_generator import tiny_llama
+
+    model, tok = tiny_llama()
+    return CausalGenerator(model, tok)

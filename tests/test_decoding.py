@@ -9,7 +9,7 @@ import torch
 
 from margin.decoding import DecodeConfig, decode, decode_rag_sequence, decode_rag_token
 from margin.errors import MarginError
-from margin.generator import CausalGenerator, Seq2SeqFormat, Seq2SeqGenerator
+from margin.generator import Seq2SeqGenerator
 from margin.marginalize import rag_sequence_logprob
 from test_generator import (
     PASSAGES,
@@ -17,8 +17,6 @@ from test_generator import (
     bare_prompt,
     causal,
     preamble_prompt,
-    tiny_bart,
-    tiny_llama,
 )
 
 QS = [*QUESTIONS, "who made the louvre?"]
@@ -28,18 +26,6 @@ PS = [
     [PASSAGES[1][1], PASSAGES[0][1], PASSAGES[1][0]],
 ]
 SCORES = torch.tensor([[0.5, -0.2, 0.1], [0.0, 0.3, -0.4], [-0.6, 0.2, 0.4]])
-
-
-@pytest.fixture(scope="module")
-def bart():
-    model, tok = tiny_bart()
-    return Seq2SeqGenerator(model, tok, Seq2SeqFormat(max_combined_length=64))
-
-
-@pytest.fixture(scope="module")
-def llama():
-    model, tok = tiny_llama()
-    return CausalGenerator(model, tok)
 
 
 def _ids(decoded):

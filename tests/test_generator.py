@@ -146,18 +146,6 @@ def tiny_llama(seed: int = 0) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast
     return model, tok
 
 
-@pytest.fixture(scope="module")
-def bart():
-    model, tok = tiny_bart()
-    return Seq2SeqGenerator(model, tok, Seq2SeqFormat(max_combined_length=64))
-
-
-@pytest.fixture(scope="module")
-def llama():
-    model, tok = tiny_llama()
-    return CausalGenerator(model, tok)
-
-
 # -- inputs ------------------------------------------------------------------------------------
 
 
