@@ -235,3 +235,16 @@ def test_causal_shared_prefix_equals_plain_generate():
         )
         width = inputs.input_ids.shape[1]
         assert _ids(ours) == _strip(ref, gen.pad_token_id, gen.eos_token_ids, width), beams
+
+
+def test_greedy_rag_token_streams_the_answer_tokens(bart):
+    cfg = DecodeConfig(num_beams=1, max_new_tokens=8, min_new_tokens=8)  # no early EOS
+    streamed: list[list[int]] = []
+    out = decode(bart, bart.build_inputs(QS[:1], PS[:1]), SCORES[:1], cfg, "token", streamed.append)
+    ids = list(out[0].best.token_ids)
+    # every token but the last was streamed as it was decided, in order, one question per call
+    assert [s[0] for s in streamed] == ids[: len(streamed)] and len(streamed) == len(ids) - 1
+    beams = DecodeConfig(num_beams=2, max_new_tokens=4)
+    calls: list = []
+    decode(bart, bart.build_inputs(QS[:1], PS[:1]), SCORES[:1], beams, "token", calls.append)
+    assert calls == []  # beam search decides nothing until it ends: nothing to stream

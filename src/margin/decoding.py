@@ -215,13 +215,21 @@ def _score_mask(tokens: torch.Tensor, lengths: torch.Tensor, gen: Generator) -> 
 
 @torch.no_grad()
 def decode_rag_token(
-    gen: Generator, inputs: GenInputs, doc_scores: torch.Tensor, cfg: DecodeConfig
+    gen: Generator,
+    inputs: GenInputs,
+    doc_scores: torch.Tensor,
+    cfg: DecodeConfig,
+    on_token: Callable[[list[int]], None] | None = None,
 ) -> list[Decoded]:
     """RAG-Token decoding (Sec. 2.5): beam search on the passage-marginal next-token distribution.
 
     ``doc_scores`` (B, k) are the retriever's inner products d(z)ᵀq(x); p(z|x) is their softmax.
     After the search, one teacher-forced pass over the kept encoder outputs gives each returned
     hypothesis its per-passage token scores: the marginal log p(y|x) and per-token provenance.
+
+    ``on_token`` (greedy only) is called after every step with the token each question's
+    running hypothesis took, for streaming; the final tokens come from the returned hypotheses
+    (a question that already finished keeps receiving tokens that are not part of its answer).
     """
     _check(gen, inputs, doc_scores, cfg)
     B, k, nb, dev = inputs.batch_size, inputs.n_docs, cfg.num_beams, gen.device
@@ -240,6 +248,8 @@ def decode_rag_token(
     def advance(tokens: torch.Tensor, parents: torch.Tensor) -> None:
         rows = (row_base + parents[:, None, :]).flatten()  # (B*k*nb,) same passage, parent beam
         gen.advance(state, tokens[:, None, :].expand(B, k, nb).flatten(), rows)
+        if on_token is not None and nb == 1:
+            on_token(tokens[:, 0].tolist())
 
     beams = beam_search(next_logprobs, advance, B, gen, cfg).cpu()
     prior = prior.cpu()
@@ -385,10 +395,14 @@ def decode(
     doc_scores: torch.Tensor,
     cfg: DecodeConfig,
     method: Literal["token", "thorough", "fast"],
+    on_token: Callable[[list[int]], None] | None = None,
 ) -> list[Decoded]:
-    """Decode with RAG-Token ("token") or RAG-Sequence ("thorough" or "fast" decoding)."""
+    """Decode with RAG-Token ("token") or RAG-Sequence ("thorough" or "fast" decoding).
+
+    ``on_token``: RAG-Token greedy streaming hook, see :func:`decode_rag_token`.
+    """
     if method == "token":
-        return decode_rag_token(gen, inputs, doc_scores, cfg)
+        return decode_rag_token(gen, inputs, doc_scores, cfg, on_token)
     if method in ("thorough", "fast"):
         return decode_rag_sequence(gen, inputs, doc_scores, cfg, thorough=method == "thorough")
     raise MarginError(f"unknown decoding {method!r}; use 'token', 'thorough' or 'fast'")
