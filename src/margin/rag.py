@@ -207,15 +207,7 @@ class RAG:
         """Answer with passages and document scores (B, k) given by the caller (no retrieval),
         as transformers' RAG accepts ``context_input_ids`` and ``doc_scores``."""
         method = method or decoding_method(mode, decoding)
-        beams = 1 if decoding == "greedy" else (num_beams or max(self.default_decode.num_beams, 1))
-        cfg = DecodeConfig(
-            num_beams=beams,
-            max_new_tokens=max_new_tokens or self.default_decode.max_new_tokens,
-            min_new_tokens=self.default_decode.min_new_tokens,
-            length_penalty=self.default_decode.length_penalty,
-            early_stopping=self.default_decode.early_stopping,
-            num_return_sequences=num_return_sequences,
-        )
+        cfg = self._decode_config(decoding, num_beams, max_new_tokens, num_return_sequences)
         inputs = self.generator.build_inputs(list(questions), passages)
         doc_scores = doc_scores.detach().float()
         decoded = decode(self.generator, inputs, doc_scores, cfg, method)  # type: ignore[arg-type]
@@ -225,6 +217,41 @@ class RAG:
             _answer(q, ps, d, pr, rs, mode, decoding, self.generator, self.postprocess)
             for q, ps, d, pr, rs in zip(questions, passages, decoded, prior, raw, strict=True)
         ]
+
+    def ask_closed_book(
+        self,
+        questions: Sequence[str],
+        decoding: str = "greedy",
+        num_beams: int | None = None,
+        max_new_tokens: int | None = None,
+    ) -> list[Answer]:
+        """The generator alone, on the same prompt minus the passage: the paper's closed-book
+        baseline ("BART" in Tables 1-4). One context row per question with prior 1, so both
+        modes reduce to plain greedy or beam search on the generator; no passages come back."""
+        questions = _check_questions(questions)
+        decoding_method("sequence", decoding)  # validates the name
+        cfg = self._decode_config(decoding, num_beams, max_new_tokens, 1)
+        inputs = self.generator.build_inputs(questions, None)  # (B rows, k=1)
+        decoded = decode(self.generator, inputs, torch.zeros(len(questions), 1), cfg, "token")
+        clean = self.postprocess or (lambda text: text)
+        return [
+            Answer(q, clean(d.best.text), d.best.logprob, "none", decoding, [],
+                   nbest=[(clean(h.text), h.logprob) for h in d.nbest])
+            for q, d in zip(questions, decoded, strict=True)
+        ]
+
+    def _decode_config(
+        self, decoding: str, num_beams: int | None, max_new_tokens: int | None, n_return: int
+    ) -> DecodeConfig:
+        beams = 1 if decoding == "greedy" else (num_beams or max(self.default_decode.num_beams, 1))
+        return DecodeConfig(
+            num_beams=beams,
+            max_new_tokens=max_new_tokens or self.default_decode.max_new_tokens,
+            min_new_tokens=self.default_decode.min_new_tokens,
+            length_penalty=self.default_decode.length_penalty,
+            early_stopping=self.default_decode.early_stopping,
+            num_return_sequences=n_return,
+        )
 
     # -- training ------------------------------------------------------------------------------
 
