@@ -26,6 +26,7 @@ from margin.errors import MarginError
 from margin.passages import Passage
 
 DEFAULT_INDEX_NAME = "default-minilm-flat"  # cache folder of the default index under $MARGIN_HOME
+DEFAULT_BM25_NAME = "default-bm25"  # cache folder of the default corpus's BM25 index, beside it
 
 
 @dataclass
@@ -49,6 +50,18 @@ def ensure_default_index(progress: bool = True) -> Path:
     if not (out / "manifest.json").exists():
         encoder = load_encoder("default", role="passage")
         build_index("default", encoder, out, kind="flat", progress=progress)
+    return out
+
+
+def ensure_default_bm25_index(progress: bool = True) -> Path:
+    """Build a BM25 index of the default corpus on first use (seconds) and return its path.
+
+    The paper's retriever ablation (Table 6) swaps the dense retriever for BM25 over the same
+    passages; this is that index for the default corpus, cached next to the dense one.
+    """
+    out = margin_home() / "indexes" / DEFAULT_BM25_NAME
+    if not (out / "manifest.json").exists():
+        build_index("default", None, out, kind="bm25", progress=progress)
     return out
 
 
