@@ -199,6 +199,62 @@ def demo(
     console.print(f"[dim]answered in {time.perf_counter() - loaded:.1f} s[/dim]")
 
 
+@app.command()
+def train(
+    train_file: Annotated[Path, typer.Option("--train", help="Training data file.")],
+    out: Annotated[Path, typer.Option("--out", help="Output directory: log, checkpoints, state.")],
+    model: Annotated[str, typer.Option(help="'default' or a margin model directory.")] = "default",
+    index: Annotated[str, typer.Option(help="Index directory, or 'default'.")] = "default",
+    dev: Annotated[Path | None, typer.Option(help="Dev data; best exact match is kept.")] = None,
+    retriever: Annotated[str, typer.Option(help="dense or bm25.")] = "dense",
+    data_format: Annotated[str, typer.Option("--format", help="auto, dpr-tsv, kilt, ...")] = "auto",
+    task: Annotated[str, typer.Option(help="qa, generation or fever.")] = "qa",
+    limit: Annotated[int | None, typer.Option(help="First N examples only.")] = None,
+    skip_bad_lines: Annotated[bool, typer.Option(help="Skip bad lines, count them.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out.")] = False,
+    mode: Annotated[str, typer.Option(help="token or sequence.")] = "token",
+    k: Annotated[int, typer.Option("--k", "-k", help="Passages per question.")] = 5,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps (default: --epochs).")] = None,
+    epochs: Annotated[int, typer.Option(help="Passes over the data when --steps is unset.")] = 1,
+    batch_size: Annotated[int, typer.Option(help="Questions per micro-batch.")] = 4,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 3e-5,
+    warmup: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 0,
+    freeze_retriever: Annotated[bool, typer.Option(help="Freeze the question encoder.")] = False,
+    freeze_generator: Annotated[bool, typer.Option(help="Keep the generator fixed.")] = False,
+    target: Annotated[str, typer.Option(help="first answer, or sample one per epoch.")] = "first",
+    lora: Annotated[bool, typer.Option(help="LoRA on the generator.")] = False,
+    lora_r: Annotated[int, typer.Option(help="LoRA rank.")] = 16,
+    gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations.")] = False,
+    precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16.")] = "auto",
+    eval_every: Annotated[int, typer.Option(help="Steps between dev evaluations (0: end).")] = 0,
+    save_every: Annotated[int, typer.Option(help="Steps between checkpoints (0: end).")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed for data order, sampling and init.")] = 0,
+) -> None:
+    """Fine-tune RAG end to end (Sec. 2.4): question encoder and generator learn, index frozen."""
+    from margin.train import TrainConfig, run
+
+    config = TrainConfig(
+        mode=mode, k=k, steps=steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
+        lr=lr, warmup=warmup, freeze_retriever=freeze_retriever,
+        freeze_generator=freeze_generator, target=target, lora=lora, lora_r=lora_r,
+        gradient_checkpointing=gradient_checkpointing, precision=precision,
+        eval_every=eval_every, save_every=save_every, seed=seed,
+    )
+    result, skipped = run(
+        train_file, out, config, model=model, index=index, dev_path=dev, retriever=retriever,
+        data_format=data_format, task=task, limit=limit, skip_bad_lines=skip_bad_lines,
+        resume=resume,
+    )
+    best = "" if result.best_dev_em is None else (
+        f", best dev EM {result.best_dev_em:.3f} at step {result.best_step} ({out / 'best'})"
+    )
+    typer.echo(f"trained {result.steps} steps in {result.wall_s:.0f} s, loss {result.loss:.3f}"
+               f"{best}; model in {out / 'last'}")
+    if skipped:
+        typer.echo(f"skipped {skipped} malformed line(s)")
+
+
 def _print_answer(answer) -> None:
     from rich.console import Console
 

@@ -54,6 +54,8 @@ class ModelConfig:
     question_encoder: dict[str, Any] = field(default_factory=dict)  # Encoder.spec, minus "name"
     index_encoder_fingerprint: str | None = None  # passage encoder of compatible indexes
     stop_at_newline: bool = True  # causal: a newline ends the answer (few-shot QA prompts)
+    default_mode: str = "token"  # the mode the model was trained for (`margin ask` default)
+    default_k: int = 5  # passages per question it was trained with (`margin ask` default)
 
 
 # ----------------------------------------------------------------------------- generators
@@ -189,6 +191,8 @@ def _assemble(generator, retriever, encoder, config: ModelConfig) -> RAG:
         doc_score_scale=config.doc_score_scale,
         default_decode=DecodeConfig(**config.decode),
         postprocess=_postprocess(config),
+        default_mode=config.default_mode,
+        default_k=config.default_k,
     )
     rag.config = config  # type: ignore[attr-defined]
     return rag

@@ -1,0 +1,571 @@
+"""Fine-tuning RAG end to end, as the paper does (Lewis et al., 2020, Sec. 2.4 and App. C).
+
+The objective is the negative marginal log-likelihood of each target, Σ_j −log p(y_j|x_j), with
+the retrieved passage z summed out over the top k (RAG.loss, margin.marginalize). There is no
+supervision on which passage to retrieve. What learns:
+
+- the generator p_theta (all its weights, or LoRA adapters with ``lora=True``),
+- the question encoder q(x), through the document prior p(z|x) = softmax_z(s · d(z)ᵀq(x)),
+  recomputed in torch from the passage vectors the index returns.
+
+The passage encoder d(z) and the index stay frozen: re-indexing is costly. Retrieval runs outside
+autograd, a batch at a time. When the question encoder is frozen (``freeze_retriever``, the
+paper's "frozen retriever" ablation, Table 6) or retrieval is BM25, the top-k never changes, so it
+is computed once for the whole training set and reused every epoch.
+
+A run writes to its output directory::
+
+    OUT/log.jsonl   one JSON object per logged step, dev evaluation and run end
+    OUT/last/       the latest model checkpoint (margin format: ``margin ask --model OUT/last``)
+    OUT/best/       the checkpoint with the best dev exact match (when dev data is given)
+    OUT/state/      what ``--resume`` needs (margin.checkpoint): weights, optimizer, RNGs, position
+
+Example::
+
+    rag = RAG.load("default", "default")
+    examples = read_examples("nq-train.tsv")
+    train(rag, examples, "runs/nq", TrainConfig(k=5, steps=200, lora=True))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import re
+import string
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from margin.checkpoint import (
+    load_state,
+    read_state_record,
+    save_checkpoint,
+    save_state,
+    trainable_tensors,
+)
+from margin.errors import MarginError, require
+from margin.examples import Example
+from margin.rag import MODES, RAG
+from margin.retriever import Retrieved
+
+TARGETS = ("first", "sample")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# Settings that may change between an interrupted run and its --resume (the rest must not).
+_RESUMABLE_CHANGES = ("eval_every", "save_every", "log_every", "eval_limit", "eval_batch_size")
+
+
+@dataclass
+class TrainConfig:
+    """How to fine-tune; every field is a ``margin train`` flag of the same name."""
+
+    mode: str = "token"  # marginalisation trained: "token" (RAG-Token) or "sequence" (RAG-Sequence)
+    k: int = 5  # passages retrieved per question in training (the paper: 5 or 10)
+    steps: int | None = None  # optimizer steps to run; None: `epochs` passes over the data
+    epochs: int = 1  # passes over the training set when `steps` is None
+    batch_size: int = 4  # questions per forward/backward (micro-batch)
+    grad_accum: int = 1  # micro-batches summed into each optimizer step
+    lr: float = 3e-5  # AdamW peak learning rate
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    warmup: int = 0  # optimizer steps of linear warm-up from 0 to `lr`, then linear decay to 0
+    max_grad_norm: float = 1.0  # clip the global gradient norm to this (0: no clipping)
+    freeze_retriever: bool = False  # keep the question encoder fixed (Table 6 "frozen")
+    freeze_generator: bool = False  # keep the generator fixed (train only the retriever)
+    target: str = "first"  # training target: "first" gold answer, or one "sample"d per epoch
+    lora: bool = False  # train LoRA adapters (peft) on the generator instead of all its weights
+    lora_r: int = 16  # LoRA rank
+    lora_alpha: int = 32  # LoRA scaling numerator (scale = alpha / r)
+    lora_targets: str = "all-linear"  # peft target_modules: "all-linear" or comma-separated names
+    gradient_checkpointing: bool = False  # recompute activations in backward (seq2seq, encoder)
+    precision: str = "auto"  # "auto": bf16 (else fp16) autocast on a GPU, fp32 on CPU
+    eval_every: int = 0  # optimizer steps between dev evaluations (0: only at the end)
+    eval_limit: int | None = None  # dev examples evaluated (None: all)
+    eval_batch_size: int = 8  # questions per batch when answering dev questions
+    save_every: int = 0  # optimizer steps between checkpoints (0: only at the end)
+    log_every: int = 1  # optimizer steps between log.jsonl lines and progress updates
+    retrieval_batch_size: int = 64  # questions per batched retrieval when caching the top-k
+    seed: int = 0  # seeds data order, target sampling, dropout and LoRA initialisation
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise MarginError(f"unknown mode {self.mode!r}; use 'token' or 'sequence'")
+        if self.target not in TARGETS:
+            raise MarginError(f"unknown target {self.target!r}; use 'first' or 'sample'")
+        if self.precision not in PRECISIONS:
+            raise MarginError(f"unknown precision {self.precision!r}; use {', '.join(PRECISIONS)}")
+        for name in ("k", "epochs", "batch_size", "grad_accum", "log_every", "eval_batch_size",
+                     "retrieval_batch_size", "lora_r"):
+            if getattr(self, name) < 1:
+                raise MarginError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.steps is not None and self.steps < 1:
+            raise MarginError(f"steps must be at least 1, got {self.steps}")
+        if self.lr <= 0:
+            raise MarginError(f"lr must be positive, got {self.lr}")
+        if self.freeze_generator and self.lora:
+            raise MarginError("--lora trains the generator; drop it or drop --freeze-generator")
+
+
+@dataclass
+class TrainResult:
+    """What a run did."""
+
+    steps: int  # optimizer steps taken in total (resumed runs included)
+    loss: float  # mean training loss over the last logged window
+    best_dev_em: float | None  # best dev exact match seen (None without dev data)
+    best_step: int | None  # the step of that checkpoint
+    wall_s: float  # seconds this call ran
+    out: Path  # the output directory
+
+
+# ----------------------------------------------------------------------------- small pure pieces
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then linear decay to 0 at ``total`` steps."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def pick_target(answers: Sequence[str], choice: str, rng: random.Random) -> str:
+    """The training target among gold answers: the first, or one sampled (per epoch).
+
+    Answers with no letter or digit (junk such as a lone emoji in TriviaQA) are passed over
+    whenever a real one exists.
+    """
+    real = [a for a in answers if any(c.isalnum() for c in a)] or list(answers)
+    return real[0] if choice == "first" else rng.choice(real)
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD answer normalisation: lowercase, no punctuation, no articles, single spaces."""
+    text = "".join(c for c in text.lower() if c not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def _exact_match(prediction: str, answers: Sequence[str]) -> bool:
+    """Exact match against any gold answer after SQuAD normalisation (the paper's QA metric)."""
+    return any(normalize_answer(prediction) == normalize_answer(a) for a in answers)
+
+
+try:  # the project's metrics module when present; the same definition otherwise
+    from margin.metrics import exact_match  # type: ignore[import-not-found]
+except ImportError:  # pragma: no cover - depends on which modules exist
+    exact_match = _exact_match
+
+
+def total_steps(n_examples: int, config: TrainConfig) -> int:
+    """Optimizer steps of the run: ``steps``, or ``epochs`` passes of the data."""
+    if config.steps is not None:
+        return config.steps
+    per_epoch = math.ceil(n_examples / (config.batch_size * config.grad_accum))
+    return config.epochs * per_epoch
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The example order of one epoch: a permutation that depends only on (seed, epoch)."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def micro_batches(
+    n: int, config: TrainConfig, epoch: int, position: int
+) -> Iterator[tuple[np.ndarray, int, int]]:
+    """Example indices of each micro-batch from (epoch, position) on, forever.
+
+    Yields (indices, epoch, position after the batch); an epoch's last batch may be short.
+    """
+    while True:
+        order = epoch_order(n, config.seed, epoch)
+        while position < n:
+            rows = order[position : position + config.batch_size]
+            position += len(rows)
+            yield rows, epoch, position
+        epoch, position = epoch + 1, 0
+
+
+# ----------------------------------------------------------------------------- the top-k
+
+
+class TopK:
+    """Top-k retrieval for training questions: cached once when it cannot change, else live."""
+
+    def __init__(self, rag: RAG, questions: Sequence[str], k: int, cached: bool, batch: int):
+        self.rag, self.questions, self.k = rag, list(questions), k
+        self.cache: Retrieved | None = None
+        if cached:
+            parts = [
+                rag.retrieve(self.questions[i : i + batch], k)
+                for i in range(0, len(self.questions), batch)
+            ]
+            self.cache = Retrieved(
+                passages=[ps for part in parts for ps in part.passages],
+                scores=np.concatenate([part.scores for part in parts]),  # (n, k)
+                rows=np.concatenate([part.rows for part in parts]),  # (n, k)
+                vectors=None,  # frozen q: the prior is the softmax of the cached scores
+            )
+
+    def __call__(self, rows: np.ndarray) -> Retrieved:
+        if self.cache is None:  # the question encoder moves: retrieve with its current weights
+            return self.rag.retrieve([self.questions[i] for i in rows], self.k)
+        c = self.cache
+        return Retrieved([c.passages[i] for i in rows], c.scores[rows], c.rows[rows], None)
+
+
+# ----------------------------------------------------------------------------- setting up
+
+
+@dataclass
+class _Parts:
+    """What the loop holds besides the RAG."""
+
+    modules: dict[str, torch.nn.Module]  # "generator" and "question_encoder", whatever trains
+    params: dict[str, torch.nn.Parameter]  # their trainable parameters, by name
+    peft_model: Any  # the LoRA wrapper of the generator, or None
+    device: torch.device
+    dtype: torch.dtype | None  # autocast dtype, None for fp32
+
+
+def prepare(rag: RAG, config: TrainConfig) -> _Parts:
+    """Freeze what must not learn, add LoRA, choose device and precision; seed everything."""
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gen_model = rag.generator.model
+    encoder = rag.question_encoder
+    dense = rag.retriever is None or rag.retriever.index.dense is not None
+    learn_q = not config.freeze_retriever and encoder is not None and dense
+    learn_g = not config.freeze_generator
+    if not (learn_q or learn_g):
+        raise MarginError(
+            "nothing to train: the generator is frozen and the retriever is frozen or BM25; "
+            "drop --freeze-generator or --freeze-retriever"
+        )
+    gen_model.to(device)
+    gen_model.requires_grad_(learn_g)
+    peft_model = None
+    if config.lora and learn_g:
+        peft = require("peft", "pip install 'margin[train]'")
+        targets: Any = config.lora_targets
+        if targets != "all-linear":
+            targets = [t.strip() for t in targets.split(",") if t.strip()]
+        lora = peft.LoraConfig(  # type: ignore[attr-defined]
+            r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0,
+            target_modules=targets,
+        )
+        # injects adapters into gen_model in place: the generator keeps calling the same object
+        peft_model = peft.get_peft_model(gen_model, lora)  # type: ignore[attr-defined]
+    modules: dict[str, torch.nn.Module] = {"generator": gen_model}
+    if encoder is not None:
+        encoder.module.to(device)
+        encoder.module.requires_grad_(learn_q)
+        modules["question_encoder"] = encoder.module
+    if config.gradient_checkpointing:
+        _enable_checkpointing(rag, learn_g, learn_q)
+    for module in modules.values():
+        module.train(any(p.requires_grad for p in module.parameters()))
+    params = trainable_tensors(modules)
+    dtype = None
+    if device.type == "cuda" and config.precision != "fp32":
+        bf16 = config.precision == "bf16" or (
+            config.precision == "auto" and torch.cuda.is_bf16_supported()
+        )
+        dtype = torch.bfloat16 if bf16 else torch.float16
+    elif config.precision in ("bf16", "fp16"):
+        raise MarginError(f"--precision {config.precision} needs a GPU; use fp32 or auto on CPU")
+    return _Parts(modules, params, peft_model, device, dtype)
+
+
+def _enable_checkpointing(rag: RAG, learn_g: bool, learn_q: bool) -> None:
+    from margin.generator import CausalGenerator
+
+    if learn_g:
+        if isinstance(rag.generator, CausalGenerator):
+            raise MarginError(
+                "gradient checkpointing drops the KV cache a causal generator scores with; "
+                "use --lora or a smaller --k/--batch-size instead"
+            )
+        rag.generator.model.gradient_checkpointing_enable()  # type: ignore[operator]
+    if learn_q:
+        inner = getattr(rag.question_encoder, "module", None)
+        model = inner[0].auto_model if hasattr(inner, "__getitem__") else inner  # type: ignore[index]
+        if hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable()
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def evaluate(
+    rag: RAG, examples: Sequence[Example], k: int, mode: str, batch_size: int = 8
+) -> float:
+    """Exact match of greedy answers over ``examples`` (SQuAD-normalised, any gold answer)."""
+    if not examples:
+        return 0.0
+    hits = 0
+    modes = [m for m in (getattr(rag.generator, "model", None),
+                         getattr(rag.question_encoder, "module", None)) if m is not None]
+    was = [m.training for m in modes]
+    for m in modes:
+        m.eval()
+    try:
+        with torch.no_grad():
+            for i in range(0, len(examples), batch_size):
+                batch = examples[i : i + batch_size]
+                answers = rag.ask([e.input for e in batch], k=k, mode=mode, decoding="greedy")
+                hits += sum(exact_match(a.answer, e.answers) for a, e in zip(answers, batch,
+                                                                              strict=True))
+    finally:
+        for m, training in zip(modes, was, strict=True):
+            m.train(training)
+    return hits / len(examples)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(
+    rag: RAG,
+    examples: Sequence[Example],
+    out: str | Path,
+    config: TrainConfig | None = None,
+    dev: Sequence[Example] | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    model_name: str = "",
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainResult:
+    """Fine-tune ``rag`` on ``examples``; write logs and checkpoints under ``out``.
+
+    ``resume`` continues from ``out/state`` (same model, data and settings); ``model_name``
+    records what was loaded so a resume with another model is refused. ``on_step`` receives each
+    step's log record (after any save), e.g. to stop a run early.
+    """
+    config = config or TrainConfig()
+    out = Path(out)
+    if not examples:
+        raise MarginError("no training examples; give a non-empty --train file")
+    start_time = time.perf_counter()
+    parts = prepare(rag, config)
+    n, total = len(examples), total_steps(len(examples), config)
+    data_id = _data_fingerprint(examples)
+    optimizer = torch.optim.AdamW(
+        list(parts.params.values()), lr=config.lr, weight_decay=config.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, config.warmup, total)
+    )
+    scaler = torch.amp.GradScaler("cuda") if parts.dtype == torch.float16 else None
+    step, epoch, position = 0, 0, 0
+    best: tuple[float, int] | None = None
+    state_dir = out / "state"
+    if resume:
+        if not (state_dir / "state.json").is_file():
+            raise MarginError(f"{state_dir}: no training state to resume; run without --resume")
+        _check_resumable(read_state_record(state_dir), config, model_name, data_id)
+        record = load_state(state_dir, parts.params, optimizer, scheduler)
+        step, epoch, position = record["step"], record["epoch"], record["position"]
+        best = tuple(record["best"]) if record.get("best") else None  # type: ignore[assignment]
+    elif state_dir.exists():
+        raise MarginError(f"{out} already holds a training run; pass --resume or a new --out")
+    out.mkdir(parents=True, exist_ok=True)
+    learn_q = "question_encoder" in parts.modules and any(
+        p.requires_grad for p in parts.modules["question_encoder"].parameters()
+    )
+    topk = TopK(rag, [e.input for e in examples], config.k, cached=not learn_q,
+                batch=config.retrieval_batch_size)
+    batches = micro_batches(n, config, epoch, position)
+    bar = _progress(total, step, progress)
+    window: list[float] = []
+    seen, tick = 0, time.perf_counter()
+    loss_value = float("nan")
+    while step < total:
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for _ in range(config.grad_accum):
+            rows, epoch, position = next(batches)
+            loss = _batch_loss(rag, examples, rows, epoch, topk, config, parts)
+            scaled = loss / config.grad_accum
+            (scaler.scale(scaled) if scaler else scaled).backward()
+            step_loss += scaled.item()
+            seen += len(rows)
+        if scaler:
+            scaler.unscale_(optimizer)
+        grads = [p for p in parts.params.values() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(
+            grads, config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
+        )
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        scheduler.step()
+        step += 1
+        window.append(step_loss)
+        record: dict[str, Any] = {"step": step, "epoch": epoch, "loss": step_loss,
+                                  "lr": scheduler.get_last_lr()[0], "grad_norm": float(norm)}
+        if step % config.log_every == 0 or step == total:
+            elapsed = time.perf_counter() - tick
+            loss_value = sum(window) / len(window)
+            record.update(mean_loss=loss_value, examples_per_s=seen / max(elapsed, 1e-9),
+                          elapsed_s=time.perf_counter() - start_time)
+            _append(out / "log.jsonl", record)
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss_value:.3f}", ex_s=f"{seen / max(elapsed, 1e-9):.2f}")
+                bar.update(config.log_every if step % config.log_every == 0 else step - bar.n)
+            window, seen, tick = [], 0, time.perf_counter()
+        evaluate_now = dev and (step == total or (config.eval_every and
+                                                  step % config.eval_every == 0))
+        if evaluate_now:
+            assert dev is not None
+            subset = list(dev)[: config.eval_limit] if config.eval_limit else list(dev)
+            em = evaluate(rag, subset, config.k, config.mode, config.eval_batch_size)
+            _append(out / "log.jsonl", {"step": step, "dev_em": em, "dev_n": len(subset)})
+            if best is None or em > best[0]:
+                best = (em, step)
+                save_checkpoint(rag, out / "best", parts.peft_model, config.mode, config.k)
+        if step == total or (config.save_every and step % config.save_every == 0):
+            save_checkpoint(rag, out / "last", parts.peft_model, config.mode, config.k)
+            save_state(state_dir, parts.params, optimizer, scheduler, {
+                "step": step, "epoch": epoch, "position": position,
+                "best": list(best) if best else None, "config": asdict(config),
+                "model": model_name, "data": data_id,
+            })
+        if on_step is not None:
+            on_step(record)
+    if bar is not None:
+        bar.close()
+    for module in parts.modules.values():
+        module.eval()
+    wall = time.perf_counter() - start_time
+    _append(out / "log.jsonl", {"done": True, "steps": step, "wall_s": wall,
+                                "best_dev_em": best[0] if best else None})
+    return TrainResult(step, loss_value, best[0] if best else None, best[1] if best else None,
+                       wall, out)
+
+
+def _batch_loss(
+    rag: RAG, examples: Sequence[Example], rows: np.ndarray, epoch: int, topk: TopK,
+    config: TrainConfig, parts: _Parts,
+) -> torch.Tensor:
+    """Mean −log p(y|x) of one micro-batch (Sec. 2.4), retrieval outside autograd."""
+    batch = [examples[i] for i in rows]
+    targets = [
+        pick_target(e.answers, config.target, random.Random(f"{config.seed}:{epoch}:{i}"))
+        for e, i in zip(batch, rows, strict=True)
+    ]
+    with torch.no_grad():
+        hits = topk(rows)
+    ctx = (torch.autocast(parts.device.type, dtype=parts.dtype) if parts.dtype is not None
+           else _null())
+    with ctx:
+        return rag.loss([e.input for e in batch], targets, k=config.k, mode=config.mode, hits=hits)
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _check_resumable(record: dict[str, Any], config: TrainConfig, model: str, data: str) -> None:
+    saved = record.get("config", {})
+    for f in fields(TrainConfig):
+        if f.name in _RESUMABLE_CHANGES:
+            continue
+        if saved.get(f.name) != getattr(config, f.name):
+            raise MarginError(
+                f"--resume with {f.name}={getattr(config, f.name)!r} but the run used "
+                f"{saved.get(f.name)!r}; resume with the original settings or use a new --out"
+            )
+    if record.get("model") != model:
+        raise MarginError(
+            f"--resume with model {model!r} but the run trained {record.get('model')!r}; "
+            "resume with the original --model"
+        )
+    if record.get("data") != data:
+        raise MarginError("--resume with other training data than the run used; give the same "
+                          "--train file (and --limit)")
+
+
+def _data_fingerprint(examples: Sequence[Example]) -> str:
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(json.dumps([e.input, list(e.answers)]).encode())
+    return h.hexdigest()[:16]
+
+
+def _append(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _progress(total: int, done: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=done, desc="training", unit="step", dynamic_ncols=True)
+
+
+# ----------------------------------------------------------------------------- from files
+
+
+def run(
+    train_path: str | Path,
+    out: str | Path,
+    config: TrainConfig | None = None,
+    model: str = "default",
+    index: str = "default",
+    dev_path: str | Path | None = None,
+    retriever: str = "dense",
+    data_format: str = "auto",
+    task: str = "qa",
+    limit: int | None = None,
+    skip_bad_lines: bool = False,
+    resume: bool = False,
+    progress: bool = True,
+) -> tuple[TrainResult, int]:
+    """``margin train``: read data, load the model and index, train. Returns the result and
+    the number of malformed lines skipped (``skip_bad_lines``)."""
+    from margin.examples import read_examples_counted
+
+    config = config or TrainConfig()
+    if retriever not in ("dense", "bm25"):
+        raise MarginError(f"unknown retriever {retriever!r}; use 'dense' or 'bm25'")
+    examples, skipped = read_examples_counted(train_path, data_format, task, limit, skip_bad_lines)
+    dev = None
+    if dev_path is not None:
+        dev, dev_skipped = read_examples_counted(dev_path, data_format, task, None, skip_bad_lines)
+        skipped += dev_skipped
+    if retriever == "bm25" and index == "default":
+        index = str(default_bm25_index(progress))
+    rag = RAG.load(model=model, index=index, progress=progress)
+    if retriever == "bm25" and rag.retriever is not None and rag.retriever.index.dense is not None:
+        raise MarginError(f"--retriever bm25 needs a BM25 index, but {index} is dense; "
+                          "build one with `margin index build --kind bm25`")
+    result = train(rag, examples, out, config, dev=dev, resume=resume, progress=progress,
+                   model_name=f"{model}|{index}")
+    return result, skipped
+
+
+def default_bm25_index(progress: bool = True) -> Path:
+    """A BM25 index of the default corpus, built once under $MARGIN_HOME (the Table 6 ablation)."""
+    from margin.assets import margin_home
+    from margin.build import build_index
+
+    path = margin_home() / "indexes" / "default-bm25"
+    if not (path / "manifest.json").exists():
+        build_index("default", None, path, kind="bm25", progress=progress)
+    return path

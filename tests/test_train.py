@@ -1,0 +1,243 @@
+"""Fine-tuning (margin.train): the paper's recipe on a tiny random model and a synthetic task.
+
+The task: 8 questions whose one-word answers are written in a 6-passage corpus. The retriever is a
+tiny random sentence-transformers model (its index built once per module), the generator a tiny
+random Llama. Everything is rebuilt from disk per test, so no test sees another's training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+
+from margin.build import build_index
+from margin.cli import main
+from margin.decoding import DecodeConfig
+from margin.encoders import load_encoder, weights_fingerprint
+from margin.errors import MarginError
+from margin.examples import Example
+from margin.models import ModelConfig, load_model, make_generator, save_model
+from margin.passages import Passage
+from margin.rag import RAG
+from margin.retriever import Retriever
+from margin.train import TrainConfig, evaluate, lr_factor, pick_target, train
+from test_cli import st_model  # noqa: F401  (module fixture: a tiny sentence-transformers model)
+from test_generator import tiny_llama
+
+DOCS = [
+    ("paris", "paris is the capital of france ."),
+    ("seine", "the seine is a river in france ."),
+    ("louvre", "the louvre is a museum in paris ."),
+    ("berlin", "berlin is the capital of germany ."),
+    ("plants", "plants use light energy in photosynthesis ."),
+    ("mona lisa", "the mona lisa was painted by leonardo ."),
+]
+TASK = [  # (question, answer): every answer is a word of a passage
+    ("what is the capital of france ?", "paris"),
+    ("where is the seine ?", "france"),
+    ("what is the seine ?", "river"),
+    ("where is the louvre ?", "paris"),
+    ("what is the louvre ?", "museum"),
+    ("what is paris ?", "capital"),
+    ("where is paris ?", "france"),
+    ("what is in paris ?", "louvre"),
+]
+EXAMPLES = [Example(f"ex{i}", q, (a,)) for i, (q, a) in enumerate(TASK)]
+CONFIG = ModelConfig(generator_kind="causal", prompt="chat", doc_score_scale=5.0,
+                     decode={"max_new_tokens": 3}, stop_at_newline=False)
+FAST = dict(k=2, batch_size=8, lr=3e-3, seed=0)  # full-batch steps on the 8 examples
+
+
+@pytest.fixture(scope="module")
+def index(tmp_path_factory, st_model):  # noqa: F811
+    out = tmp_path_factory.mktemp("train") / "index"
+    passages = [Passage(str(i), t, x) for i, (t, x) in enumerate(DOCS)]
+    build_index(passages, load_encoder(st_model, role="passage"), out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def gen_dir(tmp_path_factory):
+    model, tok = tiny_llama()
+    out = tmp_path_factory.mktemp("gen")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def make_rag(index, gen_dir):
+    def make(index_dir=index) -> RAG:
+        retriever = Retriever.load(index_dir)
+        rag = RAG(make_generator(gen_dir, "causal", CONFIG), retriever,
+                  doc_score_scale=5.0, default_decode=DecodeConfig(max_new_tokens=3))
+        rag.config = CONFIG
+        return rag
+
+    return make
+
+
+def fingerprint(module: torch.nn.Module) -> str:
+    return weights_fingerprint(module)
+
+
+def files_digest(directory) -> str:
+    h = hashlib.sha256()
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        h.update(path.name.encode() + path.read_bytes())
+    return h.hexdigest()
+
+
+def log(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------- the recipe
+
+
+def test_loss_falls_and_eight_examples_are_fitted_to_exact_match(make_rag, tmp_path):
+    rag = make_rag()
+    assert evaluate(rag, EXAMPLES, k=2, mode="token") < 0.5
+    result = train(rag, EXAMPLES, tmp_path / "run", TrainConfig(steps=40, **FAST), dev=EXAMPLES,
+                   progress=False)
+    losses = [r["loss"] for r in log(tmp_path / "run") if "loss" in r]
+    assert len(losses) == 40 and losses[-1] < 0.05 * losses[0]
+    assert result.best_dev_em == 1.0 and evaluate(rag, EXAMPLES, k=2, mode="token") == 1.0
+    assert (tmp_path / "run" / "best" / "margin_model.json").is_file()
+
+
+def test_question_encoder_learns_through_the_prior_passage_encoder_and_index_do_not(
+    make_rag, index, st_model, tmp_path  # noqa: F811
+):
+    rag = make_rag()
+    q_module = rag.question_encoder.module
+    q_before = fingerprint(q_module)
+    index_before = files_digest(index)
+    passage_fp = load_encoder(st_model, role="passage").fingerprint
+    grads = []
+
+    def keep_grad(record):  # after the step: the gradient of its last micro-batch is still there
+        grads.append(sum(float(p.grad.abs().sum()) for p in q_module.parameters()
+                         if p.grad is not None))
+
+    train(rag, EXAMPLES, tmp_path / "run", TrainConfig(steps=2, **FAST), progress=False,
+          on_step=keep_grad)
+    assert all(g > 0 for g in grads)  # the only path from the loss to q is the document prior
+    assert fingerprint(q_module) != q_before
+    assert files_digest(index) == index_before
+    assert load_encoder(st_model, role="passage").fingerprint == passage_fp
+    assert rag.retriever.index.manifest.encoder["fingerprint"] == passage_fp
+
+
+def test_resume_gives_the_same_next_step_loss(make_rag, tmp_path):
+    config = TrainConfig(steps=4, save_every=2, lora=True, lora_r=4, **FAST)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_2(record):
+        if record["step"] == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(make_rag(), EXAMPLES, tmp_path / "cut", config, progress=False, on_step=stop_at_2)
+    result = train(make_rag(), EXAMPLES, tmp_path / "cut", config, resume=True, progress=False)
+    train(make_rag(), EXAMPLES, tmp_path / "whole", config, progress=False)
+    cut = [r["loss"] for r in log(tmp_path / "cut") if "loss" in r]
+    whole = [r["loss"] for r in log(tmp_path / "whole") if "loss" in r]
+    assert result.steps == 4 and len(cut) == 4
+    assert cut[2] == pytest.approx(whole[2], rel=1e-6, abs=1e-7)  # the next step after resuming
+    assert cut == pytest.approx(whole, rel=1e-6, abs=1e-7)
+    state = tmp_path / "cut" / "state"
+    assert not list(state.rglob("*.pt")) and not list(state.rglob("*.bin"))  # never pickle
+    with pytest.raises(MarginError, match="resume with the original settings"):
+        train(make_rag(), EXAMPLES, tmp_path / "cut", TrainConfig(steps=4, save_every=2,
+              lora=True, lora_r=4, **dict(FAST, lr=1e-3)), resume=True, progress=False)
+    with pytest.raises(MarginError, match="--resume"):
+        train(make_rag(), EXAMPLES, tmp_path / "whole", config, progress=False)
+
+
+@pytest.mark.parametrize("frozen", ["retriever", "generator"])
+def test_frozen_options_freeze_what_they_say(make_rag, tmp_path, frozen):
+    rag = make_rag()
+    q, g = rag.question_encoder.module, rag.generator.model
+    before = fingerprint(q), fingerprint(g)
+    config = TrainConfig(steps=2, freeze_retriever=frozen == "retriever",
+                         freeze_generator=frozen == "generator", **FAST)
+    train(rag, EXAMPLES, tmp_path / "run", config, progress=False)
+    assert (fingerprint(q) == before[0]) == (frozen == "retriever")
+    assert (fingerprint(g) == before[1]) == (frozen == "generator")
+
+
+def test_freezing_everything_is_refused(make_rag, tmp_path):
+    config = TrainConfig(steps=1, freeze_retriever=True, freeze_generator=True)
+    with pytest.raises(MarginError, match="nothing to train"):
+        train(make_rag(), EXAMPLES, tmp_path / "run", config, progress=False)
+
+
+def test_bm25_retrieval_trains_the_generator_only(make_rag, tmp_path):
+    bm25 = tmp_path / "bm25"
+    build_index([Passage(str(i), t, x) for i, (t, x) in enumerate(DOCS)], None, bm25,
+                kind="bm25", progress=False)
+    rag = make_rag()
+    rag.retriever = Retriever.load(bm25)
+    q_before = fingerprint(rag.question_encoder.module)
+    g_before = fingerprint(rag.generator.model)
+    train(rag, EXAMPLES, tmp_path / "run", TrainConfig(steps=2, **FAST), progress=False)
+    assert fingerprint(rag.generator.model) != g_before
+    assert fingerprint(rag.question_encoder.module) == q_before
+
+
+# ----------------------------------------------------------------------------- files and CLI
+
+
+def test_a_trained_checkpoint_loads_in_margin_ask(make_rag, index, tmp_path, capsys):
+    rag = make_rag()
+    config = TrainConfig(steps=3, mode="sequence", lora=True, lora_r=4, **FAST)
+    train(rag, EXAMPLES, tmp_path / "run", config, progress=False)
+    [expected] = rag.ask([TASK[0][0]], k=2, mode="sequence")
+    loaded = load_model(tmp_path / "run" / "last", index)
+    assert (loaded.default_mode, loaded.default_k) == ("sequence", 2)
+    assert fingerprint(loaded.question_encoder.module) == fingerprint(rag.question_encoder.module)
+    assert main(["ask", "--model", str(tmp_path / "run" / "last"), "--index", str(index),
+                 "--json", TASK[0][0]]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["mode"] == "sequence" and len(answer["passages"]) == 2
+    assert answer["answer"] == expected.answer
+    assert answer["logprob"] == pytest.approx(expected.logprob, abs=1e-4)
+
+
+def test_cli_reports_bad_lines_and_trains(make_rag, index, tmp_path, capsys):
+    model_dir = save_model(make_rag(), tmp_path / "model")
+    data = tmp_path / "train.tsv"
+    lines = [f"{q}\t['{a}']" for q, a in TASK]
+    lines.insert(3, "a question without answers")
+    data.write_text("\n".join(lines) + "\n")
+    base = ["train", "--model", str(model_dir), "--index", str(index), "--train", str(data),
+            "--k", "2", "--batch-size", "4", "--steps", "1"]
+    assert main([*base, "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "train.tsv:4:" in err
+    assert main([*base, "--out", str(tmp_path / "b"), "--skip-bad-lines"]) == 0
+    out = capsys.readouterr().out
+    assert "trained 1 steps" in out and "skipped 1 malformed line(s)" in out
+    assert (tmp_path / "b" / "last" / "margin_model.json").is_file()
+
+
+# ----------------------------------------------------------------------------- small pieces
+
+
+def test_learning_rate_warms_up_then_decays_linearly():
+    factors = [lr_factor(s, warmup=2, total=6) for s in range(6)]
+    assert factors == pytest.approx([1 / 3, 2 / 3, 1.0, 0.75, 0.5, 0.25])
+
+
+def test_target_choice_skips_junk_answers():
+    import random
+
+    assert pick_target(("\U0001f600", "Paris"), "first", random.Random(0)) == "Paris"
+    picks = {pick_target(("a", "b", "!"), "sample", random.Random(s)) for s in range(20)}
+    assert picks == {"a", "b"}
