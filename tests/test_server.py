@@ -1,0 +1,527 @@
+"""The HTTP service: API contract, streaming, micro-batching, hot-swapping, limits and security.
+
+Two tiny indexes over corpora that differ in two facts (Germany's and Italy's capitals), searched
+by a keyword encoder (tests/conftest.py) so that which passage a question retrieves is obvious by
+hand, and the tiny random BART of tests/test_generator.py as the generator: the paper's
+hot-swapping experiment (Sec. 4.5) in miniature. Its answers are gibberish, but deterministic,
+so "the answer follows the index" is checked against the same model asked directly over each index.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from conftest import KeywordEncoder
+from margin.batching import BatchConfig, BatcherBusy, MicroBatcher
+from margin.build import build_index, open_index
+from margin.decoding import DecodeConfig
+from margin.errors import MarginError
+from margin.passages import Passage
+from margin.rag import RAG
+from margin.retriever import Retriever
+from margin.server import ServeConfig, create_app, manifest_version, parse_index_options
+
+TOKEN = "s3cret-admin-token"
+ADMIN = {"Authorization": f"Bearer {TOKEN}"}
+KEYWORDS = ("capital", "germany", "france", "italy", "river", "mountain")
+CORPUS_2016 = [
+    ("Berlin", "Berlin is the capital of Germany."),
+    ("Paris", "Paris is the capital of France."),
+    ("Rome", "Rome is the capital of Italy."),
+    ("Rhine", "The Rhine is a river in Germany."),
+    ("Seine", "The Seine is a river in France."),
+    ("Alps", "The Alps are a mountain range in Italy."),
+]
+# the same corpus with two facts changed
+CORPUS_2018 = [("Bonn", "Bonn is the capital of Germany."), CORPUS_2016[1],
+               ("Florence", "Florence is the capital of Italy."), *CORPUS_2016[3:]]
+# keyword vectors: "capital of germany" scores 1 on the capital passage, at most 1/2 on the others
+QUESTIONS = ["capital of germany?", "capital of italy?", "capital of france?"]
+TOP = {"2016": ["Berlin", "Rome", "Paris"], "2018": ["Bonn", "Florence", "Paris"]}
+
+
+class QuestionKeywords(KeywordEncoder):
+    """The keyword encoder as a question encoder: RAG recomputes d(z)ᵀq(x) in torch."""
+
+    def embed_queries(self, texts):
+        return torch.from_numpy(self.embed(list(texts)))  # (n, dim)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, bart):
+    """Index root with the 2016 and 2018 indexes, the model, and a reference RAG per index."""
+    root = tmp_path_factory.mktemp("indexes")
+    for year, docs in (("2016", CORPUS_2016), ("2018", CORPUS_2018)):
+        passages = [Passage(f"{year}-{i}", t, x) for i, (t, x) in enumerate(docs)]
+        build_index(passages, QuestionKeywords(KEYWORDS), root / year, kind="flat", progress=False)
+    build_index([Passage("x", "Alps", "mountain")], QuestionKeywords(KEYWORDS), root / "extra",
+                kind="flat", progress=False)
+    refs = {
+        year: RAG(bart, Retriever(open_index(root / year), QuestionKeywords(KEYWORDS)),
+                  doc_score_scale=5.0, default_decode=DecodeConfig(max_new_tokens=8), default_k=3)
+        for year in ("2016", "2018")
+    }
+    return root, refs
+
+
+def make_app(world, **config):
+    root, refs = world
+    config.setdefault("admin_token", TOKEN)
+    config.setdefault("index_root", root)
+    indexes = {"2016": root / "2016", "2018": root / "2018"}
+    return create_app(refs["2016"], indexes, ServeConfig(**config))
+
+
+@pytest.fixture(scope="module")
+def client(world):
+    with TestClient(make_app(world, batch=BatchConfig(max_batch=8, max_wait_ms=5))) as c:
+        yield c
+
+
+def activate(client, name: str) -> dict:
+    r = client.post("/v1/indexes/active", json={"index": name}, headers=ADMIN)
+    assert r.status_code == 200, r.text
+    return r.json()["active"]
+
+
+def top(body: dict) -> str:
+    """The title of the first answer's best passage."""
+    return body["answers"][0]["passages"][0]["title"]
+
+
+def sse(text: str) -> list[tuple[str, dict]]:
+    """Parse a server-sent-event stream into (event, data) pairs."""
+    out = []
+    for block in text.strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.splitlines())
+        out.append((lines["event"], json.loads(lines["data"])))
+    return out
+
+
+# ----------------------------------------------------------------------------- contract
+
+
+def test_health_readiness_and_the_registered_indexes(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    activate(client, "2016")
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["ready"] is True
+    body = client.get("/v1/indexes").json()
+    assert [e["id"] for e in body["indexes"]] == ["2016", "2018"]
+    assert body["active"]["id"] == "2016"
+    for entry in body["indexes"]:
+        assert entry["manifest"]["passages"] == 6
+        assert entry["version"] == manifest_version(entry["manifest"])
+        assert entry["active"] == (entry["id"] == "2016")
+    versions = {e["version"] for e in body["indexes"]}
+    assert len(versions) == 2  # different corpora, different versions
+    assert "/v1/ask" in client.get("/openapi.json").json()["paths"]
+
+
+def test_ask_returns_margin_ask_json_plus_the_index_that_answered(client, world):
+    _, refs = world
+    activate(client, "2016")
+    r = client.post("/v1/ask", json={"questions": QUESTIONS, "k": 3})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    version = body["index"]["version"]
+    assert body["index"]["id"] == "2016" and r.headers["x-margin-index"] == f"2016@{version}"
+    expected = refs["2016"].ask(QUESTIONS, k=3, mode="token", decoding="greedy")
+    for got, want in zip(body["answers"], expected, strict=True):
+        assert got == {**want.to_json(), "index": "2016", "index_version": version}
+    assert [a["passages"][0]["title"] for a in body["answers"]] == TOP["2016"]
+
+
+def test_ask_rag_sequence_with_beams_and_a_single_question(client, world):
+    _, refs = world
+    activate(client, "2016")
+    r = client.post("/v1/ask", json={"question": QUESTIONS[0], "mode": "sequence",
+                                     "decoding": "beam", "beams": 2, "k": 2})
+    assert r.status_code == 200, r.text
+    [got] = r.json()["answers"]
+    [want] = refs["2016"].ask(QUESTIONS[:1], k=2, mode="sequence", decoding="beam", num_beams=2)
+    assert got["answer"] == want.answer and got["mode"] == "sequence"
+    assert got["logprob"] == pytest.approx(want.logprob, abs=1e-5)
+    assert "token_docs" not in got
+
+
+def test_search_returns_the_hand_obvious_passages(client):
+    activate(client, "2018")
+    r = client.post("/v1/search", json={"queries": ["capital germany", "river france"], "k": 2})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["index"]["id"] == "2018"
+    assert [res["passages"][0]["title"] for res in body["results"]] == ["Bonn", "Seine"]
+    assert [p["score"] for p in body["results"][0]["passages"]] == pytest.approx([1, 0.5])
+
+
+def test_the_web_page_and_its_files_are_served_offline(client):
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    assert 'id="question"' in page.text and "http" not in page.text.replace("http-equiv", "")
+    for name in ("app.js", "app.css"):
+        r = client.get(f"/web/{name}")
+        assert r.status_code == 200 and "https://" not in r.text
+    assert client.get("/web/../server.py").status_code == 404
+    assert client.get("/web/secret.txt").status_code == 404
+
+
+# ----------------------------------------------------------------------------- streaming
+
+
+def test_streaming_sends_rag_token_greedy_tokens_then_the_answer(client):
+    activate(client, "2016")
+    plain = client.post("/v1/ask", json={"question": QUESTIONS[0]}).json()
+    with client.stream("POST", "/v1/ask", json={"question": QUESTIONS[0], "stream": True}) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = sse(r.read().decode())
+    names = [name for name, _ in events]
+    assert names[-1] == "answer" and set(names[:-1]) == {"token"} and len(names) > 2
+    streamed = "".join(data["text"] for name, data in events if name == "token")
+    final = events[-1][1]
+    assert final == plain  # the final event is the non-streamed response
+    assert streamed.strip() == final["answers"][0]["answer"].strip() != ""
+
+
+def test_streaming_other_modes_sends_only_the_final_answer(client):
+    body = {"questions": QUESTIONS[:2], "mode": "sequence", "stream": True, "k": 2}
+    with client.stream("POST", "/v1/ask", json=body) as r:
+        events = sse(r.read().decode())
+    assert [name for name, _ in events] == ["answer"]
+    assert len(events[0][1]["answers"]) == 2
+
+
+def test_streaming_several_questions_tags_tokens_by_question(client):
+    activate(client, "2016")
+    plain = client.post("/v1/ask", json={"questions": QUESTIONS[:2]}).json()
+    with client.stream("POST", "/v1/ask", json={"questions": QUESTIONS[:2], "stream": True}) as r:
+        events = sse(r.read().decode())
+    for qi in range(2):
+        text = "".join(d["text"] for n, d in events if n == "token" and d["question"] == qi)
+        assert text.strip() == plain["answers"][qi]["answer"].strip()
+
+
+# ----------------------------------------------------------------------------- hot-swapping
+
+
+def test_the_same_questions_follow_the_active_index(client, world):
+    """Sec. 4.5 in miniature: swap the memory, the provenance and the answers change with it."""
+    _, refs = world
+    answers = {}
+    for year in ("2016", "2018", "2016"):
+        activate(client, year)
+        body = client.post("/v1/ask", json={"questions": QUESTIONS, "k": 3}).json()
+        assert body["index"]["id"] == year
+        assert [a["passages"][0]["title"] for a in body["answers"]] == TOP[year]
+        expected = refs[year].ask(QUESTIONS, k=3)
+        assert [a["answer"] for a in body["answers"]] == [e.answer for e in expected]
+        answers[year] = [a["answer"] for a in body["answers"]]
+    # the changed facts change the answers; the unchanged one (France) does not
+    assert answers["2016"][:2] != answers["2018"][:2]
+    assert answers["2016"][2] == answers["2018"][2]
+
+
+def test_a_request_in_flight_finishes_on_the_index_it_started_with(world, monkeypatch):
+    app = make_app(world)
+    registry = app.state.registry
+    old = registry.active
+    gate, entered = threading.Event(), threading.Event()
+    original = old.rag.retrieve
+
+    def slow_retrieve(questions, k):
+        entered.set()
+        assert gate.wait(10)
+        return original(questions, k)
+
+    monkeypatch.setattr(old.rag, "retrieve", slow_retrieve)
+    with TestClient(app) as c, ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(c.post, "/v1/ask", json={"question": QUESTIONS[0]})
+        assert entered.wait(10)  # the request is being answered on 2016 ...
+        assert activate(c, "2018")["id"] == "2018"  # ... when 2018 becomes active
+        gate.set()
+        first = pending.result(10).json()
+        after = c.post("/v1/ask", json={"question": QUESTIONS[0]}).json()
+    assert first["index"]["id"] == "2016" and top(first) == "Berlin"
+    assert after["index"]["id"] == "2018" and top(after) == "Bonn"
+
+
+def test_concurrent_requests_during_hot_swaps_never_fail_and_stay_consistent(client):
+    versions = {e["id"]: e["version"] for e in client.get("/v1/indexes").json()["indexes"]}
+    stop = threading.Event()
+
+    def hammer(i: int) -> list[dict]:
+        out = []
+        while not stop.is_set() or not out:
+            q = QUESTIONS[i % 2]
+            r = client.post("/v1/ask", json={"question": q, "k": 2, "max_new_tokens": 3})
+            assert r.status_code == 200, r.text
+            out.append(r.json())
+        return out
+
+    with ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(hammer, i) for i in range(6)]
+        for year in ("2018", "2016", "2018", "2016", "2018", "2016"):
+            activate(client, year)
+            time.sleep(0.05)
+        stop.set()
+        results = [body for f in futures for body in f.result(30)]
+    seen = set()
+    for body in results:
+        year, version = body["index"]["id"], body["index"]["version"]
+        answer = body["answers"][0]
+        assert versions[year] == version == answer["index_version"]
+        # the provenance comes from the index the response names
+        assert answer["passages"][0]["title"] in TOP[year]
+        seen.add(year)
+    assert seen == {"2016", "2018"}
+    assert client.app.state.batcher.batches_run < client.app.state.batcher.items_run  # batched
+
+
+# ----------------------------------------------------------------------------- admin and security
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [({}, 401), ({"Authorization": "Bearer wrong"}, 403), ({"Authorization": TOKEN}, 401),
+     ({"Authorization": f"Basic {TOKEN}"}, 401)],
+)
+def test_admin_endpoints_refuse_a_missing_or_wrong_token(client, headers, status):
+    before = client.get("/v1/indexes").json()["active"]
+    for path, body in (("/v1/indexes/active", {"index": "2018"}),
+                       ("/v1/indexes", {"name": "x", "directory": "extra"})):
+        r = client.post(path, json=body, headers=headers)
+        assert r.status_code == status and r.json()["field"] == "authorization"
+    assert client.get("/v1/indexes").json()["active"] == before
+
+
+def test_admin_is_off_without_a_configured_token(world):
+    with TestClient(make_app(world, admin_token=None)) as c:
+        r = c.post("/v1/indexes/active", json={"index": "2018"}, headers=ADMIN)
+        assert r.status_code == 403 and "MARGIN_ADMIN_TOKEN" in r.json()["error"]
+
+
+def test_switching_to_an_unknown_index_names_the_field(client):
+    r = client.post("/v1/indexes/active", json={"index": "1999"}, headers=ADMIN)
+    assert r.status_code == 404 and r.json()["field"] == "index"
+
+
+@pytest.mark.parametrize("directory", ["..", "../..", "/etc", "2016/../..", "", "escape"])
+def test_registration_refuses_a_directory_outside_the_root(client, world, directory):
+    root, _ = world
+    link = root / "escape"
+    if not link.exists():
+        link.symlink_to(root.parent, target_is_directory=True)  # a symlink leading out
+    r = client.post("/v1/indexes", json={"name": "evil", "directory": directory}, headers=ADMIN)
+    assert r.status_code == 403 and r.json()["field"] == "directory"
+    assert "evil" not in [e["id"] for e in client.get("/v1/indexes").json()["indexes"]]
+
+
+def test_registration_of_an_index_under_the_root(world):
+    root, _ = world
+    (root / "not-an-index").mkdir(exist_ok=True)
+    with TestClient(make_app(world)) as c:
+        bad = c.post("/v1/indexes", json={"name": "n", "directory": "not-an-index"},
+                     headers=ADMIN)
+        assert bad.status_code == 400 and bad.json()["field"] == "directory"
+        assert "Traceback" not in bad.text and str(root) not in bad.json()["error"][:10]
+        ok = c.post("/v1/indexes", json={"name": "extra", "directory": "extra", "activate": True},
+                    headers=ADMIN)
+        assert ok.status_code == 201 and ok.json()["active"] is True
+        body = c.post("/v1/search", json={"query": "mountain", "k": 1}).json()
+        assert body["index"]["id"] == "extra" and body["results"][0]["passages"][0]["id"] == "x"
+        again = c.post("/v1/indexes", json={"name": "extra", "directory": "extra"}, headers=ADMIN)
+        assert again.status_code == 409 and again.json()["field"] == "name"
+    with TestClient(make_app(world, index_root=None)) as c:
+        r = c.post("/v1/indexes", json={"name": "e", "directory": "extra"}, headers=ADMIN)
+        assert r.status_code == 403 and "--index-root" in r.json()["error"]
+
+
+LONG = "x" * 1001
+BAD_REQUESTS = [
+    ({"questions": ["a"] * 17}, "questions"),
+    ({"question": LONG}, "question"),
+    ({"questions": ["ok", LONG]}, "questions[1]"),
+    ({"question": "   "}, "question"),
+    ({"questions": []}, "questions"),
+    ({}, "questions"),
+    ({"question": "a", "questions": ["b"]}, "questions"),
+    ({"question": "a", "k": 0}, "k"),
+    ({"question": "a", "k": 7}, "k"),  # larger than the 6-passage index
+    ({"question": "a", "k": "5"}, "k"),
+    ({"question": "a", "k": 2.5}, "k"),
+    ({"question": 5}, "question"),
+    ({"questions": "one string"}, "questions"),
+    ({"question": "a", "mode": "foo"}, "mode"),
+    ({"question": "a", "decoding": "sampling"}, "decoding"),
+    ({"question": "a", "mode": "token", "decoding": "thorough"}, "decoding"),
+    ({"question": "a", "decoding": "beam", "beams": 99}, "beams"),
+    ({"question": "a", "max_new_tokens": 10_000}, "max_new_tokens"),
+    ({"question": "a", "stream": "yes"}, "stream"),
+    ({"question": "a", "temperature": 0.7}, "temperature"),
+]
+
+
+@pytest.mark.parametrize(("body", "field"), BAD_REQUESTS)
+def test_bad_input_gets_a_4xx_naming_the_field_and_the_server_keeps_serving(client, body, field):
+    r = client.post("/v1/ask", json=body)
+    assert r.status_code == 422, r.text
+    assert r.json()["field"] == field and field.split("[")[0] in r.json()["error"]
+    assert client.post("/v1/search", json={"query": "capital germany", "k": 1}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("content", "status", "field"),
+    [(b"{not json", 422, "body"), (b"", 422, "body"), (b"[1, 2]", 422, "body"),
+     (json.dumps({"question": "a" * 70_000}).encode(), 413, "body")],
+)
+def test_malformed_and_oversized_bodies(client, content, status, field):
+    r = client.post("/v1/ask", content=content, headers={"Content-Type": "application/json"})
+    assert r.status_code == status and r.json()["field"] == field
+    assert client.get("/healthz").status_code == 200
+
+
+def test_search_limits(client):
+    assert client.post("/v1/search", json={"queries": ["a"] * 17}).json()["field"] == "queries"
+    assert client.post("/v1/search", json={"query": "a", "k": 21}).json()["field"] == "k"
+
+
+def test_errors_carry_no_stack_trace_and_cors_is_off(world, monkeypatch):
+    app = make_app(world)
+
+    def broken(questions, k):
+        raise RuntimeError("secret internals at /home/x/model.py line 12")
+
+    monkeypatch.setattr(app.state.registry.active.rag, "retrieve", broken)
+    with TestClient(app) as c:
+        r = c.post("/v1/ask", json={"question": "a"}, headers={"Origin": "https://evil.example"})
+        assert r.status_code == 500 and r.json() == {"error": "internal error", "field": None}
+        assert "access-control-allow-origin" not in r.headers
+        pre = c.options("/v1/ask", headers={"Origin": "https://evil.example",
+                                             "Access-Control-Request-Method": "POST"})
+        assert "access-control-allow-origin" not in pre.headers
+        with c.stream("POST", "/v1/ask", json={"question": "a", "stream": True}) as s:
+            events = sse(s.read().decode())
+        assert events == [("error", {"error": "internal error", "field": None, "status": 500})]
+        assert c.get("/healthz").status_code == 200
+
+
+def test_a_request_past_the_timeout_gets_504_and_the_server_recovers(world, monkeypatch):
+    app = make_app(world, timeout_s=1.0)
+    gate = threading.Event()
+    original = app.state.registry.active.rag.retrieve
+    monkeypatch.setattr(app.state.registry.active.rag, "retrieve",
+                        lambda qs, k: (gate.wait(10), original(qs, k))[1])
+    with TestClient(app) as c:
+        r = c.post("/v1/ask", json={"question": QUESTIONS[0]})
+        assert r.status_code == 504 and "1 s" in r.json()["error"]
+        gate.set()
+        deadline = time.monotonic() + 10
+        while app.state.batcher.batches_run < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)  # the model finishes the abandoned request
+        ok = c.post("/v1/ask", json={"question": QUESTIONS[0]})
+        assert ok.status_code == 200 and ok.json()["answers"][0]["passages"][0]["title"] == "Berlin"
+
+
+# ----------------------------------------------------------------------------- micro-batcher
+
+
+def test_the_batcher_groups_queued_jobs_of_one_key_up_to_the_batch_size():
+    calls: list[tuple[str, list[int]]] = []
+    gate = threading.Event()
+
+    def run(key, items):
+        if key == "block":
+            assert gate.wait(10)
+        calls.append((key, list(items)))
+        return [x * 10 for x in items]
+
+    batcher = MicroBatcher(run, BatchConfig(max_batch=4, max_wait_ms=50))
+    try:
+        blocker = batcher.submit("block", [0])
+        time.sleep(0.05)  # the worker now holds the blocker; the rest queue up behind it
+        futures = [batcher.submit("a", [1, 2]), batcher.submit("b", [3]),
+                   batcher.submit("a", [4]), batcher.submit("a", [5, 6]), batcher.submit("a", [7])]
+        gate.set()
+        assert blocker.result(5) == [0]
+        assert [f.result(5) for f in futures] == [[10, 20], [30], [40], [50, 60], [70]]
+    finally:
+        batcher.close()
+    # same-key jobs joined up to 4 items in queue order; "b" never mixed with "a"
+    assert calls[1:] == [("a", [1, 2, 4, 7]), ("b", [3]), ("a", [5, 6])]
+
+
+def test_the_batcher_without_batching_runs_one_job_per_call_and_survives_errors():
+    def run(key, items):
+        if key == "bad":
+            raise MarginError("bad key")
+        return items
+
+    batcher = MicroBatcher(run, BatchConfig(max_batch=1, max_wait_ms=50, max_pending=2))
+    try:
+        with pytest.raises(MarginError, match="bad key"):
+            batcher.submit("bad", [1]).result(5)
+        assert batcher.submit("ok", ["x"]).result(5) == ["x"]
+        assert batcher.batches_run == 1
+    finally:
+        batcher.close()
+    with pytest.raises(MarginError, match="closed"):
+        batcher.submit("ok", [1])
+
+
+def test_the_batcher_refuses_work_beyond_its_queue_and_drops_cancelled_jobs():
+    gate = threading.Event()
+    ran: list = []
+
+    def run(key, items):
+        assert gate.wait(10)
+        ran.extend(items)
+        return items
+
+    batcher = MicroBatcher(run, BatchConfig(max_batch=1, max_pending=2))
+    try:
+        first = batcher.submit("k", [1])
+        time.sleep(0.05)
+        second, third = batcher.submit("k", [2]), batcher.submit("k", [3])
+        with pytest.raises(BatcherBusy):
+            batcher.submit("k", [4])
+        assert second.cancel()
+        gate.set()
+        assert first.result(5) == [1] and third.result(5) == [3]
+    finally:
+        batcher.close()
+    assert ran == [1, 3]
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def test_index_options_parse_into_names_and_directories(tmp_path):
+    assert parse_index_options([]) == {"default": "default"}
+    assert parse_index_options(["default"]) == {"default": "default"}
+    assert parse_index_options([str(tmp_path / "wiki2018")]) == {
+        "wiki2018": str(tmp_path / "wiki2018")
+    }
+    assert parse_index_options(["a=/x", "b=/y"]) == {"a": "/x", "b": "/y"}
+    for bad in (["a=/x", "a=/y"], ["bad name=/x"], ["a="]):
+        with pytest.raises(MarginError, match="--index"):
+            parse_index_options(bad)
+
+
+def test_margin_serve_is_a_command_with_the_documented_options():
+    from typer.testing import CliRunner
+
+    from margin.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--help"])
+    assert result.exit_code == 0
+    for option in ("--model", "--index", "--host", "--port", "--index-root"):
+        assert option in result.output
