@@ -255,6 +255,40 @@ def train(
         typer.echo(f"skipped {skipped} malformed line(s)")
 
 
+@app.command()
+def serve(
+    model: Annotated[
+        str, typer.Option(help="'default', a margin model or a transformers RAG directory.")
+    ] = "default",
+    index: Annotated[
+        list[str] | None,
+        typer.Option(help="'default', DIR or NAME=DIR; repeat to register several (first active)."),
+    ] = None,
+    host: Annotated[str, typer.Option(help="Interface to bind (loopback by default).")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    index_root: Annotated[
+        Path | None, typer.Option(help="Admins may register index directories under it only.")
+    ] = None,
+) -> None:
+    """Serve the HTTP API and web page; admin endpoints need $MARGIN_ADMIN_TOKEN."""
+    import os
+
+    from margin.errors import require
+
+    require("fastapi", "pip install 'margin[serve]'")
+    require("uvicorn", "pip install 'margin[serve]'")
+    from margin.server import ADMIN_TOKEN_ENV, ServeConfig
+    from margin.server import serve as run
+
+    token = os.environ.get(ADMIN_TOKEN_ENV) or None
+    config = ServeConfig(host=host, port=port, index_root=index_root, admin_token=token)
+    typer.echo(f"margin: serving on http://{host}:{port}/ (admin {'on' if token else 'off'})",
+               err=True)
+    run(model, index or [], config)
+
+
 def _print_answer(answer) -> None:
     from rich.console import Console
 
