@@ -255,6 +255,64 @@ def train(
         typer.echo(f"skipped {skipped} malformed line(s)")
 
 
+@app.command("eval")
+def eval_(
+    data: Annotated[Path, typer.Option("--data", help="Examples file (QA, generation or FEVER).")],
+    task: Annotated[str, typer.Option(help="qa, generation or fever.")] = "qa",
+    data_format: Annotated[
+        str, typer.Option("--format", help="auto, dpr-tsv, dpr-jsonl, kilt or jsonl.")
+    ] = "auto",
+    model: Annotated[str, typer.Option(help="'default' or a model directory.")] = "default",
+    index: Annotated[str, typer.Option(help="Dense index directory, or 'default'.")] = "default",
+    bm25_index: Annotated[
+        str, typer.Option(help="BM25 index for --retriever bm25 ('default': default corpus).")
+    ] = "default",
+    retriever: Annotated[
+        str, typer.Option(help="dense, dense-frozen, bm25 or none; a comma list: ablation table.")
+    ] = "dense",
+    k: Annotated[
+        str, typer.Option("--k", "-k", help="Passages per question; a comma list: sweep + plot.")
+    ] = "5",
+    mode: Annotated[
+        str | None, typer.Option(help="token, sequence or both (comma); default: the model's.")
+    ] = None,
+    decoding: Annotated[
+        str, typer.Option(help="greedy, beam, thorough, fast; a comma list compares them.")
+    ] = "greedy",
+    beams: Annotated[int, typer.Option(help="Beams for beam/thorough/fast decoding.")] = 4,
+    max_new_tokens: Annotated[
+        int | None, typer.Option(help="Longest answer in tokens (model default if unset).")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="First N examples only.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Questions per generation batch.")] = 8,
+    out: Annotated[Path, typer.Option("--out", help="Output directory (resumable).")] = Path(
+        "eval"
+    ),
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    regex: Annotated[bool, typer.Option(help="Gold answers are regexes (CuratedTrec).")] = False,
+) -> None:
+    """Evaluate on a task's data: metrics.json, predictions.jsonl, report.md (resumable)."""
+    from margin.evaluate import EvalConfig, run_eval, summary_table
+
+    try:
+        ks = tuple(int(x) for x in k.split(",") if x.strip())
+    except ValueError:
+        raise MarginError(f"--k {k!r} is not a comma list of integers; e.g. --k 1,5,10") from None
+    config = EvalConfig(
+        task=task, data=str(data), format=data_format, model=model, index=index,
+        bm25_index=bm25_index, retrievers=_comma(retriever), ks=ks,
+        modes=_comma(mode) if mode else (), decodings=_comma(decoding), beams=beams,
+        max_new_tokens=max_new_tokens, limit=limit, batch_size=batch_size, out=str(out),
+        seed=seed, regex=regex,
+    )
+    results = run_eval(config)
+    typer.echo(summary_table(task, results), nl=False)
+    typer.echo(f"wrote {out}/ (metrics.json, predictions.jsonl, report.md)")
+
+
+def _comma(value: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in value.split(",") if x.strip())
+
 @app.command()
 def serve(
     model: Annotated[
