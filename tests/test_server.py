@@ -56,8 +56,11 @@ class QuestionKeywords(KeywordEncoder):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, bart):
+    return build_world(tmp_path_factory.mktemp("indexes"), bart)
+
+
+def build_world(root, bart) -> tuple:
     """Index root with the 2016 and 2018 indexes, the model, and a reference RAG per index."""
-    root = tmp_path_factory.mktemp("indexes")
     for year, docs in (("2016", CORPUS_2016), ("2018", CORPUS_2018)):
         passages = [Passage(f"{year}-{i}", t, x) for i, (t, x) in enumerate(docs)]
         build_index(passages, QuestionKeywords(KEYWORDS), root / year, kind="flat", progress=False)
