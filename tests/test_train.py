@@ -23,7 +23,14 @@ from margin.models import ModelConfig, load_model, make_generator, save_model
 from margin.passages import Passage
 from margin.rag import RAG
 from margin.retriever import Retriever
-from margin.train import TrainConfig, evaluate, lr_factor, pick_target, train
+from margin.train import (
+    TrainConfig,
+    evaluate,
+    lr_factor,
+    pick_target,
+    train,
+    training_slice,
+)
 from test_cli import st_model  # noqa: F401  (module fixture: a tiny sentence-transformers model)
 from test_generator import tiny_llama
 
@@ -225,6 +232,25 @@ def test_cli_reports_bad_lines_and_trains(make_rag, index, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "trained 1 steps" in out and "skipped 1 malformed line(s)" in out
     assert (tmp_path / "b" / "last" / "margin_model.json").is_file()
+
+
+def test_finetune_installs_a_model_usable_by_name(make_rag, index, tmp_path, monkeypatch, capsys):
+    """`make finetune`'s fast path: training slices after the held-out lines, installed by name."""
+    monkeypatch.setenv("MARGIN_HOME", str(tmp_path / "home"))
+    model_dir = save_model(make_rag(), tmp_path / "model")
+    data = tmp_path / "dev.tsv"
+    data.write_text("".join(f"{q}\t['{a}']\n" for q, a in TASK))
+    assert main(["finetune", str(data), "--model", str(model_dir), "--index", str(index),
+                 "--heldout", "5", "--steps", "1"]) == 0
+    assert "--model finetuned" in capsys.readouterr().out
+    run = tmp_path / "home" / "runs" / "finetuned"
+    assert [r["step"] for r in log(run) if "loss" in r] == [1]
+    assert [e.input for e in training_slice(data, heldout=5)] == [q for q, _ in TASK[5:]]
+    loaded = load_model("finetuned", index)
+    assert loaded.default_k == 2
+    assert fingerprint(loaded.generator.model) != fingerprint(make_rag().generator.model)
+    with pytest.raises(MarginError, match="none after the 8 held out"):
+        training_slice(data, heldout=8)
 
 
 # ----------------------------------------------------------------------------- small pieces

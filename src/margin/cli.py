@@ -347,6 +347,30 @@ def serve(
     run(model, index or [], config)
 
 
+@app.command()
+def finetune(
+    data: Annotated[
+        list[Path], typer.Argument(help="Dev files; their first --heldout lines are kept out.")
+    ],
+    name: Annotated[str, typer.Option(help="Installed model name (--model NAME).")] = "finetuned",
+    model: Annotated[str, typer.Option(help="Model to start from.")] = "default",
+    index: Annotated[str, typer.Option(help="Index directory, or 'default'.")] = "default",
+    heldout: Annotated[int, typer.Option(help="Leading examples per file held out.")] = 500,
+    limit: Annotated[int | None, typer.Option(help="Training examples per file.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps (recipe default).")] = None,
+) -> None:
+    """Fine-tune the default model on training slices and install it as --name (`make finetune`)."""
+    from dataclasses import replace
+
+    from margin.train import FINETUNE_RECIPE
+    from margin.train import finetune as run_finetune
+
+    config = FINETUNE_RECIPE if steps is None else replace(FINETUNE_RECIPE, steps=steps)
+    path = run_finetune(data, name=name, config=config, model=model, index=index,
+                        heldout=heldout, limit=limit)
+    typer.echo(f"installed {path}; use it with --model {name}")
+
+
 def _print_answer(answer) -> None:
     from rich.console import Console
 

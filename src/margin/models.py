@@ -9,8 +9,9 @@ A margin checkpoint is a plain directory (never pickle)::
     DIR/question_encoder/          the question encoder's model directory (safetensors)
 
 ``RAG.load(model=...)`` accepts ``"default"`` (SmolLM2-135M-Instruct over the default corpus with
-the all-MiniLM-L6-v2 retriever), such a directory, or a directory written by transformers'
-``RagSequenceForGeneration``/``RagTokenForGeneration.save_pretrained`` plus
+the all-MiniLM-L6-v2 retriever), such a directory, the name of one installed in
+``$MARGIN_HOME/models`` (``margin finetune`` installs ``finetuned``), or a directory written by
+transformers' ``RagSequenceForGeneration``/``RagTokenForGeneration.save_pretrained`` plus
 ``RagTokenizer.save_pretrained`` (see margin.hf_rag).
 """
 
@@ -119,6 +120,9 @@ def load_model(model: str | Path = "default", index: str | Path | None = "defaul
     if str(model) == "default":
         return _load_default(index, progress)
     path = Path(model)
+    installed = _installed(str(model))
+    if not (path / MODEL_FILE).is_file() and installed is not None:
+        path = installed  # a name under $MARGIN_HOME/models, e.g. "finetuned"
     if (path / MODEL_FILE).is_file():
         return _load_margin(path, index, progress)
     if (path / "config.json").is_file() and _model_type(path) == "rag":
@@ -131,6 +135,16 @@ def load_model(model: str | Path = "default", index: str | Path | None = "defaul
         f"{path} is neither a margin model (no {MODEL_FILE}) nor a transformers RAG checkpoint "
         "(config.json with model_type 'rag'); give 'default' or one of those"
     )
+
+
+def _installed(name: str) -> Path | None:
+    """The margin model installed as ``name`` in $MARGIN_HOME/models (``margin finetune``)."""
+    from margin.assets import margin_home
+
+    if "/" in name or name in ("", ".", ".."):
+        return None
+    path = margin_home() / "models" / name
+    return path if (path / MODEL_FILE).is_file() else None
 
 
 def _load_default(index: str | Path | None, progress: bool) -> RAG:

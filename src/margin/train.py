@@ -584,3 +584,66 @@ def default_bm25_index(progress: bool = True) -> Path:
     if not (path / "manifest.json").exists():
         build_index("default", None, path, kind="bm25", progress=progress)
     return path
+
+
+# ----------------------------------------------------------------------------- a fine-tuned default
+
+FINETUNE_RECIPE = TrainConfig(  # sized for <= 60 minutes on a 2-core CPU (BENCHMARKS.md)
+    k=2, steps=24, batch_size=8, lr=5e-4, warmup=2, lora=True, lora_r=16, lora_alpha=32,
+)
+HELDOUT = 500  # the first lines of each development file are held out for reporting
+
+
+def training_slice(path: str | Path, heldout: int = HELDOUT, limit: int | None = None,
+                   skip_bad_lines: bool = False) -> list[Example]:
+    """The examples of ``path`` after its first ``heldout`` (kept for evaluation), at most
+    ``limit`` of them."""
+    from margin.examples import read_examples
+
+    rows = read_examples(path, limit=None if limit is None else heldout + limit,
+                         skip_bad_lines=skip_bad_lines)
+    if len(rows) <= heldout:
+        raise MarginError(f"{path} has {len(rows)} examples, none after the {heldout} held out; "
+                          "give a larger file or a smaller --heldout")
+    return rows[heldout:]
+
+
+def interleave(*sets: Sequence[Example]) -> list[Example]:
+    """One example from each set in turn, so a short run sees every task."""
+    out: list[Example] = []
+    for i in range(max(len(s) for s in sets)):
+        out += [s[i] for s in sets if i < len(s)]
+    return out
+
+
+def finetune(
+    data: Sequence[str | Path],
+    name: str = "finetuned",
+    config: TrainConfig | None = None,
+    model: str = "default",
+    index: str = "default",
+    heldout: int = HELDOUT,
+    limit: int | None = None,
+    progress: bool = True,
+) -> Path:
+    """Fine-tune ``model`` on the training slices of ``data`` and install it as ``name``.
+
+    The result lands in ``$MARGIN_HOME/models/<name>``, where ``RAG.load(name)`` and
+    ``--model <name>`` find it; the run itself (log, state) stays in ``$MARGIN_HOME/runs/<name>``
+    so an interrupted fine-tune resumes when run again.
+    """
+    import shutil
+
+    from margin._io import atomic_path
+    from margin.assets import margin_home
+
+    config = config or FINETUNE_RECIPE
+    examples = interleave(*(training_slice(p, heldout, limit) for p in data))
+    run_dir = margin_home() / "runs" / name
+    rag = RAG.load(model=model, index=index, progress=progress)
+    result = train(rag, examples, run_dir, config, resume=(run_dir / "state").exists(),
+                   progress=progress, model_name=f"{model}|{index}")
+    target = margin_home() / "models" / name
+    with atomic_path(target) as tmp:
+        shutil.copytree(result.out / "last", tmp)
+    return target
