@@ -165,12 +165,12 @@ def run_eval(cfg: EvalConfig, rags: Mapping[str, RAG] | None = None) -> list[dic
     check_config(cfg)
     examples = read_examples(cfg.data, cfg.format, cfg.task, cfg.limit, regex=cfg.regex)
     _check_unique_ids(examples, cfg.data)
+    plan_runs(cfg, default_mode="sequence")  # refuse an empty grid before loading anything
     rags = dict(rags or {})
-    default_mode = next(iter(rags.values())).default_mode if rags else "token"
-    runs = plan_runs(cfg, default_mode)
-    missing = {r.retriever for r in runs} - set(rags)
+    missing = set(cfg.retrievers) - set(rags)
     if missing:
         rags.update(load_rags(cfg, missing))
+    runs = plan_runs(cfg, rags[cfg.retrievers[0]].default_mode)
     out = Path(cfg.out)
     results = []
     for run in runs:
