@@ -397,6 +397,13 @@ def test_search_limits(client):
     assert client.post("/v1/search", json={"query": "a", "k": 21}).json()["field"] == "k"
 
 
+def test_the_models_own_k_is_capped_by_the_server_limit(world):
+    with TestClient(make_app(world, max_k=2)) as c:
+        body = c.post("/v1/ask", json={"question": QUESTIONS[0]}).json()
+        assert len(body["answers"][0]["passages"]) == 2  # the model's k is 3
+        assert c.post("/v1/ask", json={"question": "a", "k": 3}).json()["field"] == "k"
+
+
 def test_errors_carry_no_stack_trace_and_cors_is_off(world, monkeypatch):
     app = make_app(world)
 

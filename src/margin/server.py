@@ -522,7 +522,10 @@ def _ask_key(body: AskRequest, entry: IndexEntry, config: ServeConfig) -> _AskKe
         decoding_method(mode, body.decoding)
     except MarginError as exc:
         raise ApiError(422, f"decoding: {exc}", "decoding") from None
-    k = _check_k(body.k if body.k is not None else rag.default_k, entry, config)
+    if body.k is None:  # the model's own k, within the limits
+        k = max(1, min(rag.default_k, config.max_k, entry.manifest["passages"]))
+    else:
+        k = _check_k(body.k, entry, config)
     if body.beams is not None and not 1 <= body.beams <= config.max_beams:
         raise ApiError(422, f"beams: {body.beams} is out of range; use 1 to {config.max_beams}",
                        "beams")
