@@ -184,6 +184,28 @@ def build_index(
     encoder: encodes passages for dense kinds; None for ``kind="bm25"``.
     kind: "flat", "hnsw", "ivfpq" or "bm25"; defaults to ``config``'s kind, else "flat".
     """
+    out, config, work = prepare_build(corpus, encoder, out, kind, config, shard_size, overwrite)
+    passages = read_corpus(corpus) if isinstance(corpus, str | Path) else iter(corpus)
+    shards = _write_shards(
+        work, passages, encoder, 0, EMPTY_CHECKSUM, shard_size, batch_size, progress, resume=True
+    )
+    return finish_build(work, out, shards, config, encoder, shard_size)
+
+
+def prepare_build(
+    corpus: str | Path | Iterable[Passage],
+    encoder: Encoder | None,
+    out: str | Path,
+    kind: str | None,
+    config: IndexConfig | BM25Config | None,
+    shard_size: int,
+    overwrite: bool,
+) -> tuple[Path, IndexConfig | BM25Config, Path]:
+    """Check a build request and create (or resume) its work directory: (out, config, work).
+
+    Shared by :func:`build_index` and the Ray build (margin.distributed): the same plan, so either
+    can resume a build the other started.
+    """
     out = Path(out)
     config = _resolve_config(kind, config)
     kind = _kind_of(config)
@@ -198,7 +220,6 @@ def build_index(
         raise MarginError(
             f"{out} already exists ({what}); pass overwrite=True or pick another path"
         )
-
     work = _work_dir(out)
     plan = {
         "corpus": _corpus_source(corpus),
@@ -209,10 +230,19 @@ def build_index(
         "format_version": FORMAT_VERSION,
     }
     _prepare_work_dir(work, plan, dense=encoder is not None)
-    passages = read_corpus(corpus) if isinstance(corpus, str | Path) else iter(corpus)
-    shards = _write_shards(
-        work, passages, encoder, 0, EMPTY_CHECKSUM, shard_size, batch_size, progress, resume=True
-    )
+    return out, config, work
+
+
+def finish_build(
+    work: Path,
+    out: Path,
+    shards: list[ShardInfo],
+    config: IndexConfig | BM25Config,
+    encoder: Encoder | None,
+    shard_size: int,
+) -> Manifest:
+    """Once every shard is in ``work``: build the search structure, write the manifest last,
+    and rename the work directory to ``out``."""
     for stale in _numbered_files(work, first=len(shards)):  # left by a longer earlier corpus
         stale.unlink()
     if not shards:
@@ -223,7 +253,7 @@ def build_index(
     index_file, params = _build_search(work, store, shards, config, encoder, generation=0)
     now = _now()
     manifest = Manifest(
-        kind=kind,
+        kind=_kind_of(config),
         passages=len(store),
         corpus_checksum=store.checksum(),
         shards=shards,
@@ -239,6 +269,28 @@ def build_index(
     os.remove(work / PLAN)
     _move_into_place(work, out)
     return replace(manifest, path=out)
+
+
+def iter_shards(
+    passages: Iterator[Passage], shard_size: int, first: int = 0, checksum: str = EMPTY_CHECKSUM
+) -> Iterator[tuple[int, list[Passage], str, str]]:
+    """Cut a passage stream into shards: (number, passages, checksum before, checksum after).
+
+    Only one shard's passages are in memory at a time: this is what bounds ingestion memory.
+    """
+    for number in itertools.count(first):
+        batch = list(itertools.islice(passages, shard_size))
+        if not batch:
+            return
+        after = chain_checksum(batch, checksum)
+        yield number, batch, checksum, after
+        checksum = after
+
+
+def shard_paths(work: Path, number: int) -> tuple[Path, Path]:
+    """The passage and embedding files of shard ``number`` in an index (or work) directory."""
+    name = shard_name(number, "")
+    return work / "passages" / f"{name}.arrow", work / "embeddings" / f"{name}.npy"
 
 
 def _write_shards(
@@ -258,31 +310,25 @@ def _write_shards(
     shards: list[ShardInfo] = []
     kept = 0
     with tqdm(desc="indexing", unit=" passages", disable=not progress, dynamic_ncols=True) as bar:
-        for number in itertools.count(first):
-            batch = list(itertools.islice(passages, shard_size))
-            if not batch:
-                break
-            name = shard_name(number, "")
-            after = chain_checksum(batch, checksum)
-            arrow, npy = work / "passages" / f"{name}.arrow", work / "embeddings" / f"{name}.npy"
-            if resume and _shard_done(arrow, npy if encoder else None, checksum, after, len(batch)):
+        for number, batch, before, after in iter_shards(passages, shard_size, first, checksum):
+            arrow, npy = shard_paths(work, number)
+            if resume and shard_done(arrow, npy if encoder else None, before, after, len(batch)):
                 kept += 1
                 bar.update(len(batch))
             else:
                 npy.unlink(missing_ok=True)  # its passages are about to change
-                write_shard(arrow, batch, checksum)
+                write_shard(arrow, batch, before)
                 if encoder is None:
                     bar.update(len(batch))
                 else:  # the bar moves as chunks are encoded, not once per (100k) shard
-                    _save_npy(npy, _encode(encoder, batch, batch_size, bar.update))
-            shards.append(ShardInfo(name, len(batch), after))
-            checksum = after
+                    save_npy(npy, encode_shard(encoder, batch, batch_size, bar.update))
+            shards.append(ShardInfo(shard_name(number, ""), len(batch), after))
     if kept:
         log.info("reused %d finished shard(s) from the interrupted build in %s", kept, work)
     return shards
 
 
-def _shard_done(arrow: Path, npy: Path | None, before: str, after: str, rows: int) -> bool:
+def shard_done(arrow: Path, npy: Path | None, before: str, after: str, rows: int) -> bool:
     """Is this shard already written, for exactly these passages (and their embeddings)?"""
     try:
         store = PassageStore.open(arrow.parent, [arrow.name], start=before)
@@ -293,7 +339,7 @@ def _shard_done(arrow: Path, npy: Path | None, before: str, after: str, rows: in
         return False
 
 
-def _encode(
+def encode_shard(
     encoder: Encoder,
     batch: Sequence[Passage],
     batch_size: int,
@@ -623,7 +669,7 @@ def _move_into_place(work: Path, out: Path) -> None:
         os.replace(work, out)
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
+def save_npy(path: Path, array: np.ndarray) -> None:
     """np.save, atomically (through a file object, so numpy does not append '.npy')."""
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:

@@ -1,14 +1,18 @@
 """Dense retrieval: maximum inner product search (MIPS) over the passage embeddings.
 
 RAG retrieves the top-k passages z by d(z)ᵀ q(x) (Sec. 2.2) from a FAISS index of 21M DPR
-embeddings; the paper uses HNSW on CPU (Sec. 3, App. C). Three kinds are offered, all scoring by
+embeddings; the paper uses HNSW on CPU (Sec. 3, App. C). Four kinds are offered, all scoring by
 inner product:
 
 - ``flat``: exact search (``IndexFlatIP``), the reference the others are measured against;
 - ``hnsw``: a graph (``IndexHNSWFlat``), fast and close to exact, the paper's choice;
 - ``ivfpq``: inverted lists of product-quantised codes (``IndexIVFPQ``), ~15x smaller than flat;
   its approximate scores are corrected by exactly re-scoring ``k * rerank`` candidates with the
-  stored embeddings.
+  stored embeddings; ``opq=True`` rotates the vectors first (OPQ) so the codes lose less;
+- ``hnswsq``: the HNSW graph over scalar-quantised vectors (``IndexHNSWSQ``, ``sq_bits`` per
+  dimension: 4x smaller than ``hnsw`` at 8 bits), re-ranked exactly like ``ivfpq``.
+
+docs/scale.md measures both compressed kinds against flat on 1M and 5M 768-d vectors.
 
 The embeddings themselves stay on disk as ``.npy`` shards, memory-mapped (:class:`Embeddings`).
 RAG needs them after search: the top-k prior p_eta(z|x) is a softmax over d(z)ᵀq(x) recomputed
@@ -29,14 +33,16 @@ import numpy as np
 from margin._io import atomic_path
 from margin.errors import MarginError
 
-DENSE_KINDS = ("flat", "hnsw", "ivfpq")
+DENSE_KINDS = ("flat", "hnsw", "ivfpq", "hnswsq")
+RERANKED_KINDS = ("ivfpq", "hnswsq")  # compressed codes: approximate scores, re-ranked exactly
+SQ_TYPES = {4: "QT_4bit", 6: "QT_6bit", 8: "QT_8bit", 16: "QT_fp16"}  # sq_bits -> FAISS type
 
 
 @dataclass(frozen=True)
 class IndexConfig:
     """How to build and search a dense index. ``None`` fields are set by the rules below."""
 
-    kind: str = "flat"  # "flat" (exact), "hnsw" (graph, the paper's choice) or "ivfpq" (compressed)
+    kind: str = "flat"  # "flat" (exact), "hnsw" (the paper's), "ivfpq" or "hnswsq" (compressed)
     hnsw_m: int = 32  # HNSW: neighbours per node (memory: ~2 * hnsw_m * 4 bytes per vector)
     ef_construction: int = 40  # HNSW: candidate list size while building (FAISS's default)
     ef_search: int = 128  # HNSW: candidate list size while searching (raised to k when smaller)
@@ -44,14 +50,20 @@ class IndexConfig:
     pq_m: int | None = None  # PQ: sub-quantisers = bytes per vector; None: pq_m(dim)
     pq_bits: int | None = None  # PQ: bits per sub-quantiser code; None: 8, fewer for tiny n
     nprobe: int | None = None  # IVF: lists visited per query; None: ivf_nprobe(nlist)
-    rerank: int = 10  # IVF-PQ: re-score k * rerank candidates exactly from the embeddings; 1: off
-    train_size: int | None = None  # IVF: vectors sampled for training; None: ivf_train_size(...)
+    rerank: int = 10  # ivfpq/hnswsq: re-score k * rerank candidates exactly (embeddings); 1: off
+    train_size: int | None = None  # training sample (IVF, OPQ, SQ); None: ivf_train_size(...)
+    opq: bool = False  # IVF-PQ: learn an OPQ rotation before product quantisation
+    sq_bits: int = 8  # HNSW-SQ: bits per dimension, 4, 6, 8 or 16 (fp16)
     seed: int = 0  # seed of the training sample and of k-means
 
     def resolved(self, n: int, dim: int) -> IndexConfig:
         """A copy with every rule-based field set for ``n`` vectors of dimension ``dim``."""
         if self.kind not in DENSE_KINDS:
             raise MarginError(f"unknown dense index kind '{self.kind}'; use one of {DENSE_KINDS}")
+        if self.kind == "hnswsq":
+            if self.sq_bits not in SQ_TYPES:
+                raise MarginError(f"sq_bits={self.sq_bits} is not supported; use 4, 6, 8 or 16")
+            return replace(self, train_size=self.train_size or min(n, 65_536))
         if self.kind != "ivfpq":
             return self
         nlist = self.nlist or ivf_nlist(n)
@@ -224,17 +236,20 @@ class DenseIndex:
             )
         _check_k(k, len(self))
         config = self.config
-        if config.kind == "hnsw":
-            params = faiss.SearchParametersHNSW(efSearch=max(config.ef_search, k))
-            scores, rows = self.index.search(queries, k, params=params)
+        candidates = k
+        if config.kind in RERANKED_KINDS:
+            candidates = min(len(self), k * max(1, config.rerank))
+        if config.kind in ("hnsw", "hnswsq"):
+            params = faiss.SearchParametersHNSW(efSearch=max(config.ef_search, candidates))
         elif config.kind == "ivfpq":
             params = faiss.SearchParametersIVF(nprobe=config.nprobe)
-            candidates = min(len(self), k * max(1, config.rerank))
-            scores, rows = self.index.search(queries, candidates, params=params)  # (n, c)
-            if config.rerank > 1:
-                scores, rows = _rerank(queries, rows, self.embeddings, k)
+            if config.opq:  # the IVF parameters go to the index under the rotation
+                params = faiss.SearchParametersPreTransform(index_params=params)
         else:
-            scores, rows = self.index.search(queries, k)
+            params = None
+        scores, rows = self.index.search(queries, candidates, params=params)  # (n, candidates)
+        if candidates > k:
+            scores, rows = _rerank(queries, rows, self.embeddings, k)
         scores = np.where(rows >= 0, scores, -np.inf).astype(np.float32)
         return SearchResult(scores, rows.astype(np.int64))
 
@@ -277,15 +292,21 @@ def _new_faiss_index(config: IndexConfig, dim: int) -> faiss.Index:
     ip = faiss.METRIC_INNER_PRODUCT
     if config.kind == "flat":
         return faiss.IndexFlatIP(dim)
-    if config.kind == "hnsw":
-        index = faiss.IndexHNSWFlat(dim, config.hnsw_m, ip)
+    if config.kind in ("hnsw", "hnswsq"):
+        if config.kind == "hnsw":
+            index = faiss.IndexHNSWFlat(dim, config.hnsw_m, ip)
+        else:
+            qtype = getattr(faiss.ScalarQuantizer, SQ_TYPES[config.sq_bits])
+            index = faiss.IndexHNSWSQ(dim, qtype, config.hnsw_m, ip)
         index.hnsw.efConstruction = config.ef_construction
         return index
     quantizer = faiss.IndexFlatIP(dim)
     index = faiss.IndexIVFPQ(quantizer, dim, config.nlist, config.pq_m, config.pq_bits, ip)
     index.cp.seed = config.seed
     index.pq.cp.seed = config.seed
-    return index
+    if not config.opq:
+        return index
+    return faiss.IndexPreTransform(faiss.OPQMatrix(dim, config.pq_m), index)
 
 
 def _rerank(
