@@ -2,7 +2,8 @@
 
 - RAG-Token is ordinary beam search whose next-token distribution is the marginal
   p'(y_i|x,y_<i) = Σ_z p(z|x) p(y_i|x,z,y_<i): every step runs the generator on
-  (questions x passages x beams) rows in one forward and sums the passages out.
+  (questions x passages x beams) rows in one forward and sums the passages out; each hypothesis
+  keeps its per-passage token scores from the search, for its marginal score and provenance.
 - RAG-Sequence runs one beam search per passage (all questions x passages x beams batched) and
   pools each question's distinct hypotheses Y. Thorough Decoding scores every y in Y under every
   passage: pairs the passage's own beam produced reuse the beam's score, and only the missing
@@ -85,11 +86,11 @@ class _Beams:
     scores: torch.Tensor  # (G, nb) Σ processed log p / len ** length_penalty
     raw: torch.Tensor  # (G, nb) Σ raw model log p (forced BOS excluded)
     filled: torch.Tensor  # (G, nb) bool, False where no hypothesis finished in that slot
+    track: torch.Tensor | None = None  # (G, nb, L, D) per-token values of ``track``, if given
 
     def cpu(self) -> _Beams:
-        return _Beams(
-            *(t.cpu() for t in (self.tokens, self.lengths, self.scores, self.raw, self.filled))
-        )
+        fields = (self.tokens, self.lengths, self.scores, self.raw, self.filled, self.track)
+        return _Beams(*(t.cpu() if t is not None else None for t in fields))
 
 
 def _process(
@@ -119,12 +120,16 @@ def beam_search(
     groups: int,
     gen: Generator,
     cfg: DecodeConfig,
+    track: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> _Beams:
     """Batched beam search over G independent groups of ``num_beams`` running hypotheses.
 
     ``next_logprobs()`` gives (G, nb, V) log-probs of the next token of every running beam;
     ``advance(tokens (G, nb), parents (G, nb))`` extends beam j of each group from beam
     ``parents[g, j]`` with ``tokens[g, j]``. Mirrors transformers' ``GenerationMixin._beam_search``.
+    ``track(parents (G, K), tokens (G, K))``, optional, gives D values (G, K, D) for every
+    candidate of a step; each hypothesis carries its own along like its tokens (RAG-Token: the
+    token's log-prob under every passage, so no second pass is needed for provenance).
     """
     nb, L, lp, dev = cfg.num_beams, cfg.max_new_tokens, cfg.length_penalty, gen.device
     eos = torch.tensor(gen.eos_token_ids, dtype=torch.long, device=dev)
@@ -141,6 +146,7 @@ def beam_search(
     finished = torch.zeros(groups, nb, dtype=torch.bool, device=dev)
     improvable = torch.ones(groups, 1, dtype=torch.bool, device=dev)
     top_nb = torch.arange(K, device=dev) < nb  # only the top nb candidates may finish
+    run_trk = fin_trk = cand_trk = None  # (G, nb, L, D) tracked values, once D is known
 
     for t in range(L):
         raw = next_logprobs()  # (G, nb, V)
@@ -153,11 +159,20 @@ def beam_search(
         cand_tok = run_tok[g_idx, parent]  # (G, K, L)
         cand_tok[:, :, t] = tok
         hits = torch.isin(tok, eos) | (t + 1 >= L)  # (G, K)
+        if track is not None:
+            vals = track(parent, tok)  # (G, K, D)
+            if run_trk is None:
+                run_trk = vals.new_zeros(groups, nb, L, vals.shape[-1])
+                fin_trk = run_trk.clone()
+            cand_trk = run_trk[g_idx, parent]  # (G, K, L, D)
+            cand_trk[:, :, t] = vals
 
         # running beams for the next step: the best nb candidates that did not finish
         keep = (cand_score + hits.float() * _NEG).topk(nb, dim=-1).indices  # (G, nb)
         run_tok, run_raw = cand_tok[g_idx, keep], cand_raw.gather(1, keep)
         run_score = (cand_score + hits.float() * _NEG).gather(1, keep)
+        if cand_trk is not None:
+            run_trk = cand_trk[g_idx, keep]
         next_parent, next_tok = parent.gather(1, keep), tok.gather(1, keep)
 
         # finished beams: merge new EOS hypotheses (length-penalised) into the best nb so far
@@ -170,6 +185,8 @@ def beam_search(
         best = m_score.topk(nb, dim=-1).indices  # (G, nb)
         fin_score = m_score.gather(1, best)
         fin_tok = torch.cat([fin_tok, cand_tok], 1)[g_idx, best]
+        if cand_trk is not None:
+            fin_trk = torch.cat([fin_trk, cand_trk], 1)[g_idx, best]
         fin_raw = torch.cat([fin_raw, cand_raw], 1).gather(1, best)
         fin_len = torch.cat([fin_len, torch.full_like(tok, t + 1)], 1).gather(1, best)
         finished = torch.cat([finished, did_finish], 1).gather(1, best)
@@ -185,7 +202,7 @@ def beam_search(
         advance(next_tok, next_parent)
 
     fin_len = torch.where(finished, fin_len, 0)
-    return _Beams(fin_tok, fin_len, fin_score, fin_raw, finished)
+    return _Beams(fin_tok, fin_len, fin_score, fin_raw, finished, fin_trk)
 
 
 def _check(gen: Generator, inputs: GenInputs, doc_scores: torch.Tensor, cfg: DecodeConfig) -> None:
@@ -224,8 +241,8 @@ def decode_rag_token(
     """RAG-Token decoding (Sec. 2.5): beam search on the passage-marginal next-token distribution.
 
     ``doc_scores`` (B, k) are the retriever's inner products d(z)ᵀq(x); p(z|x) is their softmax.
-    After the search, one teacher-forced pass over the kept encoder outputs gives each returned
-    hypothesis its per-passage token scores: the marginal log p(y|x) and per-token provenance.
+    The search carries each hypothesis's per-passage token log-probs p(y_i|x,z,y_<i) along with
+    its tokens, so the marginal log p(y|x) and the per-token provenance need no second pass.
 
     ``on_token`` (greedy only) is called after every step with the token each question's
     running hypothesis took, for streaming; the final tokens come from the returned hypotheses
@@ -240,10 +257,18 @@ def decode_rag_token(
         torch.arange(B, device=dev)[:, None, None] * k + torch.arange(k, device=dev)[None, :, None]
     ) * nb
 
+    last: list[torch.Tensor] = []  # the step's per-passage log-probs, read by track()
+
     def next_logprobs() -> torch.Tensor:
         step = gen.step(state).view(B, k, nb, -1).transpose(1, 2)  # (B, nb, k, V)
+        last[:] = [step]
         marg = rag_token_next_logprobs(prior.repeat_interleave(nb, 0), step.flatten(0, 1))
         return F.log_softmax(marg, -1).view(B, nb, -1)  # (B, nb, V), as transformers re-normalises
+
+    def track(parents: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        b = torch.arange(B, device=dev)[:, None, None]
+        z = torch.arange(k, device=dev)[None, None, :]
+        return last[0][b, parents[:, :, None], z, tokens[:, :, None]]  # (B, K, k) log p(y_t|x,z)
 
     def advance(tokens: torch.Tensor, parents: torch.Tensor) -> None:
         rows = (row_base + parents[:, None, :]).flatten()  # (B*k*nb,) same passage, parent beam
@@ -251,17 +276,15 @@ def decode_rag_token(
         if on_token is not None and nb == 1:
             on_token(tokens[:, 0].tolist())
 
-    beams = beam_search(next_logprobs, advance, B, gen, cfg).cpu()
+    beams = beam_search(next_logprobs, advance, B, gen, cfg, track).cpu()
+    assert beams.track is not None
     prior = prior.cpu()
     R = cfg.num_return_sequences
     tokens, lengths = beams.tokens[:, :R], beams.lengths[:, :R]  # (B, R, L)
-    # one teacher-forced pass on the kept encoder outputs gives per-passage token scores
-    pair_q = torch.arange(B).repeat_interleave(R * k)  # (B*R*k,) question of each pair
-    rows = pair_q * k + torch.arange(k).repeat(B * R)
-    tgt = tokens.repeat_interleave(k, 1).flatten(0, 1)  # (B*R*k, L)
-    mask = _score_mask(tgt, lengths.repeat_interleave(k, 1).flatten(), gen)
-    tok_lp = gen.score(enc, rows.to(dev), tgt.to(dev), mask.to(dev)).cpu().view(B * R, k, -1)
-    flat_mask = mask.view(B * R, k, -1)[:, 0]  # (B*R, L)
+    # per-passage token scores, kept by the search: log p(y_i|x,z,y_<i) (B*R, k, L)
+    flat_mask = _score_mask(tokens.flatten(0, 1), lengths.flatten(), gen)  # (B*R, L)
+    tok_lp = beams.track[:, :R].flatten(0, 1).transpose(1, 2)  # (B*R, k, L)
+    tok_lp = tok_lp.masked_fill(~flat_mask[:, None, :], 0.0)
     pri = prior.repeat_interleave(R, 0)  # (B*R, k)
     logprob = rag_token_logprob(pri, tok_lp, flat_mask)  # (B*R,)
     tok_post = token_doc_posterior(pri, tok_lp)  # (B*R, k, L)

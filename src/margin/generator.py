@@ -48,6 +48,7 @@ from margin.passages import Passage
 
 PromptFn = Callable[[object, str, Passage | None], str]
 KV = tuple[torch.Tensor, torch.Tensor]  # one layer's cached (keys, values), (n, h, S, d_head)
+SCORE_CHUNK = 2**26  # logits (pairs x tokens x vocabulary) scored at once: 256 MiB of float32
 
 
 @dataclass
@@ -99,6 +100,30 @@ class PromptCache:
 
 
 @dataclass
+class StartCache:
+    """A seq2seq model's first decoder step (the decoder-start token) over R context rows.
+
+    Running it fills the cross-attention keys/values of every decoder layer, which depend on the
+    context row only: decoding copies them to the row's beams and scoring to the row's
+    hypotheses, instead of projecting the encoder output again per beam or per hypothesis.
+    """
+
+    cross: list[KV]  # per decoder layer: cross-attention (keys, values) (R, h, S, d_head)
+    own: list[KV]  # per decoder layer: the start token's self-attention (keys, values) (R, h, 1, d)
+    next_logits: torch.Tensor  # (R, V) logits of the first generated token
+
+    def cache(self, rows: torch.Tensor, with_start: bool) -> EncoderDecoderCache:
+        """A fresh cache for rows ``rows`` (M,) of the contexts, with or without the start token."""
+        def pick(kv: list[KV]) -> list[KV]:  # the cache copies what it is given
+            if _is_identity(rows):
+                return kv
+            return [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in kv]
+
+        own = DynamicCache(ddp_cache_data=pick(self.own)) if with_start else DynamicCache()
+        return EncoderDecoderCache(own, DynamicCache(ddp_cache_data=pick(self.cross)))
+
+
+@dataclass
 class Encoded:
     """The per-(question, passage) work done once and reused by scoring and decoding.
 
@@ -108,6 +133,7 @@ class Encoded:
     inputs: GenInputs
     hidden: torch.Tensor | None = None  # (B*k, S, d) seq2seq encoder output; None for causal
     prompt: PromptCache | None = None  # causal: every row's prompt, run once; None for seq2seq
+    start: StartCache | None = None  # seq2seq: the decoder-start step, run once when first needed
 
 
 @dataclass
@@ -119,6 +145,7 @@ class DecodeState:
     attention_mask: torch.Tensor  # (N, S) seq2seq: encoder mask; causal: mask over prompt+generated
     hidden: torch.Tensor | None = None  # (N, S, d) seq2seq encoder output, one copy per row
     positions: torch.Tensor | None = None  # (N,) causal: position id of last_tokens
+    context: torch.Tensor | None = None  # (N,) seq2seq: the context row each row decodes from
     pending: torch.Tensor | None = None  # (N, V) causal: log-probs from the prefill, used once
     steps: int = 0  # tokens generated so far
 
@@ -241,7 +268,23 @@ class Generator(ABC):
     def score(
         self, enc: Encoded, rows: torch.Tensor, target_ids: torch.Tensor, target_mask: torch.Tensor
     ) -> torch.Tensor:
-        """log p(y_i|x,z,y_<i) (M, T) of targets (M, T) under context rows (M,); 0 where masked."""
+        """log p(y_i|x,z,y_<i) (M, T) of targets (M, T) under context rows (M,); 0 where masked.
+
+        Many pairs (Thorough Decoding's) are scored in chunks, so that the logits held at once
+        stay under SCORE_CHUNK values rather than growing with M x T x vocabulary.
+        """
+        per = max(1, SCORE_CHUNK // max(1, target_ids.shape[1] * self.vocab_size))
+        if rows.shape[0] <= per:
+            return self._score(enc, rows, target_ids, target_mask)
+        parts = [
+            self._score(enc, rows[i : i + per], target_ids[i : i + per], target_mask[i : i + per])
+            for i in range(0, rows.shape[0], per)
+        ]
+        return torch.cat(parts)
+
+    def _score(
+        self, enc: Encoded, rows: torch.Tensor, target_ids: torch.Tensor, target_mask: torch.Tensor
+    ) -> torch.Tensor:
         logprobs = F.log_softmax(self._logits(enc, rows, target_ids, target_mask).float(), -1)
         tok = logprobs.gather(-1, target_ids[..., None]).squeeze(-1)  # (M, T)
         return tok.masked_fill(~target_mask.bool(), 0.0)
@@ -294,6 +337,8 @@ class Generator(ABC):
                 state.hidden = state.hidden.index_select(0, reorder)
             if state.positions is not None:
                 state.positions = state.positions.index_select(0, reorder)
+            if state.context is not None:
+                state.context = state.context.index_select(0, reorder)
         if state.positions is not None:
             state.positions = state.positions + 1
             ones = state.attention_mask.new_ones(state.attention_mask.shape[0], 1)
@@ -352,27 +397,62 @@ class Seq2SeqGenerator(Generator):
         )
         return Encoded(inputs, out.last_hidden_state)  # (B*k, S, d)
 
+    def _start(self, enc: Encoded) -> StartCache:
+        """The decoder-start step on every context row, run once (see :class:`StartCache`)."""
+        if enc.start is None:
+            assert enc.hidden is not None
+            R = enc.hidden.shape[0]
+            cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+            out = self.model(
+                encoder_outputs=BaseModelOutput(last_hidden_state=enc.hidden),
+                attention_mask=enc.inputs.attention_mask,
+                decoder_input_ids=torch.full(
+                    (R, 1), self.decoder_start_token_id, dtype=torch.long, device=enc.hidden.device
+                ),
+                cache=cache,
+                use_cache=True,
+            )
+            layers = out.cache.self_attention_cache.layers
+            cross = out.cache.cross_attention_cache.layers
+            enc.start = StartCache(
+                cross=[(layer.keys, layer.values) for layer in cross],
+                own=[(layer.keys, layer.values) for layer in layers],
+                next_logits=out.logits[:, -1],  # (R, V)
+            )
+        return enc.start
+
     def _logits(
         self, enc: Encoded, rows: torch.Tensor, target_ids: torch.Tensor, target_mask: torch.Tensor
     ) -> torch.Tensor:
         assert enc.hidden is not None
         dec_in = target_ids.new_full(target_ids.shape, self.decoder_start_token_id)  # (M, T)
         dec_in[:, 1:] = target_ids[:, :-1]
+        cache = None
+        if not torch.is_grad_enabled() and not _is_identity(rows):
+            # rows repeat (hypotheses x passages): each context's cross-attention once, copied
+            cache = self._start(enc).cache(rows, with_start=False)
         out = self.model(
             encoder_outputs=BaseModelOutput(last_hidden_state=enc.hidden.index_select(0, rows)),
             attention_mask=enc.inputs.attention_mask.index_select(0, rows),
             decoder_input_ids=dec_in,
-            use_cache=False,
+            cache=cache,
+            use_cache=cache is not None,
         )
         return out.logits  # (M, T, V)
 
     def start(self, enc: Encoded, expand: int) -> DecodeState:
         assert enc.hidden is not None
-        hidden = enc.hidden.repeat_interleave(expand, 0)  # (N, S, d)
-        mask = enc.inputs.attention_mask.repeat_interleave(expand, 0)  # (N, S)
-        start = mask.new_full((hidden.shape[0],), self.decoder_start_token_id)
-        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-        return DecodeState(cache=cache, last_tokens=start, attention_mask=mask, hidden=hidden)
+        first = self._start(enc)  # the start token, once per context row
+        R = enc.hidden.shape[0]
+        rows = torch.arange(R, device=enc.hidden.device).repeat_interleave(expand)  # (N,)
+        return DecodeState(
+            cache=first.cache(rows, with_start=True),
+            last_tokens=rows.new_full((rows.numel(),), self.decoder_start_token_id),
+            attention_mask=enc.inputs.attention_mask.index_select(0, rows),  # (N, S)
+            hidden=enc.hidden.index_select(0, rows),  # (N, S, d)
+            pending=F.log_softmax(first.next_logits.float(), -1).index_select(0, rows),
+            context=rows,
+        )
 
     def _forward_step(self, state: DecodeState) -> torch.Tensor:
         out = self.model(
@@ -384,6 +464,23 @@ class Seq2SeqGenerator(Generator):
         )
         state.cache = out.cache
         return out.logits[:, -1]  # (N, V)
+
+    def advance(self, state: DecodeState, next_tokens: torch.Tensor, reorder: torch.Tensor) -> None:
+        """As :meth:`Generator.advance`; when every row keeps its context row (beams move within
+        their own (question, passage)), only the decoder's own cache moves: the cross-attention
+        keys/values, encoder output and mask are the same for every row of a context."""
+        ctx = state.context
+        if (
+            ctx is not None
+            and isinstance(state.cache, EncoderDecoderCache)
+            and not _is_identity(reorder)
+            and torch.equal(ctx.index_select(0, reorder), ctx)
+        ):
+            state.cache.self_attention_cache.reorder_cache(reorder)
+            state.last_tokens = next_tokens
+            state.steps += 1
+            return
+        super().advance(state, next_tokens, reorder)
 
 
 @dataclass(frozen=True)
