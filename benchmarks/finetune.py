@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import cpu_model, load_average, write_section  # noqa: E402
 from margin.examples import read_examples  # noqa: E402
-from margin.metrics import exact_match  # noqa: E402
+from margin.metrics import exact_match, has_answer  # noqa: E402
 from margin.rag import RAG  # noqa: E402
 from margin.train import TrainConfig, train  # noqa: E402
 
@@ -52,6 +52,14 @@ def em(rag: RAG, examples, k: int, mode: str, closed_book: bool = False, batch: 
     return {"em": hits / len(examples), "n": len(examples), "wall_s": time.perf_counter() - start}
 
 
+def recall(rag: RAG, examples, k: int) -> dict:
+    """How many questions have a gold answer in their top-k passages (an EM ceiling, roughly)."""
+    hits = rag.retrieve([e.input for e in examples], k)
+    found = sum(has_answer([p.text for p in ps], e.answers)
+                for ps, e in zip(hits.passages, examples, strict=True))
+    return {"share": found / len(examples), "n": len(examples)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--heldout", type=int, default=100)
@@ -60,7 +68,8 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=3)
     ap.add_argument("--mode", default="token")
     ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--grad-accum", type=int, default=4)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--lora-r", type=int, default=16)
     ap.add_argument("--probe", type=int, default=0, help="only time this many training steps")
@@ -71,7 +80,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     heldout, train_set = slices(args.heldout, args.train, args.train_from)
     assert not {e.input for e in heldout} & {e.input for e in train_set}
-    config = dict(k=args.k, mode=args.mode, batch_size=args.batch_size, lr=args.lr, lora=True,
+    config = dict(k=args.k, mode=args.mode, batch_size=args.batch_size,
+                  grad_accum=args.grad_accum, lr=args.lr, lora=True,
                   lora_r=args.lora_r, lora_alpha=2 * args.lora_r, warmup=max(1, args.steps // 10))
     if args.probe:
         rag = RAG.load("default", "default", progress=False)
@@ -94,6 +104,7 @@ def main() -> None:
         print(name, results[name], flush=True)
 
     base = RAG.load("default", "default", progress=False)
+    phase("answer_in_top_k", lambda: recall(base, heldout, args.k))
     phase("closed_book", lambda: em(base, heldout, args.k, args.mode, closed_book=True))
     phase("zero_shot", lambda: em(base, heldout, args.k, args.mode))
     for name, frozen in (("frozen_retriever", True), ("learned_retriever", False)):
@@ -131,7 +142,8 @@ def section(r: dict) -> str:
         f"default model (SmolLM2-135M-Instruct, few-shot QA prompt) over the default corpus, "
         f"RAG-{s['mode'].capitalize()}, k={s['k']} in training and evaluation, greedy, exact match "
         f"(SQuAD-normalised, any gold answer). LoRA r={s['lora_r']} on every linear layer of the "
-        f"generator, lr {s['lr']}, {s['steps']} steps of {s['batch_size']} questions, linear "
+        f"generator, lr {s['lr']}, {s['steps']} steps of {s['batch_size']} x {s['grad_accum']} "
+        "questions, linear "
         "warm-up/decay; the learned-retriever run also trains all-MiniLM-L6-v2 (the index stays).",
         "",
         "| system | held-out EM | n | train steps | train wall | eval wall | loss first/last 20% |",
@@ -147,10 +159,15 @@ def section(r: dict) -> str:
                 f"{v['train_wall_s'] / 60:.1f} min | {v['wall_s']:.0f} s | "
                 f"{v['loss_first']:.2f} / {v['loss_last']:.2f} |"
             )
+    top = r.get("answer_in_top_k")
+    if top:
+        lines += ["", f"A gold answer occurs in the top {s['k']} passages of {top['share']:.0%} of "
+                  f"the {top['n']} held-out questions (zero-shot retriever, DPR's has_answer)."]
     lines += [
         "",
         f"- command: `MARGIN_HOME=/tmp/mh nice -n 10 python benchmarks/finetune.py --heldout "
-        f"{s['heldout']} --train {s['train_size']} --steps {s['steps']} --k {s['k']} --write`",
+        f"{s['heldout']} --train {s['train_size']} --steps {s['steps']} --k {s['k']} --batch-size "
+        f"{s['batch_size']} --grad-accum {s['grad_accum']} --lr {s['lr']} --write`",
         f"- machine: nproc {os.cpu_count()}, {cpu_model()}; torch {torch.__version__}, 1 torch "
         f"thread, nice 10, shared with other jobs; load average at the end {load_average()}",
         f"- date: {date.today().isoformat()}",
