@@ -173,10 +173,13 @@ class RAG:
         num_beams: int | None = None,
         max_new_tokens: int | None = None,
         num_return_sequences: int = 1,
+        on_token: Callable[[list[int]], None] | None = None,
     ) -> list[Answer]:
         """Retrieve k passages per question and answer, with provenance.
 
         ``k`` and ``mode`` default to the model's own (``default_k``, ``default_mode``).
+        ``on_token`` streams RAG-Token greedy decoding: called after every step with the token
+        id each question took (see :func:`margin.decoding.decode_rag_token`).
         """
         questions = _check_questions(questions)
         k = k or self.default_k
@@ -188,7 +191,7 @@ class RAG:
         return self.generate(
             questions, hits.passages, scores, mode=mode, decoding=decoding, num_beams=num_beams,
             max_new_tokens=max_new_tokens, num_return_sequences=num_return_sequences,
-            retriever_scores=hits.scores.tolist(), method=method,
+            retriever_scores=hits.scores.tolist(), method=method, on_token=on_token,
         )
 
     def generate(
@@ -203,6 +206,7 @@ class RAG:
         num_return_sequences: int = 1,
         retriever_scores: list[list[float]] | None = None,
         method: str | None = None,
+        on_token: Callable[[list[int]], None] | None = None,
     ) -> list[Answer]:
         """Answer with passages and document scores (B, k) given by the caller (no retrieval),
         as transformers' RAG accepts ``context_input_ids`` and ``doc_scores``."""
@@ -210,7 +214,7 @@ class RAG:
         cfg = self._decode_config(decoding, num_beams, max_new_tokens, num_return_sequences)
         inputs = self.generator.build_inputs(list(questions), passages)
         doc_scores = doc_scores.detach().float()
-        decoded = decode(self.generator, inputs, doc_scores, cfg, method)  # type: ignore[arg-type]
+        decoded = decode(self.generator, inputs, doc_scores, cfg, method, on_token)  # type: ignore[arg-type]
         prior = torch.softmax(doc_scores, -1).tolist()
         raw = retriever_scores or doc_scores.tolist()
         return [

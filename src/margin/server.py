@@ -38,7 +38,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
@@ -47,10 +46,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from margin.batching import BatchConfig, BatcherBusy, MicroBatcher
 from margin.build import open_index
-from margin.decoding import DecodeConfig, decode
 from margin.errors import MarginError
 from margin.generator import Generator
-from margin.rag import RAG, Answer, Decoding, Mode, _answer, decoding_method
+from margin.rag import RAG, Answer, Decoding, Mode, decoding_method
 from margin.retriever import Retriever, resolve_index
 
 ADMIN_TOKEN_ENV = "MARGIN_ADMIN_TOKEN"  # environment variable holding the admin bearer token
@@ -275,47 +273,16 @@ def run_batch(key: _AskKey | _SearchKey, items: list[_Question]) -> list[Any]:
         pairs = zip(hits.passages, hits.scores.tolist(), strict=True)
         return [list(zip(ps, ss, strict=True)) for ps, ss in pairs]
     streams = [q.stream for q in items]
-    if not any(streams):
-        return rag.ask(
-            questions, k=key.k, mode=key.mode, decoding=key.decoding, num_beams=key.beams,
-            max_new_tokens=key.max_new_tokens,
-        )
 
     def on_token(tokens: list[int]) -> None:  # one token per question, per decoding step
         for stream, token in zip(streams, tokens, strict=True):
             if stream is not None:
                 stream.push(token)
 
-    return ask_streaming(rag, questions, key, on_token)
-
-
-def ask_streaming(
-    rag: RAG, questions: list[str], key: _AskKey, on_token: Callable[[list[int]], None]
-) -> list[Answer]:
-    """``rag.ask`` for RAG-Token greedy, calling ``on_token`` as each step decides its tokens.
-
-    The same steps as RAG.ask/RAG.generate, which have no streaming hook of their own.
-    """
-    hits = rag.retrieve(questions, key.k)
-    with torch.no_grad():
-        scores = rag.doc_scores(questions, hits).detach().float()  # (B, k)
-    d = rag.default_decode
-    cfg = DecodeConfig(
-        num_beams=1,
-        max_new_tokens=key.max_new_tokens or d.max_new_tokens,
-        min_new_tokens=d.min_new_tokens,
-        length_penalty=d.length_penalty,
-        early_stopping=d.early_stopping,
+    return rag.ask(
+        questions, k=key.k, mode=key.mode, decoding=key.decoding, num_beams=key.beams,
+        max_new_tokens=key.max_new_tokens, on_token=on_token if any(streams) else None,
     )
-    inputs = rag.generator.build_inputs(questions, hits.passages)
-    decoded = decode(rag.generator, inputs, scores, cfg, "token", on_token)
-    prior = torch.softmax(scores, -1).tolist()
-    return [
-        _answer(q, ps, dec, pr, rs, key.mode, key.decoding, rag.generator, rag.postprocess)
-        for q, ps, dec, pr, rs in zip(
-            questions, hits.passages, decoded, prior, hits.scores.tolist(), strict=True
-        )
-    ]
 
 
 # ----------------------------------------------------------------------------- the app
