@@ -169,6 +169,7 @@ def test_killed_worker_without_restarts_then_resume(ray_cluster, tmp_path):
     assert_same_index(out, tmp_path / "local")
 
 
+@pytest.mark.slow
 def test_local_build_resumes_a_ray_build(ray_cluster, tmp_path):
     """The plan is the same: an interrupted Ray build can be finished by a local one."""
     corpus = write_corpus(tmp_path / "c.jsonl", 30)
@@ -190,11 +191,13 @@ def test_local_build_resumes_a_ray_build(ray_cluster, tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_build_with_a_transformer_encoder(ray_cluster, tmp_path):
-    """The default worker factory: each actor loads the encoder from its spec (a tiny BERT)."""
+def test_cli_ray_build_with_a_transformer_encoder(ray_cluster, tmp_path, capsys):
+    """`margin index build --ray`: each actor loads the encoder from its spec (a tiny BERT saved
+    here); the index equals a local build up to float rounding."""
     import torch
     from transformers import BertConfig, BertModel
 
+    from margin.cli import main
     from margin.encoders import load_encoder
     from test_encoders import TINY, tokenizer
 
@@ -202,14 +205,16 @@ def test_ray_build_with_a_transformer_encoder(ray_cluster, tmp_path):
     model_dir = tmp_path / "bert"
     BertModel(BertConfig(**TINY)).save_pretrained(model_dir)
     tokenizer().save_pretrained(model_dir)
-    encoder = load_encoder(model_dir, role="passage", kind="hf")
     corpus = write_corpus(tmp_path / "c.jsonl", 24)
-    build_index_ray(
-        corpus, encoder, tmp_path / "ray", shard_size=8, progress=False,
-        ray_config=RayConfig(workers=2),
-    )
+    code = main([
+        "index", "build", "--out", str(tmp_path / "ray"), "--corpus", str(corpus),
+        "--encoder", str(model_dir), "--shard-size", "8", "--ray", "--ray-workers", "2",
+    ])
+    assert code == 0 and "indexed 24 passages (flat)" in capsys.readouterr().out
+    encoder = load_encoder(model_dir, role="passage")
     build_index(corpus, encoder, tmp_path / "local", shard_size=8, progress=False)
     x, y = open_index(tmp_path / "ray"), open_index(tmp_path / "local")
+    assert x.manifest.encoder == y.manifest.encoder
     assert x.store.ids().to_pylist() == y.store.ids().to_pylist()
     a, b = np.concatenate(x.dense.embeddings.shards), np.concatenate(y.dense.embeddings.shards)
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

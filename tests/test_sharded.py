@@ -115,6 +115,7 @@ def test_ray_sharded_equals_unsharded(ray_cluster, index_dir, vectors):  # noqa:
         remote.close()
 
 
+@pytest.mark.slow
 def test_one_retrieval_actor_per_machine(ray_cluster, index_dir, vectors):  # noqa: F811
     """Two processes asking for the index's retriever get the same actor, and its answers are
     those of a local Retriever (passages, scores, rows and stored vectors)."""

@@ -21,7 +21,7 @@ app = typer.Typer(
 index_app = typer.Typer(help="Build and extend passage indexes.", no_args_is_help=True)
 app.add_typer(index_app, name="index")
 
-KINDS = ("flat", "hnsw", "ivfpq", "bm25")
+KINDS = ("flat", "hnsw", "ivfpq", "hnswsq", "bm25")
 MAX_QUERY_CHARS = 4096  # longer stdin lines are refused rather than silently truncated
 
 
@@ -42,12 +42,19 @@ def index_build(
     encoder: Annotated[
         str, typer.Option(help="Passage encoder: 'default', a model directory or hub name.")
     ] = "default",
-    kind: Annotated[str, typer.Option(help="flat, hnsw, ivfpq or bm25.")] = "flat",
+    kind: Annotated[str, typer.Option(help="flat, hnsw, ivfpq, hnswsq or bm25.")] = "flat",
     shard_size: Annotated[int, typer.Option(help="Passages per shard (unit of resumption).")] = (
         100_000
     ),
     batch_size: Annotated[int, typer.Option(help="Encoding batch size.")] = 64,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing index at --out.")] = False,
+    ray: Annotated[bool, typer.Option("--ray", help="Encode the shards on Ray workers.")] = False,
+    ray_address: Annotated[
+        str | None, typer.Option(help="Ray cluster to join ('auto', ray://...); default: local.")
+    ] = None,
+    ray_workers: Annotated[
+        int | None, typer.Option(help="Encoder copies on Ray (default: one per CPU).")
+    ] = None,
 ) -> None:
     """Build an index; run it again after an interruption to resume."""
     from margin.build import build_index
@@ -55,10 +62,19 @@ def index_build(
 
     _check_choice("kind", kind, KINDS)
     enc = None if kind == "bm25" else load_encoder(encoder, role="passage")
-    manifest = build_index(
-        corpus, enc, out, kind=kind, shard_size=shard_size, overwrite=overwrite,
-        batch_size=batch_size, progress=True,
-    )
+    if ray and enc is not None:
+        from margin.distributed import RayConfig, build_index_ray
+
+        manifest = build_index_ray(
+            corpus, enc, out, kind=kind, shard_size=shard_size, overwrite=overwrite,
+            batch_size=batch_size, progress=True,
+            ray_config=RayConfig(address=ray_address, workers=ray_workers),
+        )
+    else:
+        manifest = build_index(
+            corpus, enc, out, kind=kind, shard_size=shard_size, overwrite=overwrite,
+            batch_size=batch_size, progress=True,
+        )
     typer.echo(f"indexed {manifest.passages} passages ({kind}) into {out}")
 
 
