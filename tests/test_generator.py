@@ -419,3 +419,41 @@ def test_shared_prefix_gradients_equal_plain_path():
     for other in grads[1:]:
         for a, b in zip(grads[0], other, strict=True):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_targets_take_the_template_form_and_the_stop_token():
+    model, tok = tiny_llama()
+    dot = tok.convert_tokens_to_ids(".")
+    fmt = CausalFormat(preamble_prompt, target_fn=lambda _tok, a: f"the {a}", end_token_id=dot)
+    target, mask = CausalGenerator(model, tok, fmt).build_targets(["paris", "a river"])
+    ids = tok.convert_tokens_to_ids
+    assert target[0, :3].tolist() == ids(["the", "paris", "."]) and mask[0].sum() == 3
+    assert target[1].tolist() == ids(["the", "a", "river", "."])
+
+
+@pytest.mark.parametrize("method", ["token", "thorough"])
+def test_a_generated_answer_scores_as_it_was_generated(method):
+    """Scoring (training, eval) writes an answer as decoding produced it, ending with the stop
+    token that ended it ('.', which is not the first EOS id), so the two log-probs agree."""
+    from margin.decoding import DecodeConfig, decode
+    from margin.marginalize import rag_sequence_logprob, rag_token_logprob
+
+    model, tok = tiny_llama(seed=3)
+    dot = tok.convert_tokens_to_ids(".")
+    with torch.no_grad():
+        model.lm_head.weight[dot] *= 3  # answers end within a few tokens
+    gen = CausalGenerator(model, tok, CausalFormat(preamble_prompt, end_token_id=dot))
+    gen.eos_token_ids = tuple(sorted({*gen.eos_token_ids, dot}))
+    assert gen.eos_token_ids[0] != dot  # the old rule (first EOS) would score another ending
+    scores = torch.tensor([[0.3, -0.1], [0.0, 0.2]])
+    inputs = gen.build_inputs(QUESTIONS, PASSAGES)
+    cfg = DecodeConfig(num_beams=2, max_new_tokens=8)
+    best = [d.best for d in decode(gen, inputs, scores, cfg, method)]
+    assert all(h.token_ids[-1] == dot for h in best)
+    target, mask = gen.build_targets([gen.decode(h.token_ids[:-1]) for h in best])
+    for h, row, m in zip(best, target, mask, strict=True):
+        assert row[m.bool()].tolist() == list(h.token_ids)
+    tok_lp = gen.token_logprobs(inputs, target, mask)  # (B, k, T)
+    marginal = rag_token_logprob if method == "token" else rag_sequence_logprob
+    scored = marginal(torch.log_softmax(scores, -1), tok_lp, mask)  # (B,)
+    assert scored.tolist() == pytest.approx([h.logprob for h in best], abs=1e-4)

@@ -47,6 +47,7 @@ from margin.errors import MarginError
 from margin.passages import Passage
 
 PromptFn = Callable[[object, str, Passage | None], str]
+TargetFn = Callable[[object, str], str]  # (tokenizer, answer) -> the text that follows the prompt
 KV = tuple[torch.Tensor, torch.Tensor]  # one layer's cached (keys, values), (n, h, S, d_head)
 SCORE_CHUNK = 2**26  # logits (pairs x tokens x vocabulary) scored at once: 256 MiB of float32
 
@@ -488,6 +489,8 @@ class CausalFormat:
     """How a (question, passage) pair becomes a decoder-only prompt."""
 
     prompt_fn: PromptFn = field(default=default_prompt)  # (tokenizer, question, passage) -> str
+    target_fn: TargetFn | None = None  # the answer as the prompt expects it; None: as given
+    end_token_id: int | None = None  # ends a scored answer (a newline); None: the first EOS
     max_prompt_length: int = 2048  # longer prompts are a MarginError, never silently cut
     share_prefix: bool = True  # run the rows' common token prefix once (batch 1), not per row
     suffix_padding: float = 0.1  # rows' own suffixes batch together while pads add <= this share
@@ -540,7 +543,13 @@ class CausalGenerator(Generator):
         return GenInputs(input_ids.to(self.device), mask.to(self.device), k)
 
     def build_targets(self, answers: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = [row + [self.eos_token_ids[0]] for row in self._tokenize(list(answers), False)]
+        """The answers written as generation writes them: the prompt's target form (e.g. a
+        leading space after ``Answer:``) and the token decoding stops at, so a scored answer and
+        the same answer decoded get the same log-probability."""
+        fn, end = self.fmt.target_fn, self.fmt.end_token_id
+        texts = [fn(self.tokenizer, a) for a in answers] if fn else list(answers)
+        end = self.eos_token_ids[0] if end is None else end
+        ids = [row + [end] for row in self._tokenize(texts, False)]
         longest = max(len(r) for r in ids)
         target = torch.full((len(ids), longest), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(ids), longest), dtype=torch.long)

@@ -75,9 +75,14 @@ def make_generator(path: str | Path, kind: str, config: ModelConfig | None = Non
         model = AutoModelForCausalLM.from_pretrained(path).eval()
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
-        gen = CausalGenerator(model, tokenizer, CausalFormat(prompt_fn=_prompt_fn(config.prompt)))
-        if config.stop_at_newline:
-            gen.eos_token_ids = tuple(sorted({*gen.eos_token_ids, *newline_token_ids(tokenizer)}))
+        prompt, target = _prompt_fns(config.prompt)
+        newline = newline_token_ids(tokenizer) if config.stop_at_newline else []
+        # the plain few-shot template's answers end at a line break, and so do its targets
+        end = tokenizer.get_vocab().get(_NEWLINE) if newline and target is not None else None
+        fmt = CausalFormat(prompt_fn=prompt, target_fn=target, end_token_id=end)
+        gen = CausalGenerator(model, tokenizer, fmt)
+        if newline:
+            gen.eos_token_ids = tuple(sorted({*gen.eos_token_ids, *newline}))
         return gen
     raise MarginError(f"unknown generator kind {kind!r}; use 'causal' or 'seq2seq'")
 
@@ -91,15 +96,19 @@ def newline_token_ids(tokenizer) -> list[int]:
     return [i for i, text in enumerate(texts) if "\n" in text]
 
 
-def _prompt_fn(name: str):
+_NEWLINE = "Ċ"  # a byte-level BPE's line break: what ends a plain-format answer
+
+
+def _prompt_fns(name: str):
+    """(prompt_fn, target_fn) of a named template; scoring and decoding share both."""
     from margin import prompting
 
     if name == "qa-default":
-        return prompting.prompt_fn
+        return prompting.prompt_fn, prompting.target_fn
     if name == "chat":
         from margin.generator import default_prompt
 
-        return default_prompt
+        return default_prompt, None
     raise MarginError(f"unknown prompt template {name!r}; use 'qa-default' or 'chat'")
 
 

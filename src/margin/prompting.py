@@ -216,3 +216,8 @@ DEFAULT_TEMPLATE = PromptTemplate(demonstrations=load_demonstrations(), use_chat
 def prompt_fn(tokenizer: Any, question: str, passage: Passage | None) -> str:
     """The default causal prompt (``DEFAULT_TEMPLATE``), as ``margin.generator`` expects it."""
     return DEFAULT_TEMPLATE.render(tokenizer, question, passage)
+
+
+def target_fn(tokenizer: Any, answer: str) -> str:
+    """The default template's answer text after the prompt (``DEFAULT_TEMPLATE.target``)."""
+    return DEFAULT_TEMPLATE.target(tokenizer, answer)

@@ -144,20 +144,6 @@ def pick_target(answers: Sequence[str], choice: str, rng: random.Random) -> str:
     return real[0] if choice == "first" else rng.choice(real)
 
 
-def target_text(rag: RAG, answer: str) -> str:
-    """The text the generator must write to give ``answer``: what its prompt template expects.
-
-    The default causal template is plain few-shot text ending in ``Answer:``; the answer follows
-    after one space (margin.prompting.PromptTemplate.target), which BPE folds into the first word.
-    """
-    from margin import prompting
-
-    fmt = getattr(rag.generator, "fmt", None)
-    if getattr(fmt, "prompt_fn", None) is prompting.prompt_fn:
-        return prompting.DEFAULT_TEMPLATE.target(rag.generator.tokenizer, answer)
-    return answer
-
-
 def normalize_answer(text: str) -> str:
     """SQuAD answer normalisation: lowercase, no punctuation, no articles, single spaces."""
     text = "".join(c for c in text.lower() if c not in set(string.punctuation))
@@ -474,8 +460,7 @@ def _batch_loss(
     """Mean −log p(y|x) of one micro-batch (Sec. 2.4), retrieval outside autograd."""
     batch = [examples[i] for i in rows]
     targets = [
-        target_text(rag, pick_target(e.answers, config.target,
-                                     random.Random(f"{config.seed}:{epoch}:{i}")))
+        pick_target(e.answers, config.target, random.Random(f"{config.seed}:{epoch}:{i}"))
         for e, i in zip(batch, rows, strict=True)
     ]
     with torch.no_grad():
