@@ -53,6 +53,11 @@ KINDS = {
 # OPQ's training (50 rounds of PQ training) took >14 min for 30k vectors on the busy 2-core
 # machine, so it is measured only on request (--kinds ... opq-ivfpq-m96).
 DEFAULT_KINDS = ["ivfpq-m96", "hnswsq8"]
+# Search-time settings tried on each built index: (nprobe or ef_search, re-rank factor).
+SETTINGS = {
+    "ivfpq": [(None, 1), (None, 10), (128, 10), (128, 50), (256, 100)],
+    "hnswsq": [(None, 1), (None, 10), (256, 10)],
+}
 
 
 # ----------------------------------------------------------------------------- data
@@ -172,15 +177,21 @@ def child_serve(embeddings: str, n: int, name: str, path: str, queries: str, tru
     loaded = rss()
     q = np.load(queries)
     want = np.load(truth)  # (n_queries, K) exact rows
-    out = {"index_anon_kib": loaded["RssAnon"] - before["RssAnon"]}
-    for rerank in (1, 10):
-        index.config = replace(index.config, rerank=rerank)
+    out = {"index_anon_kib": loaded["RssAnon"] - before["RssAnon"], "settings": []}
+    built = index.config
+    for width, rerank in SETTINGS[built.kind]:
+        if built.kind == "ivfpq":
+            index.config = replace(built, nprobe=width or built.nprobe, rerank=rerank)
+        else:
+            index.config = replace(built, ef_search=width or built.ef_search, rerank=rerank)
         index.search(q[:10], K)  # warm-up
         start = time.perf_counter()
         found = index.search(q, K).rows
         seconds = time.perf_counter() - start
         recall = np.mean([len(set(f) & set(t)) / K for f, t in zip(found, want, strict=True)])
-        out[f"rerank{rerank}"] = {"qps": len(q) / seconds, "recall": float(recall), **rss()}
+        width = index.config.nprobe if built.kind == "ivfpq" else index.config.ef_search
+        out["settings"].append({"width": width, "rerank": rerank, "qps": len(q) / seconds,
+                                "recall": float(recall), **rss()})
     return out
 
 
@@ -262,20 +273,23 @@ def markdown(results: list[dict], args: argparse.Namespace) -> str:
         "the heap the loaded index takes (RssAnon), *mapped* the pages of memory-mapped vectors "
         "re-ranking touched (RssFile, reclaimable). See docs/scale.md for the 21M plan.",
         "",
-        "| n | index | build s | peak RSS building | index MiB | B/vector | recall@20 "
-        "(no re-rank) | q/s | recall@20 (re-rank x10) | q/s | mapped MiB |",
+        "| n | index | build s | peak RSS building MiB | index MiB | B/vector | nprobe/ef "
+        "| re-rank | recall@20 | q/s | mapped MiB |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         for name, m in r["kinds"].items():
             b, s = m["build"], m["serve"]
-            lines.append(
-                f"| {m['n']:,} | {name} | {b['seconds']:.0f} | {b['peak_kib'] / 1024:,.0f} | "
-                f"{s['index_anon_kib'] / 1024:,.0f} | {b['file_bytes'] / m['n']:.0f} | "
-                f"{s['rerank1']['recall']:.3f} | {s['rerank1']['qps']:,.0f} | "
-                f"{s['rerank10']['recall']:.3f} | {s['rerank10']['qps']:,.0f} | "
-                f"{s['rerank10']['RssFile'] / 1024:,.0f} |"
-            )
+            for i, st in enumerate(s["settings"]):
+                head = (
+                    f"| {m['n']:,} | {name} | {b['seconds']:.0f} | {b['peak_kib'] / 1024:,.0f} | "
+                    f"{s['index_anon_kib'] / 1024:,.0f} | {b['file_bytes'] / m['n']:.0f} |"
+                ) if i == 0 else "| | | | | | |"
+                rerank = "off" if st["rerank"] == 1 else f"x{st['rerank']}"
+                lines.append(
+                    f"{head} {st['width']} | {rerank} | {st['recall']:.3f} | {st['qps']:,.0f} | "
+                    f"{st['RssFile'] / 1024:,.0f} |"
+                )
     lines += ["", "Streaming ingestion (JSONL -> passage shards + 768-d embedding shards, "
               "100k passages per shard): resident memory as the corpus grows.", "",
               "| corpus | passages read | VmRSS MiB | time s |", "|---|---|---|---|"]

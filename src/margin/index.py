@@ -22,7 +22,9 @@ Indexes are saved with ``faiss.write_index`` (never pickle) and loaded memory-ma
 
 from __future__ import annotations
 
+import contextlib
 import math
+import mmap
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -285,7 +287,19 @@ class DenseIndex:
             )
         if index.metric_type != faiss.METRIC_INNER_PRODUCT:
             raise MarginError(f"{path} is not an inner-product index; rebuild the index")
+        for shard in embeddings.shards:  # served: rows are read at random from now on
+            _random_access(shard)
         return cls(index, embeddings, config, writable=not mmap)
+
+
+def _random_access(array: np.ndarray) -> None:
+    """Tell the kernel a memory-mapped shard is read at random rows (re-ranking, vectors()):
+    no read-ahead, so the resident set grows by the pages of the rows read, not by the
+    128 KiB around each (docs/scale.md). Builds read shards whole and keep read-ahead."""
+    raw = getattr(array, "_mmap", None)
+    if raw is not None and hasattr(mmap, "MADV_RANDOM"):
+        with contextlib.suppress(OSError, ValueError):
+            raw.madvise(mmap.MADV_RANDOM)
 
 
 def _new_faiss_index(config: IndexConfig, dim: int) -> faiss.Index:
