@@ -155,10 +155,12 @@ async function switchIndex() {
     body: JSON.stringify({ index: $("index-select").value }),
   });
   const body = await res.json();
+  // refresh first: it rebuilds the selector, so the status (what a user or a test waits for)
+  // appears only once the page shows the server's state
+  await refreshIndexes();
   $("admin-status").textContent = res.ok
     ? `active: ${body.active.id} (${body.active.version})`
     : `refused: ${body.error}`;
-  await refreshIndexes();
 }
 
 document.addEventListener("DOMContentLoaded", () => {
