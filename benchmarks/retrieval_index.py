@@ -75,7 +75,7 @@ def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
 # Search-time settings tried on the same built index, after the defaults.
 VARIANTS = {
     "flat": [],
-    "hnsw": [{"ef_search": 256}, {"ef_search": 512}],
+    "hnsw": [{"ef_search": 64}, {"ef_search": 256}],
     "ivfpq": [{"nprobe": 16}, {"nprobe": 32}],
 }
 

@@ -46,7 +46,7 @@ class IndexConfig:
 
     kind: str = "flat"  # "flat" (exact), "hnsw" (the paper's), "ivfpq" or "hnswsq" (compressed)
     hnsw_m: int = 32  # HNSW: neighbours per node (memory: ~2 * hnsw_m * 4 bytes per vector)
-    ef_construction: int = 40  # HNSW: candidate list size while building (FAISS's default)
+    ef_construction: int = 128  # HNSW: build-time candidate list (FAISS: 40; see BENCHMARKS.md)
     ef_search: int = 128  # HNSW: candidate list size while searching (raised to k when smaller)
     nlist: int | None = None  # IVF: number of inverted lists; None: ivf_nlist(n)
     pq_m: int | None = None  # PQ: sub-quantisers = bytes per vector; None: pq_m(dim)
