@@ -33,8 +33,6 @@ import hashlib
 import json
 import math
 import random
-import re
-import string
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -53,6 +51,7 @@ from margin.checkpoint import (
 )
 from margin.errors import MarginError, require
 from margin.examples import Example
+from margin.metrics import exact_match
 from margin.rag import MODES, RAG
 from margin.retriever import Retrieved
 
@@ -142,24 +141,6 @@ def pick_target(answers: Sequence[str], choice: str, rng: random.Random) -> str:
     """
     real = [a for a in answers if any(c.isalnum() for c in a)] or list(answers)
     return real[0] if choice == "first" else rng.choice(real)
-
-
-def normalize_answer(text: str) -> str:
-    """SQuAD answer normalisation: lowercase, no punctuation, no articles, single spaces."""
-    text = "".join(c for c in text.lower() if c not in set(string.punctuation))
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
-    return " ".join(text.split())
-
-
-def _exact_match(prediction: str, answers: Sequence[str]) -> bool:
-    """Exact match against any gold answer after SQuAD normalisation (the paper's QA metric)."""
-    return any(normalize_answer(prediction) == normalize_answer(a) for a in answers)
-
-
-try:  # the project's metrics module when present; the same definition otherwise
-    from margin.metrics import exact_match  # type: ignore[import-not-found]
-except ImportError:  # pragma: no cover - depends on which modules exist
-    exact_match = _exact_match
 
 
 def total_steps(n_examples: int, config: TrainConfig) -> int:
