@@ -55,11 +55,17 @@ def main() -> None:
     ap.add_argument("--stages", default="20,50,100,200,300,400,500", help="main-table n steps")
     ap.add_argument("--sweep-n", type=int, default=30, help="NQ questions in the k sweep")
     ap.add_argument("--budget-min", type=float, default=0, help="stop starting stages after this")
+    ap.add_argument("--datasets", default=",".join(DATASETS), help="comma list of data sets "
+                    "to run (one process per data set uses both cores); --write needs all")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--out", type=Path, default=Path("/tmp/margin-eval-bench"))
     ap.add_argument("--write", action="store_true", help="write the BENCHMARKS.md section")
     args = ap.parse_args()
-    torch.set_num_threads(1)
+    datasets = {name: DATASETS[name] for name in args.datasets.split(",")}
+    if args.write and len(datasets) < len(DATASETS):
+        ap.error("--write needs every data set; run it once more without --datasets to resume")
+    torch.set_num_threads(args.threads)
     start, load_start = time.perf_counter(), load_average()
 
     dense = load_model("default", "default", progress=False)
@@ -67,7 +73,7 @@ def main() -> None:
     rags = {"dense": dense, "bm25": bm25, "none": dense}
 
     recall = {}
-    for name, path in DATASETS.items():
+    for name, path in datasets.items():
         examples = read_examples(path, limit=args.recall_n)
         recall[name] = {
             "dense": retrieval_recall(dense.retriever, examples, RECALL_KS),
@@ -83,11 +89,12 @@ def main() -> None:
     main_results: dict[str, list[dict]] = {}
     ns = [int(x) for x in args.n.split(",")]
     n_for = dict(zip(DATASETS, ns * len(DATASETS) if len(ns) == 1 else ns, strict=True))
+    n_for = {name: n_for[name] for name in datasets}
     top = max(n_for.values())
     stages = [s for s in (int(x) for x in args.stages.split(",")) if s < top] + [top]
     for stage in stages:
         began = time.perf_counter()
-        for name, path in DATASETS.items():
+        for name, path in datasets.items():
             limit = min(stage, n_for[name])
             main_results[name] = run_eval(cfg(path, args.out / name / "main", limit, **main_kw),
                                           rags)
@@ -99,6 +106,8 @@ def main() -> None:
             print(f"stopping at n={stage}: n={nxt} would pass the {args.budget_min} min budget")
             break
 
+    if "NQ-open" not in datasets or not args.sweep_n:
+        return
     sweep = run_eval(
         cfg(DATASETS["NQ-open"], args.out / "NQ-open" / "sweep", args.sweep_n,
             retrievers=("dense",), ks=SWEEP_KS, modes=("token",)),
@@ -147,7 +156,7 @@ def render(recall, main_results, sweep, args, wall_min, load_start, load_end) ->
         per_q = sum(r["seconds_per_example"] for rs in main_results.values() for r in rs)
         lines += [
             f"Questions: {', '.join(f'{k} first {v}' for k, v in n.items())}, not the 500 the "
-            "issue asks for: on this shared 2-core machine (load 7-10) one question costs "
+            "issue asks for: on this shared 2-core machine one question costs "
             f"{per_q / len(main_results):.0f} s over the five settings, so 2 x 500 questions "
             f"would take about {per_q / len(main_results) * 1000 / 3600:.0f} hours. These small "
             "samples give the cost and a first look, not a precise EM (a 95% interval is about "
@@ -183,7 +192,11 @@ def render(recall, main_results, sweep, args, wall_min, load_start, load_end) ->
         f"- command: `MARGIN_HOME=/tmp/mh nice -n 10 .venv/bin/python benchmarks/evaluation.py "
         f"--n {args.n} --recall-n {args.recall_n} --sweep-n {args.sweep_n}"
         + (f" --budget-min {args.budget_min:g}" if args.budget_min else "") + " --write`",
-        f"- machine: nproc 2, {cpu_model()}; torch {torch.__version__}, 1 torch thread, "
+        "- s/question: what a setting costs alone, the batch's retrieval and prompt encoding "
+        "plus its own decoding (the token and sequence runs of one retriever share the "
+        "encoding, computed once: `margin.evaluate.shared_prompt_groups`)",
+        f"- machine: nproc 2, {cpu_model()}; torch {torch.__version__}, {args.threads} torch "
+        "thread(s) per process (long runs: one process per data set, `--datasets`), "
         f"niced; load average at the start {load_start}, at the end {load_end} (shared machine)",
         f"- wall of this invocation: {wall_min:.0f} min (runs already in `--out` are resumed, "
         "not re-timed: s/question is from the invocation that predicted them)",

@@ -107,13 +107,13 @@ def test_resuming_skips_finished_examples(rags, qa_file, tmp_path, monkeypatch):
     import margin.evaluate as ev
 
     seen: list[str] = []
-    real = ev.predict
+    real = ev.predict_runs
 
-    def counting(rag, batch, run, cfg):
+    def counting(rag, batch, runs, cfg):
         seen.extend(ex.input for ex in batch)
-        return real(rag, batch, run, cfg)
+        return real(rag, batch, runs, cfg)
 
-    monkeypatch.setattr(ev, "predict", counting)
+    monkeypatch.setattr(ev, "predict_runs", counting)
     out = tmp_path / "out"
     run_eval(config(qa_file, out, ks=(2,), limit=2, batch_size=1), rags)
     first = (out / "predictions.jsonl").read_text()
@@ -128,6 +128,43 @@ def test_resuming_skips_finished_examples(rags, qa_file, tmp_path, monkeypatch):
     # a finished run predicts nothing more
     run_eval(config(qa_file, out, ks=(2,)), rags)
     assert len(seen) == 5
+
+
+def test_runs_sharing_prompts_predict_as_separate_runs(rags, qa_file, tmp_path, monkeypatch):
+    """Token and sequence runs of one retriever and k encode each batch once, and give the
+    answers each gives alone; resuming predicts only what a run of the group lacks."""
+
+    kw = dict(ks=(2,), decodings=("greedy", "beam"), beams=2)
+    modes = ("token", "sequence")
+    alone = {}
+    for mode in modes:
+        run_eval(config(qa_file, tmp_path / mode, modes=(mode,), ks=(2,)), rags)
+        alone[mode] = lines(tmp_path / mode / "predictions.jsonl")
+    encodings: list[int] = []
+    real = rags["dense"].encode_prompts
+
+    def counting(questions, passages):
+        encodings.append(len(questions))
+        return real(questions, passages)
+
+    monkeypatch.setattr(rags["dense"], "encode_prompts", counting)
+    out = tmp_path / "both"
+    run_eval(config(qa_file, out, modes=modes, limit=2, batch_size=2, **kw), rags)
+    assert encodings == [2]  # one batch, encoded once for its four runs
+    (out / "dense-k2-sequence-beam" / "predictions.jsonl").unlink()  # one run lost
+    results = run_eval(config(qa_file, out, modes=modes, batch_size=5, **kw), rags)
+    assert encodings == [2, 5]  # the lost run needs all five; the others the last three
+    assert [r["n"] for r in results] == [5, 5, 5, 5]
+    for mode in modes:
+        together = lines(out / f"dense-k2-{mode}-greedy" / "predictions.jsonl")
+        assert [r["id"] for r in together] == [r["id"] for r in alone[mode]]
+        assert [r["answer"] for r in together] == [r["answer"] for r in alone[mode]]
+        assert [r["logprob"] for r in together] == pytest.approx(
+            [r["logprob"] for r in alone[mode]], abs=1e-5
+        )
+        assert all(r["seconds"] > 0 for r in together)
+    beam = lines(out / "dense-k2-sequence-beam" / "predictions.jsonl")
+    assert sorted(r["id"] for r in beam) == [f"dev.tsv:{i}" for i in range(1, 6)]
 
 
 def test_resuming_with_other_settings_is_refused(rags, qa_file, tmp_path):

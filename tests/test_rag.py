@@ -191,3 +191,36 @@ def test_bm25_retrieval_gives_the_prior_from_bm25_scores(rag, tmp_path):
     np.testing.assert_allclose([p.prior for p in answer.passages], expected, rtol=1e-5)
     loss = bm25_rag.loss(["capital of germany"], ["berlin"], k=3)
     assert loss.item() > 0 and loss.requires_grad  # the generator still learns
+
+
+@pytest.mark.parametrize("kind", ["bart", "llama"])
+@pytest.mark.parametrize(("mode", "decoding"), [
+    ("token", "greedy"), ("token", "beam"), ("sequence", "greedy"), ("sequence", "fast"),
+])
+def test_generate_from_shared_encoded_prompts_equals_encoding_afresh(
+    rag, kind, mode, decoding, request
+):
+    """encode_prompts once, decode many ways: the same answers and scores as encoding each time,
+    and decoding leaves the shared encoding as it was (it is read by the next decoding)."""
+    gen = request.getfixturevalue(kind)
+    shared = RAG(gen, rag.retriever, question_encoder=rag.question_encoder, doc_score_scale=5.0)
+    hits = shared.retrieve(QUESTIONS, k=2)
+    scores = shared.doc_scores(QUESTIONS, hits).detach()
+    encoded = shared.encode_prompts(QUESTIONS, hits.passages)
+    before = encoded.prompt.layers[0][0].clone() if encoded.prompt else encoded.hidden.clone()
+    kw = dict(mode=mode, decoding=decoding, num_beams=2, max_new_tokens=5)
+    fresh = shared.generate(QUESTIONS, hits.passages, scores, **kw)
+    for _ in range(2):  # the second decoding reads the encoding the first one used
+        reused = shared.generate(QUESTIONS, hits.passages, scores, encoded=encoded, **kw)
+        assert [a.answer for a in reused] == [a.answer for a in fresh]
+        assert [a.logprob for a in reused] == pytest.approx([a.logprob for a in fresh], abs=1e-5)
+    after = encoded.prompt.layers[0][0] if encoded.prompt else encoded.hidden
+    assert torch.equal(before, after)
+
+
+def test_generate_refuses_an_encoding_of_other_questions(rag):
+    hits = rag.retrieve(QUESTIONS, k=2)
+    scores = rag.doc_scores(QUESTIONS, hits).detach()
+    encoded = rag.encode_prompts(QUESTIONS[:1], [hits.passages[0]])
+    with pytest.raises(MarginError, match="encoded prompts hold 1 questions x 2 passages, not 2"):
+        rag.generate(QUESTIONS, hits.passages, scores, encoded=encoded)

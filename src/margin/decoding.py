@@ -237,6 +237,7 @@ def decode_rag_token(
     doc_scores: torch.Tensor,
     cfg: DecodeConfig,
     on_token: Callable[[list[int]], None] | None = None,
+    enc: Encoded | None = None,
 ) -> list[Decoded]:
     """RAG-Token decoding (Sec. 2.5): beam search on the passage-marginal next-token distribution.
 
@@ -247,11 +248,12 @@ def decode_rag_token(
     ``on_token`` (greedy only) is called after every step with the token each question's
     running hypothesis took, for streaming; the final tokens come from the returned hypotheses
     (a question that already finished keeps receiving tokens that are not part of its answer).
+    ``enc``: ``gen.encode(inputs)`` already computed (read, never modified); encoded here if None.
     """
     _check(gen, inputs, doc_scores, cfg)
     B, k, nb, dev = inputs.batch_size, inputs.n_docs, cfg.num_beams, gen.device
     prior = F.log_softmax(doc_scores.float(), -1).to(dev)  # (B, k)
-    enc = gen.encode(inputs)
+    enc = enc if enc is not None else gen.encode(inputs)
     state = gen.start(enc, expand=nb)  # rows (B, k, nb)
     row_base = (
         torch.arange(B, device=dev)[:, None, None] * k + torch.arange(k, device=dev)[None, :, None]
@@ -338,17 +340,19 @@ def decode_rag_sequence(
     doc_scores: torch.Tensor,
     cfg: DecodeConfig,
     thorough: bool = True,
+    enc: Encoded | None = None,
 ) -> list[Decoded]:
     """RAG-Sequence decoding (Sec. 2.5): Thorough (default) or Fast.
 
     One beam search per (question, passage), all batched; each question's distinct hypotheses
-    are scored by logsumexp_z [log p(z|x) + log p(y|x,z)] and ranked.
+    are scored by logsumexp_z [log p(z|x) + log p(y|x,z)] and ranked. ``enc``: as in
+    :func:`decode_rag_token`.
     """
     _check(gen, inputs, doc_scores, cfg)
     B, k, nb = inputs.batch_size, inputs.n_docs, cfg.num_beams
     G = B * k
     prior = F.log_softmax(doc_scores.float(), -1)  # (B, k)
-    enc: Encoded = gen.encode(inputs)
+    enc = enc if enc is not None else gen.encode(inputs)
     state = gen.start(enc, expand=nb)  # rows (G, nb)
     base = torch.arange(G, device=gen.device)[:, None] * nb
 
@@ -419,13 +423,18 @@ def decode(
     cfg: DecodeConfig,
     method: Literal["token", "thorough", "fast"],
     on_token: Callable[[list[int]], None] | None = None,
+    enc: Encoded | None = None,
 ) -> list[Decoded]:
     """Decode with RAG-Token ("token") or RAG-Sequence ("thorough" or "fast" decoding).
 
-    ``on_token``: RAG-Token greedy streaming hook, see :func:`decode_rag_token`.
+    ``on_token``: RAG-Token greedy streaming hook, see :func:`decode_rag_token`. ``enc``: the
+    inputs already encoded (``gen.encode(inputs)``), so several decodings of the same prompts
+    pay for the encoder or the prompt's prefill once.
     """
     if method == "token":
-        return decode_rag_token(gen, inputs, doc_scores, cfg, on_token)
+        return decode_rag_token(gen, inputs, doc_scores, cfg, on_token, enc)
     if method in ("thorough", "fast"):
-        return decode_rag_sequence(gen, inputs, doc_scores, cfg, thorough=method == "thorough")
+        return decode_rag_sequence(
+            gen, inputs, doc_scores, cfg, thorough=method == "thorough", enc=enc
+        )
     raise MarginError(f"unknown decoding {method!r}; use 'token', 'thorough' or 'fast'")

@@ -43,6 +43,7 @@ import os
 import random
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -172,10 +173,12 @@ def run_eval(cfg: EvalConfig, rags: Mapping[str, RAG] | None = None) -> list[dic
         rags.update(load_rags(cfg, missing))
     runs = plan_runs(cfg, rags[cfg.retrievers[0]].default_mode)
     out = Path(cfg.out)
-    results = []
-    for run in runs:
-        run_dir = out if len(runs) == 1 else out / run.name
-        results.append(evaluate_run(rags[run.retriever], examples, run, cfg, run_dir))
+    by_run: dict[RunSpec, dict[str, Any]] = {}
+    for group in shared_prompt_groups(runs, cfg.task):
+        dirs = [out if len(runs) == 1 else out / run.name for run in group]
+        results = evaluate_runs(rags[group[0].retriever], examples, group, cfg, dirs)
+        by_run.update(zip(group, results, strict=True))
+    results = [by_run[run] for run in runs]
     if len(runs) > 1:
         write_json_atomic(out / METRICS, {"runs": results})
         plot = None
@@ -226,56 +229,114 @@ def with_retriever(rag: RAG, retriever: Retriever, doc_score_scale: float) -> RA
     )
 
 
-def evaluate_run(
-    rag: RAG, examples: Sequence[Example], run: RunSpec, cfg: EvalConfig, out: Path
-) -> dict[str, Any]:
-    """Predict the examples not yet in ``out``'s predictions.jsonl, then score them all."""
+def shared_prompt_groups(runs: Sequence[RunSpec], task: str) -> list[list[RunSpec]]:
+    """Runs that read the same prompts, grouped: same retriever and k, differing only in mode or
+    decoding. Each group retrieves and encodes a batch once and decodes it every way (the
+    decodings of Sec. 2.5 all start from p(z|x) and the generator's encoding of each (x, z)).
+    Closed book and FEVER runs stand alone."""
+    groups: dict[tuple[str, int] | RunSpec, list[RunSpec]] = {}
+    for run in runs:
+        alone = task == "fever" or run.retriever == "none"
+        groups.setdefault(run if alone else (run.retriever, run.k), []).append(run)
+    return list(groups.values())
+
+
+def evaluate_runs(
+    rag: RAG, examples: Sequence[Example], runs: Sequence[RunSpec], cfg: EvalConfig,
+    dirs: Sequence[Path],
+) -> list[dict[str, Any]]:
+    """Predict the examples not yet in each run's predictions.jsonl, then score them all.
+
+    ``runs`` is one group of :func:`shared_prompt_groups`, ``dirs`` their output directories.
+    A run's ``seconds`` per example is what it costs alone: the batch's shared retrieval and
+    encoding plus its own decoding.
+    """
     from tqdm import tqdm
 
-    settings = run_settings(cfg, run)
-    _check_settings(out, settings)
-    path = out / PREDICTIONS
-    done = read_predictions(path)
-    todo = [ex for ex in examples if ex.id not in done]
+    settings = [run_settings(cfg, run) for run in runs]
+    for out, setting in zip(dirs, settings, strict=True):
+        _check_settings(out, setting)
+    paths = [out / PREDICTIONS for out in dirs]
+    done = [read_predictions(path) for path in paths]
+    todo = [ex for ex in examples if any(ex.id not in d for d in done)]
     _seed(cfg.seed)
     bar = tqdm(
-        total=len(examples), initial=len(examples) - len(todo), desc=run.name, unit=" q",
-        disable=not cfg.progress, dynamic_ncols=True,
+        total=len(examples), initial=len(examples) - len(todo),
+        desc=" + ".join(run.name for run in runs), unit=" q", disable=not cfg.progress,
+        dynamic_ncols=True,
     )
-    with bar, open(path, "a", encoding="utf-8") as f:
+    with bar, ExitStack() as stack:
+        files = [stack.enter_context(open(path, "a", encoding="utf-8")) for path in paths]
         for start in range(0, len(todo), cfg.batch_size):
             batch = todo[start : start + cfg.batch_size]
-            began = time.perf_counter()
-            records = predict(rag, batch, run, cfg)
-            seconds = (time.perf_counter() - began) / len(batch)
-            for record in records:
-                record["seconds"] = seconds
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-                done[record["id"]] = record
-            f.flush()
-            os.fsync(f.fileno())  # a kill loses at most the batch being written
+            predicted = predict_runs(rag, batch, runs, cfg)
+            for f, d, (records, seconds) in zip(files, done, predicted, strict=True):
+                for record in records:
+                    if record["id"] in d:
+                        continue
+                    record["seconds"] = seconds
+                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                    d[record["id"]] = record
+                f.flush()
+                os.fsync(f.fileno())  # a kill loses at most the batch being written
             bar.update(len(batch))
-    records = [done[ex.id] for ex in examples]
-    result = {**aggregate(cfg.task, records, run.k), **settings}
-    write_json_atomic(out / METRICS, result)
-    _write_text(out / REPORT, run_report(result, records))
-    return result
+    results = []
+    for out, d, run, setting in zip(dirs, done, runs, settings, strict=True):
+        records = [d[ex.id] for ex in examples]
+        result = {**aggregate(cfg.task, records, run.k), **setting}
+        write_json_atomic(out / METRICS, result)
+        _write_text(out / REPORT, run_report(result, records))
+        results.append(result)
+    return results
+
+
+def predict_runs(
+    rag: RAG, batch: Sequence[Example], runs: Sequence[RunSpec], cfg: EvalConfig
+) -> list[tuple[list[dict[str, Any]], float]]:
+    """Each run's prediction records for a batch, and its seconds per example.
+
+    Runs with passages share the batch's retrieval, prior and prompt encoding
+    (:meth:`RAG.encode_prompts`); closed book and FEVER go through :func:`predict`.
+    """
+    if cfg.task == "fever" or runs[0].retriever == "none":
+        began = time.perf_counter()
+        records = predict(rag, batch, runs[0], cfg)
+        return [(records, (time.perf_counter() - began) / len(batch))]
+    questions = [ex.input for ex in batch]
+    began = time.perf_counter()
+    hits = rag.retrieve(questions, runs[0].k)
+    with torch.no_grad():
+        scores = rag.doc_scores(questions, hits)
+    encoded = rag.encode_prompts(questions, hits.passages)
+    shared = time.perf_counter() - began
+    out = []
+    for run in runs:
+        began = time.perf_counter()
+        answers = rag.generate(
+            questions, hits.passages, scores, mode=run.mode, decoding=run.decoding,
+            num_beams=cfg.beams, max_new_tokens=cfg.max_new_tokens,
+            retriever_scores=hits.scores.tolist(), encoded=encoded,
+        )
+        seconds = (shared + time.perf_counter() - began) / len(batch)
+        out.append((prediction_records(cfg, batch, answers), seconds))
+    return out
 
 
 def predict(
     rag: RAG, batch: Sequence[Example], run: RunSpec, cfg: EvalConfig
 ) -> list[dict[str, Any]]:
-    """Prediction records for a batch: answer, gold, per-example metrics, passages with priors."""
-    questions = [ex.input for ex in batch]
+    """Prediction records for a batch of one run without shared prompts: FEVER, closed book."""
     if cfg.task == "fever":
         return _predict_fever(rag, batch, run)
-    if run.retriever == "none":
-        answers = rag.ask_closed_book(questions, run.decoding, cfg.beams, cfg.max_new_tokens)
-    else:
-        answers = rag.ask(
-            questions, k=run.k, mode=run.mode, decoding=run.decoding, num_beams=cfg.beams,
-            max_new_tokens=cfg.max_new_tokens,
-        )
+    questions = [ex.input for ex in batch]
+    answers = rag.ask_closed_book(questions, run.decoding, cfg.beams, cfg.max_new_tokens)
+    return prediction_records(cfg, batch, answers)
+
+
+def prediction_records(
+    cfg: EvalConfig, batch: Sequence[Example], answers: Sequence[Any]
+) -> list[dict[str, Any]]:
+    """One JSON-able record per (example, answer)."""
     records = []
     for ex, answer in zip(batch, answers, strict=True):
         passages = [

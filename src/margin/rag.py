@@ -28,7 +28,7 @@ import torch
 from margin.decoding import DecodeConfig, Decoded, decode
 from margin.encoders import Encoder
 from margin.errors import MarginError
-from margin.generator import Generator, GenInputs
+from margin.generator import Encoded, Generator, GenInputs
 from margin.marginalize import nll_loss
 from margin.passages import Passage
 from margin.retriever import Retrieved, Retriever
@@ -207,20 +207,43 @@ class RAG:
         retriever_scores: list[list[float]] | None = None,
         method: str | None = None,
         on_token: Callable[[list[int]], None] | None = None,
+        encoded: Encoded | None = None,
     ) -> list[Answer]:
         """Answer with passages and document scores (B, k) given by the caller (no retrieval),
-        as transformers' RAG accepts ``context_input_ids`` and ``doc_scores``."""
+        as transformers' RAG accepts ``context_input_ids`` and ``doc_scores``.
+
+        ``encoded``: :meth:`encode_prompts` of the same questions and passages, to decode them
+        several ways (RAG-Token and RAG-Sequence, greedy and beam) while running the generator's
+        encoder, or a causal generator's prompts, once.
+        """
         method = method or decoding_method(mode, decoding)
         cfg = self._decode_config(decoding, num_beams, max_new_tokens, num_return_sequences)
-        inputs = self.generator.build_inputs(list(questions), passages)
+        if encoded is not None:
+            inputs = encoded.inputs
+            if inputs.batch_size != len(questions) or inputs.n_docs != len(passages[0]):
+                raise MarginError(
+                    f"encoded prompts hold {inputs.batch_size} questions x {inputs.n_docs} "
+                    f"passages, not {len(questions)} x {len(passages[0])}; pass the output of "
+                    "encode_prompts for these questions and passages"
+                )
+        else:
+            inputs = self.generator.build_inputs(list(questions), passages)
         doc_scores = doc_scores.detach().float()
-        decoded = decode(self.generator, inputs, doc_scores, cfg, method, on_token)  # type: ignore[arg-type]
+        decoded = decode(self.generator, inputs, doc_scores, cfg, method, on_token, encoded)  # type: ignore[arg-type]
         prior = torch.softmax(doc_scores, -1).tolist()
         raw = retriever_scores or doc_scores.tolist()
         return [
             _answer(q, ps, d, pr, rs, mode, decoding, self.generator, self.postprocess)
             for q, ps, d, pr, rs in zip(questions, passages, decoded, prior, raw, strict=True)
         ]
+
+    @torch.no_grad()
+    def encode_prompts(
+        self, questions: Sequence[str], passages: Sequence[Sequence[Passage]]
+    ) -> Encoded:
+        """The generator's encoding of every (question, passage) pair, for :meth:`generate`'s
+        ``encoded``: the encoder output (seq2seq) or the prompts' KV cache (causal)."""
+        return self.generator.encode(self.generator.build_inputs(list(questions), passages))
 
     def ask_closed_book(
         self,
