@@ -248,3 +248,41 @@ def test_greedy_rag_token_streams_the_answer_tokens(bart):
     calls: list = []
     decode(bart, bart.build_inputs(QS[:1], PS[:1]), SCORES[:1], beams, "token", calls.append)
     assert calls == []  # beam search decides nothing until it ends: nothing to stream
+
+
+@pytest.mark.parametrize("kind", ["bart", "llama"])
+@pytest.mark.parametrize(("method", "beams"), [("token", 1), ("token", 2), ("thorough", 1),
+                                               ("thorough", 2)])
+def test_dropping_finished_groups_changes_nothing_but_the_work(kind, method, beams, request,
+                                                               monkeypatch):
+    """Groups that can no longer improve leave the batch; every result stays the same."""
+    import margin.decoding as D
+
+    gen = request.getfixturevalue(kind)
+    inputs = gen.build_inputs(QS, PS)
+    cfg = DecodeConfig(num_beams=beams, max_new_tokens=8)
+    full = decode(gen, inputs, SCORES, cfg, "token")
+    # make the first question's second greedy token an end token, so groups finish unevenly
+    stop = full[0].best.token_ids[1]
+    monkeypatch.setattr(gen, "eos_token_ids", (*gen.eos_token_ids, stop))
+    rows: list[int] = []
+    step = gen.step
+    monkeypatch.setattr(gen, "step", lambda state: rows.append(len(state.last_tokens)) or
+                        step(state))
+    real = D.beam_search
+    monkeypatch.setattr(D, "beam_search", lambda *a, **kw: real(*a, **{**kw,
+                                                                       "drop_finished": False}))
+    kept = decode(gen, inputs, SCORES, cfg, method)
+    steps_kept = list(rows)
+    monkeypatch.setattr(D, "beam_search", real)
+    rows.clear()
+    dropped = decode(gen, inputs, SCORES, cfg, method)
+    assert _ids(dropped) == _ids(kept)
+    for a, b in zip(dropped, kept, strict=True):
+        for x, y in zip(a.nbest, b.nbest, strict=True):
+            assert x.logprob == pytest.approx(y.logprob, abs=1e-5)
+            assert x.doc_posterior == pytest.approx(y.doc_posterior, abs=1e-5)
+            assert x.token_docs == y.token_docs
+    assert len(set(steps_kept)) == 1  # without dropping, every step runs every row
+    if beams == 1:  # greedy: a group is done when its answer ends (beams wait for a heuristic)
+        assert rows[-1] < rows[0] and sum(rows) < sum(steps_kept[: len(rows)])

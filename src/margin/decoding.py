@@ -116,20 +116,28 @@ def _process(
 
 def beam_search(
     next_logprobs: Callable[[], torch.Tensor],
-    advance: Callable[[torch.Tensor, torch.Tensor], None],
+    advance: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None],
     groups: int,
     gen: Generator,
     cfg: DecodeConfig,
     track: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    drop_finished: bool = True,
 ) -> _Beams:
     """Batched beam search over G independent groups of ``num_beams`` running hypotheses.
 
-    ``next_logprobs()`` gives (G, nb, V) log-probs of the next token of every running beam;
-    ``advance(tokens (G, nb), parents (G, nb))`` extends beam j of each group from beam
-    ``parents[g, j]`` with ``tokens[g, j]``. Mirrors transformers' ``GenerationMixin._beam_search``.
-    ``track(parents (G, K), tokens (G, K))``, optional, gives D values (G, K, D) for every
+    The callbacks see only the A groups still computed (all G at first), in group order:
+    ``next_logprobs()`` gives (A, nb, V) log-probs of the next token of every running beam;
+    ``advance(tokens (A', nb), parents (A', nb), kept (A,) bool)`` drops the groups where
+    ``kept`` is False and extends beam j of each kept group from its beam ``parents[a, j]`` with
+    ``tokens[a, j]``. Mirrors transformers' ``GenerationMixin._beam_search``.
+    ``track(parents (A, K), tokens (A, K))``, optional, gives D values (A, K, D) for every
     candidate of a step; each hypothesis carries its own along like its tokens (RAG-Token: the
     token's log-prob under every passage, so no second pass is needed for provenance).
+
+    ``drop_finished``: a group that can no longer improve (transformers' stopping heuristic; in
+    greedy search, one whose hypothesis ended) takes no further part in the result, so once a
+    quarter of the computed groups are done they are dropped from the batch: a batch of short
+    answers no longer runs as long as its longest one. Off, every group runs to the end.
     """
     nb, L, lp, dev = cfg.num_beams, cfg.max_new_tokens, cfg.length_penalty, gen.device
     eos = torch.tensor(gen.eos_token_ids, dtype=torch.long, device=dev)
@@ -147,9 +155,10 @@ def beam_search(
     improvable = torch.ones(groups, 1, dtype=torch.bool, device=dev)
     top_nb = torch.arange(K, device=dev) < nb  # only the top nb candidates may finish
     run_trk = fin_trk = cand_trk = None  # (G, nb, L, D) tracked values, once D is known
+    active = torch.arange(groups, device=dev)  # the groups the callbacks compute, in order
 
     for t in range(L):
-        raw = next_logprobs()  # (G, nb, V)
+        raw = _scatter_groups(next_logprobs(), active, groups)  # (G, nb, V)
         V = raw.shape[-1]
         proc, scored = _process(raw, t, gen, cfg)
         acc = (proc + run_score[:, :, None]).view(groups, nb * V)
@@ -160,7 +169,7 @@ def beam_search(
         cand_tok[:, :, t] = tok
         hits = torch.isin(tok, eos) | (t + 1 >= L)  # (G, K)
         if track is not None:
-            vals = track(parent, tok)  # (G, K, D)
+            vals = _scatter_groups(track(parent[active], tok[active]), active, groups)  # (G, K, D)
             if run_trk is None:
                 run_trk = vals.new_zeros(groups, nb, L, vals.shape[-1])
                 fin_trk = run_trk.clone()
@@ -199,10 +208,25 @@ def beam_search(
         stop_all = bool(finished.all()) and cfg.early_stopping is True
         if not bool(improvable.any()) or stop_all or bool(hits.all()):
             break
-        advance(next_tok, next_parent)
+        kept = torch.ones(active.numel(), dtype=torch.bool, device=dev)
+        done = ~improvable[active, 0]
+        if drop_finished and int(done.sum()) * 4 >= active.numel():
+            kept = ~done
+            active = active[kept]
+        advance(next_tok[active], next_parent[active], kept)
 
     fin_len = torch.where(finished, fin_len, 0)
     return _Beams(fin_tok, fin_len, fin_score, fin_raw, finished, fin_trk)
+
+
+def _scatter_groups(values: torch.Tensor, active: torch.Tensor, groups: int) -> torch.Tensor:
+    """Values of the computed groups (A, ...) in a (G, ...) tensor; zeros for dropped groups,
+    whose candidates are never kept (they cannot improve)."""
+    if values.shape[0] == groups:
+        return values
+    full = values.new_zeros(groups, *values.shape[1:])
+    full[active] = values
+    return full
 
 
 def _check(gen: Generator, inputs: GenInputs, doc_scores: torch.Tensor, cfg: DecodeConfig) -> None:
@@ -254,31 +278,34 @@ def decode_rag_token(
     B, k, nb, dev = inputs.batch_size, inputs.n_docs, cfg.num_beams, gen.device
     prior = F.log_softmax(doc_scores.float(), -1).to(dev)  # (B, k)
     enc = enc if enc is not None else gen.encode(inputs)
-    state = gen.start(enc, expand=nb)  # rows (B, k, nb)
-    row_base = (
-        torch.arange(B, device=dev)[:, None, None] * k + torch.arange(k, device=dev)[None, :, None]
-    ) * nb
-
+    state = gen.start(enc, expand=nb)  # rows (A, k, nb) for the A questions still decoding
+    z_base = torch.arange(k, device=dev)[None, :, None] * nb  # (1, k, 1)
+    live = [prior]  # the prior rows (A, k) of the questions still decoding
     last: list[torch.Tensor] = []  # the step's per-passage log-probs, read by track()
 
     def next_logprobs() -> torch.Tensor:
-        step = gen.step(state).view(B, k, nb, -1).transpose(1, 2)  # (B, nb, k, V)
+        A = live[0].shape[0]
+        step = gen.step(state).view(A, k, nb, -1).transpose(1, 2)  # (A, nb, k, V)
         last[:] = [step]
-        marg = rag_token_next_logprobs(prior.repeat_interleave(nb, 0), step.flatten(0, 1))
-        return F.log_softmax(marg, -1).view(B, nb, -1)  # (B, nb, V), as transformers re-normalises
+        marg = rag_token_next_logprobs(live[0].repeat_interleave(nb, 0), step.flatten(0, 1))
+        return F.log_softmax(marg, -1).view(A, nb, -1)  # (A, nb, V), as transformers re-normalises
 
     def track(parents: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        b = torch.arange(B, device=dev)[:, None, None]
+        a = torch.arange(parents.shape[0], device=dev)[:, None, None]
         z = torch.arange(k, device=dev)[None, None, :]
-        return last[0][b, parents[:, :, None], z, tokens[:, :, None]]  # (B, K, k) log p(y_t|x,z)
+        return last[0][a, parents[:, :, None], z, tokens[:, :, None]]  # (A, K, k) log p(y_t|x,z)
 
-    def advance(tokens: torch.Tensor, parents: torch.Tensor) -> None:
-        rows = (row_base + parents[:, None, :]).flatten()  # (B*k*nb,) same passage, parent beam
-        gen.advance(state, tokens[:, None, :].expand(B, k, nb).flatten(), rows)
+    def advance(tokens: torch.Tensor, parents: torch.Tensor, kept: torch.Tensor) -> None:
+        where = torch.nonzero(kept).flatten()  # (A',) kept questions' places in the state
+        rows = (where[:, None, None] * (k * nb) + z_base + parents[:, None, :]).flatten()
+        gen.advance(state, tokens[:, None, :].expand(-1, k, nb).flatten(), rows)
+        live[0] = live[0][kept]
         if on_token is not None and nb == 1:
             on_token(tokens[:, 0].tolist())
 
-    beams = beam_search(next_logprobs, advance, B, gen, cfg, track).cpu()
+    # streaming reports a token for every question at every step: keep them all in the batch
+    beams = beam_search(next_logprobs, advance, B, gen, cfg, track,
+                        drop_finished=on_token is None).cpu()
     assert beams.track is not None
     prior = prior.cpu()
     R = cfg.num_return_sequences
@@ -353,14 +380,15 @@ def decode_rag_sequence(
     G = B * k
     prior = F.log_softmax(doc_scores.float(), -1)  # (B, k)
     enc = enc if enc is not None else gen.encode(inputs)
-    state = gen.start(enc, expand=nb)  # rows (G, nb)
-    base = torch.arange(G, device=gen.device)[:, None] * nb
+    state = gen.start(enc, expand=nb)  # rows (A, nb) for the A (question, passage) groups left
 
     def next_logprobs() -> torch.Tensor:
-        return gen.step(state).view(G, nb, -1)
+        step = gen.step(state)  # (A*nb, V)
+        return step.view(step.shape[0] // nb, nb, -1)
 
-    def advance(tokens: torch.Tensor, parents: torch.Tensor) -> None:
-        gen.advance(state, tokens.flatten(), (base + parents).flatten())
+    def advance(tokens: torch.Tensor, parents: torch.Tensor, kept: torch.Tensor) -> None:
+        where = torch.nonzero(kept).flatten()  # (A',) kept groups' places in the state
+        gen.advance(state, tokens.flatten(), (where[:, None] * nb + parents).flatten())
 
     beams = beam_search(next_logprobs, advance, G, gen, cfg).cpu()
     prior = prior.cpu()
