@@ -246,6 +246,10 @@ def train(
     eval_every: Annotated[int, typer.Option(help="Steps between dev evaluations (0: end).")] = 0,
     save_every: Annotated[int, typer.Option(help="Steps between checkpoints (0: end).")] = 0,
     seed: Annotated[int, typer.Option(help="Seed for data order, sampling and init.")] = 0,
+    ray_retrieval: Annotated[bool, typer.Option(
+        help="Search one shared index per machine, a Ray actor (needs margin[ray]).")] = False,
+    ray_address: Annotated[str | None, typer.Option(
+        help="Ray cluster for --ray-retrieval; under torchrun 'auto' (ray start --head).")] = None,
 ) -> None:
     """Fine-tune RAG end to end (Sec. 2.4): question encoder and generator learn, index frozen."""
     from margin.train import TrainConfig, run
@@ -260,7 +264,7 @@ def train(
     result, skipped = run(
         train_file, out, config, model=model, index=index, dev_path=dev, retriever=retriever,
         data_format=data_format, task=task, limit=limit, skip_bad_lines=skip_bad_lines,
-        resume=resume,
+        resume=resume, ray_retrieval=ray_retrieval, ray_address=ray_address,
     )
     best = "" if result.best_dev_em is None else (
         f", best dev EM {result.best_dev_em:.3f} at step {result.best_step} ({out / 'best'})"

@@ -237,7 +237,7 @@ def save_model(rag: RAG, out: str | Path) -> Path:
         if encoder is not None:
             encoder.save(tmp / "question_encoder")  # type: ignore[attr-defined]
             record["question_encoder"] = {k: v for k, v in encoder.spec.items() if k != "name"}
-        built = rag.retriever.index.manifest.encoder if rag.retriever is not None else None
+        built = rag.retriever.index_encoder if rag.retriever is not None else None
         if built is not None:
             record["index_encoder_fingerprint"] = built["fingerprint"]
         record.update(format=MODEL_FORMAT, version=MODEL_VERSION)

@@ -125,6 +125,11 @@ class Retriever:
         """The index kind: flat, hnsw, ivfpq or bm25."""
         return self.index.manifest.kind
 
+    @property
+    def index_encoder(self) -> dict | None:
+        """The manifest's record of the passage encoder the index was built with (None: BM25)."""
+        return self.index.manifest.encoder
+
     def __len__(self) -> int:
         return self.index.manifest.passages
 

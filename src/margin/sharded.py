@@ -264,6 +264,8 @@ class RemoteRetriever:
     >>> retriever.retrieve(["who wrote hamlet?"], k=5)  # doctest: +SKIP
     """
 
+    kind = "dense"  # a RetrievalService serves dense indexes only
+
     def __init__(self, actor: Any, encoder: Any = None):
         import ray
 
@@ -274,6 +276,11 @@ class RemoteRetriever:
         if self._size is None:
             self._size = int(self.ray.get(self.actor.size.remote()))
         return self._size
+
+    @property
+    def index_encoder(self) -> dict | None:
+        """The served index's passage-encoder record (as :attr:`Retriever.index_encoder`)."""
+        return self.ray.get(self.actor.manifest.remote()).get("encoder")
 
     def retrieve(
         self, questions: Sequence[str], k: int = 5, with_vectors: bool = False

@@ -49,6 +49,14 @@ from margin.checkpoint import (
     save_state,
     trainable_tensors,
 )
+from margin.data_parallel import (
+    SINGLE,
+    World,
+    barrier,
+    init_world,
+    sum_gradients,
+    sum_value,
+)
 from margin.errors import MarginError, require
 from margin.examples import Example
 from margin.metrics import exact_match
@@ -222,7 +230,7 @@ def prepare(rag: RAG, config: TrainConfig) -> _Parts:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gen_model = rag.generator.model
     encoder = rag.question_encoder
-    dense = rag.retriever is None or rag.retriever.index.dense is not None
+    dense = rag.retriever is None or rag.retriever.kind != "bm25"
     learn_q = not config.freeze_retriever and encoder is not None and dense
     learn_g = not config.freeze_generator
     if not (learn_q or learn_g):
@@ -323,12 +331,15 @@ def train(
     progress: bool = True,
     model_name: str = "",
     on_step: Callable[[dict[str, Any]], None] | None = None,
+    world: World = SINGLE,
 ) -> TrainResult:
     """Fine-tune ``rag`` on ``examples``; write logs and checkpoints under ``out``.
 
     ``resume`` continues from ``out/state`` (same model, data and settings); ``model_name``
     records what was loaded so a resume with another model is refused. ``on_step`` receives each
-    step's log record (after any save), e.g. to stop a run early.
+    step's log record (after any save), e.g. to stop a run early. ``world``: this process's
+    place among data-parallel processes (margin.data_parallel); each takes its share of every
+    micro-batch, the gradients are summed, and rank 0 alone writes and evaluates.
     """
     config = config or TrainConfig()
     out = Path(out)
@@ -364,7 +375,7 @@ def train(
     topk = TopK(rag, [e.input for e in examples], config.k, cached=not learn_q,
                 batch=config.retrieval_batch_size)
     batches = micro_batches(n, config, epoch, position)
-    bar = _progress(total, step, progress)
+    bar = _progress(total, step, progress and world.main)
     window: list[float] = []
     seen, tick = 0, time.perf_counter()
     loss_value = float("nan")
@@ -373,11 +384,17 @@ def train(
         step_loss = 0.0
         for _ in range(config.grad_accum):
             rows, epoch, position = next(batches)
-            loss = _batch_loss(rag, examples, rows, epoch, topk, config, parts)
-            scaled = loss / config.grad_accum
+            mine = world.shard(rows)
+            seen += len(rows)
+            if not len(mine):  # a short last batch with fewer rows than processes
+                continue
+            # this process's share of the micro-batch mean: its rows' mean x its share of rows
+            loss = _batch_loss(rag, examples, mine, epoch, topk, config, parts)
+            scaled = loss * (len(mine) / len(rows)) / config.grad_accum
             (scaler.scale(scaled) if scaler else scaled).backward()
             step_loss += scaled.item()
-            seen += len(rows)
+        sum_gradients(list(parts.params.values()), world)
+        step_loss = sum_value(step_loss, world)
         if scaler:
             scaler.unscale_(optimizer)
         grads = [p for p in parts.params.values() if p.grad is not None]
@@ -399,13 +416,15 @@ def train(
             loss_value = sum(window) / len(window)
             record.update(mean_loss=loss_value, examples_per_s=seen / max(elapsed, 1e-9),
                           elapsed_s=time.perf_counter() - start_time)
-            _append(out / "log.jsonl", record)
+            if world.main:
+                _append(out / "log.jsonl", record)
             if bar is not None:
                 bar.set_postfix(loss=f"{loss_value:.3f}", ex_s=f"{seen / max(elapsed, 1e-9):.2f}")
                 bar.update(config.log_every if step % config.log_every == 0 else step - bar.n)
             window, seen, tick = [], 0, time.perf_counter()
-        evaluate_now = dev and (step == total or (config.eval_every and
-                                                  step % config.eval_every == 0))
+        evaluate_now = dev and world.main and (
+            step == total or (config.eval_every and step % config.eval_every == 0)
+        )
         if evaluate_now:
             assert dev is not None
             subset = list(dev)[: config.eval_limit] if config.eval_limit else list(dev)
@@ -414,7 +433,8 @@ def train(
             if best is None or em > best[0]:
                 best = (em, step)
                 save_checkpoint(rag, out / "best", parts.peft_model, config.mode, config.k)
-        if step == total or (config.save_every and step % config.save_every == 0):
+        saving = step == total or (config.save_every and step % config.save_every == 0)
+        if saving and world.main:
             save_checkpoint(rag, out / "last", parts.peft_model, config.mode, config.k)
             save_state(state_dir, parts.params, optimizer, scheduler, {
                 "step": step, "epoch": epoch, "position": position,
@@ -428,8 +448,10 @@ def train(
     for module in parts.modules.values():
         module.eval()
     wall = time.perf_counter() - start_time
-    _append(out / "log.jsonl", {"done": True, "steps": step, "wall_s": wall,
-                                "best_dev_em": best[0] if best else None})
+    if world.main:
+        _append(out / "log.jsonl", {"done": True, "steps": step, "wall_s": wall,
+                                    "best_dev_em": best[0] if best else None})
+    barrier(world)  # the others return once rank 0's checkpoint is on disk
     return TrainResult(step, loss_value, best[0] if best else None, best[1] if best else None,
                        wall, out)
 
@@ -517,28 +539,70 @@ def run(
     skip_bad_lines: bool = False,
     resume: bool = False,
     progress: bool = True,
+    ray_retrieval: bool = False,
+    ray_address: str | None = None,
 ) -> tuple[TrainResult, int]:
     """``margin train``: read data, load the model and index, train. Returns the result and
-    the number of malformed lines skipped (``skip_bad_lines``)."""
+    the number of malformed lines skipped (``skip_bad_lines``).
+
+    Started by torchrun, each process trains its share (margin.data_parallel). ``ray_retrieval``:
+    search one shared copy of the index per machine, a Ray actor, instead of one per process
+    (``ray_address``: the cluster to join; several processes default to ``"auto"``, the one
+    ``ray start --head`` started).
+    """
     from margin.examples import read_examples_counted
 
     config = config or TrainConfig()
     if retriever not in ("dense", "bm25"):
         raise MarginError(f"unknown retriever {retriever!r}; use 'dense' or 'bm25'")
+    if ray_retrieval and retriever == "bm25":
+        raise MarginError("--ray-retrieval serves dense indexes; drop it or --retriever bm25")
     examples, skipped = read_examples_counted(train_path, data_format, task, limit, skip_bad_lines)
     dev = None
     if dev_path is not None:
         dev, dev_skipped = read_examples_counted(dev_path, data_format, task, None, skip_bad_lines)
         skipped += dev_skipped
+    world = init_world()
     if retriever == "bm25" and index == "default":
         index = str(default_bm25_index(progress))
-    rag = RAG.load(model=model, index=index, progress=progress)
-    if retriever == "bm25" and rag.retriever is not None and rag.retriever.index.dense is not None:
+    if ray_retrieval:
+        address = ray_address or ("auto" if world.size > 1 else None)
+        rag = with_ray_retrieval(model, index, address, world, progress)
+    else:
+        rag = RAG.load(model=model, index=index, progress=progress)
+    if retriever == "bm25" and rag.retriever is not None and rag.retriever.kind != "bm25":
         raise MarginError(f"--retriever bm25 needs a BM25 index, but {index} is dense; "
                           "build one with `margin index build --kind bm25`")
-    result = train(rag, examples, out, config, dev=dev, resume=resume, progress=progress,
-                   model_name=f"{model}|{index}")
+    result = train(rag, examples, out, config, dev=dev, resume=resume,
+                   progress=progress and world.main, model_name=f"{model}|{index}", world=world)
     return result, skipped
+
+
+def with_ray_retrieval(
+    model: str, index: str, address: str | None, world: World = SINGLE, progress: bool = True
+) -> RAG:
+    """``model`` with its retrieval served by the machine's shared Ray actor over ``index``
+    (margin.sharded.retrieval_actor): the index is loaded once per machine, not per process."""
+    from margin.retriever import resolve_index
+    from margin.sharded import RemoteRetriever, retrieval_actor
+
+    if world.main:  # the default index is built (once) before any process opens it
+        resolve_index(index, progress=progress)
+    barrier(world)
+    path = resolve_index(index, progress=False)
+    rag = RAG.load(model=model, index=None, progress=progress)
+    if rag.question_encoder is None:
+        raise MarginError(f"{model} has no question encoder to search {path} with")
+    remote = RemoteRetriever(retrieval_actor(path, address=address), rag.question_encoder)
+    built = remote.index_encoder
+    expected = getattr(getattr(rag, "config", None), "index_encoder_fingerprint", None)
+    if expected and built and built.get("fingerprint") != expected:
+        raise MarginError(
+            f"index {path} was built with passage encoder sha256 {built['fingerprint'][:12]} but "
+            f"model {model} expects {expected[:12]}; use an index built with its passage encoder"
+        )
+    rag.retriever = remote  # type: ignore[assignment]
+    return rag
 
 
 def default_bm25_index(progress: bool = True) -> Path:
