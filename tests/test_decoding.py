@@ -253,17 +253,19 @@ def test_greedy_rag_token_streams_the_answer_tokens(bart):
 @pytest.mark.parametrize("kind", ["bart", "llama"])
 @pytest.mark.parametrize(("method", "beams"), [("token", 1), ("token", 2), ("thorough", 1),
                                                ("thorough", 2)])
-def test_dropping_finished_groups_changes_nothing_but_the_work(kind, method, beams, request,
-                                                               monkeypatch):
-    """Groups that can no longer improve leave the batch; every result stays the same."""
+@pytest.mark.parametrize("first_done", [0, -1])
+def test_dropping_finished_groups_changes_nothing_but_the_work(kind, method, beams, first_done,
+                                                               request, monkeypatch):
+    """Groups that can no longer improve leave the batch (from its head or its tail); every
+    result stays the same."""
     import margin.decoding as D
 
     gen = request.getfixturevalue(kind)
     inputs = gen.build_inputs(QS, PS)
     cfg = DecodeConfig(num_beams=beams, max_new_tokens=8)
     full = decode(gen, inputs, SCORES, cfg, "token")
-    # make the first question's second greedy token an end token, so groups finish unevenly
-    stop = full[0].best.token_ids[1]
+    # make one question's second greedy token an end token, so groups finish unevenly
+    stop = full[first_done].best.token_ids[1]
     monkeypatch.setattr(gen, "eos_token_ids", (*gen.eos_token_ids, stop))
     rows: list[int] = []
     step = gen.step

@@ -95,7 +95,7 @@ class PromptCache:
     def select(self, rows: torch.Tensor) -> DynamicCache:
         """A fresh cache holding prompt rows ``rows`` (M,), in that order (repeats allowed)."""
         kv = self.layers
-        if not _is_identity(rows):
+        if not _is_identity(rows, self.mask.shape[0]):
             kv = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in kv]
         return DynamicCache(ddp_cache_data=kv)  # copies: (M, h, S, d_head) per layer
 
@@ -116,7 +116,7 @@ class StartCache:
     def cache(self, rows: torch.Tensor, with_start: bool) -> EncoderDecoderCache:
         """A fresh cache for rows ``rows`` (M,) of the contexts, with or without the start token."""
         def pick(kv: list[KV]) -> list[KV]:  # the cache copies what it is given
-            if _is_identity(rows):
+            if _is_identity(rows, self.next_logits.shape[0]):
                 return kv
             return [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in kv]
 
@@ -191,9 +191,9 @@ def _eos_ids(value: int | Sequence[int] | None) -> tuple[int, ...]:
     return (value,) if isinstance(value, int) else tuple(value)
 
 
-def _is_identity(order: torch.Tensor) -> bool:
-    """Whether a reorder (N,) keeps every row where it is."""
-    return torch.equal(order, torch.arange(order.numel(), device=order.device))
+def _is_identity(order: torch.Tensor, n: int) -> bool:
+    """Whether picking rows ``order`` (M,) out of ``n`` keeps every row, each where it is."""
+    return order.numel() == n and torch.equal(order, torch.arange(n, device=order.device))
 
 
 def _check_passages(questions: Sequence[str], passages: Sequence[Sequence[Passage]]) -> int:
@@ -331,7 +331,8 @@ class Generator(ABC):
 
     def advance(self, state: DecodeState, next_tokens: torch.Tensor, reorder: torch.Tensor) -> None:
         """Row i continues row ``reorder[i]`` with ``next_tokens[i]`` (beam reordering)."""
-        if not _is_identity(reorder):  # greedy never reorders: skip copying the whole cache
+        # greedy never reorders (until finished rows leave): skip copying the whole cache
+        if not _is_identity(reorder, state.last_tokens.numel()):
             state.cache.reorder_cache(reorder)
             state.attention_mask = state.attention_mask.index_select(0, reorder)
             if state.hidden is not None:
@@ -429,7 +430,7 @@ class Seq2SeqGenerator(Generator):
         dec_in = target_ids.new_full(target_ids.shape, self.decoder_start_token_id)  # (M, T)
         dec_in[:, 1:] = target_ids[:, :-1]
         cache = None
-        if not torch.is_grad_enabled() and not _is_identity(rows):
+        if not torch.is_grad_enabled() and not _is_identity(rows, enc.hidden.shape[0]):
             # rows repeat (hypotheses x passages): each context's cross-attention once, copied
             cache = self._start(enc).cache(rows, with_start=False)
         out = self.model(
@@ -474,7 +475,8 @@ class Seq2SeqGenerator(Generator):
         if (
             ctx is not None
             and isinstance(state.cache, EncoderDecoderCache)
-            and not _is_identity(reorder)
+            and not _is_identity(reorder, ctx.numel())
+            and reorder.numel() == ctx.numel()
             and torch.equal(ctx.index_select(0, reorder), ctx)
         ):
             state.cache.self_attention_cache.reorder_cache(reorder)
@@ -708,7 +710,7 @@ def _scatter_rows(
     """
     if len(parts) == 1:  # one group of every row: already the full layout, maybe reordered
         rows, kv, logits = parts[0]
-        if _is_identity(rows):
+        if _is_identity(rows, R):
             return kv, logits
         order = torch.argsort(rows)
         return [(k[order], v[order]) for k, v in kv], logits[order]
