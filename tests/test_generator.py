@@ -383,6 +383,10 @@ def test_prefix_runs_once_and_scoring_reads_only_targets():
         seen.clear()
         gen.score(enc, torch.tensor([1]), target[:1, :1], tmask[:1, :1])
         assert seen == []  # a one-token target is predicted by the prompt's last position
+        short, long = gen.build_targets(["paris", "a tower in paris"])[1].sum(-1).tolist()
+        target, tmask = gen.build_targets(["paris", "a tower in paris"])
+        gen.score(enc, torch.tensor([0, 1]), target, tmask)
+        assert seen == [(1, long - 1), (1, short - 1)]  # each target at its own length
     finally:
         hook.remove()
 

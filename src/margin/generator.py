@@ -44,12 +44,14 @@ from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput
 
 from margin.errors import MarginError
+from margin.kv_cache import DEFAULT_ROOM, GrowingCache
 from margin.passages import Passage
 
 PromptFn = Callable[[object, str, Passage | None], str]
 TargetFn = Callable[[object, str], str]  # (tokenizer, answer) -> the text that follows the prompt
 KV = tuple[torch.Tensor, torch.Tensor]  # one layer's cached (keys, values), (n, h, S, d_head)
 SCORE_CHUNK = 2**26  # logits (pairs x tokens x vocabulary) scored at once: 256 MiB of float32
+SCORE_SLACK = 0.25  # targets scored together while padding adds at most this share of tokens
 
 
 @dataclass
@@ -92,12 +94,11 @@ class PromptCache:
     last_tokens: torch.Tensor  # (R,) the last prompt token of each row
     next_logits: torch.Tensor  # (R, V) logits of the first target token, after the whole prompt
 
-    def select(self, rows: torch.Tensor) -> DynamicCache:
-        """A fresh cache holding prompt rows ``rows`` (M,), in that order (repeats allowed)."""
-        kv = self.layers
-        if not _is_identity(rows, self.mask.shape[0]):
-            kv = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in kv]
-        return DynamicCache(ddp_cache_data=kv)  # copies: (M, h, S, d_head) per layer
+    def select(self, rows: torch.Tensor, room: int = DEFAULT_ROOM) -> DynamicCache:
+        """A fresh cache holding prompt rows ``rows`` (M,), in that order (repeats allowed),
+        with ``room`` positions to grow into before it reallocates."""
+        pick = None if _is_identity(rows, self.mask.shape[0]) else rows
+        return GrowingCache(self.layers, pick, room)  # one copy: (M, h, S + room, d_head)
 
 
 @dataclass
@@ -115,13 +116,9 @@ class StartCache:
 
     def cache(self, rows: torch.Tensor, with_start: bool) -> EncoderDecoderCache:
         """A fresh cache for rows ``rows`` (M,) of the contexts, with or without the start token."""
-        def pick(kv: list[KV]) -> list[KV]:  # the cache copies what it is given
-            if _is_identity(rows, self.next_logits.shape[0]):
-                return kv
-            return [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in kv]
-
-        own = DynamicCache(ddp_cache_data=pick(self.own)) if with_start else DynamicCache()
-        return EncoderDecoderCache(own, DynamicCache(ddp_cache_data=pick(self.cross)))
+        pick = None if _is_identity(rows, self.next_logits.shape[0]) else rows
+        own = GrowingCache(self.own, pick) if with_start else DynamicCache()
+        return EncoderDecoderCache(own, GrowingCache(self.cross, pick, room=0))
 
 
 @dataclass
@@ -271,17 +268,32 @@ class Generator(ABC):
     ) -> torch.Tensor:
         """log p(y_i|x,z,y_<i) (M, T) of targets (M, T) under context rows (M,); 0 where masked.
 
-        Many pairs (Thorough Decoding's) are scored in chunks, so that the logits held at once
-        stay under SCORE_CHUNK values rather than growing with M x T x vocabulary.
+        Targets of different lengths (Thorough Decoding's hypotheses: a one-word answer beside a
+        sentence) are scored in groups of similar length, each cut to its longest target, so a
+        long one does not make every row run its length; a target's positions past its end are
+        masked and never read by its real ones (the decoder is causal). Groups are also cut so
+        that the logits held at once stay under SCORE_CHUNK values.
         """
-        per = max(1, SCORE_CHUNK // max(1, target_ids.shape[1] * self.vocab_size))
-        if rows.shape[0] <= per:
+        M, T = target_ids.shape
+        # a target's width: up to its last scored position (a forced BOS may be unscored)
+        positions = torch.arange(1, T + 1, device=target_mask.device)
+        lengths = (target_mask.bool() * positions).amax(-1).clamp(min=1).tolist()
+        parts: list[tuple[list[int], int]] = []  # (row indices, their longest target)
+        for group in length_groups(lengths, SCORE_SLACK):
+            width = int(lengths[group[0]])  # groups list their longest row first
+            per = max(1, SCORE_CHUNK // (width * self.vocab_size))
+            parts += [(group[i : i + per], width) for i in range(0, len(group), per)]
+        if len(parts) == 1 and parts[0][1] == T:
             return self._score(enc, rows, target_ids, target_mask)
-        parts = [
-            self._score(enc, rows[i : i + per], target_ids[i : i + per], target_mask[i : i + per])
-            for i in range(0, rows.shape[0], per)
-        ]
-        return torch.cat(parts)
+        scored, order = [], []
+        for idx, width in parts:
+            i = torch.tensor(idx, device=rows.device)
+            lp = self._score(enc, rows[i], target_ids[i, :width], target_mask[i, :width])
+            scored.append(F.pad(lp, (0, T - width)))  # (n, T), 0 past the group's width
+            order += idx
+        inverse = torch.empty(M, dtype=torch.long, device=rows.device)
+        inverse[torch.tensor(order, device=rows.device)] = torch.arange(M, device=rows.device)
+        return torch.cat(scored).index_select(0, inverse)  # (M, T) back in row order
 
     def _score(
         self, enc: Encoded, rows: torch.Tensor, target_ids: torch.Tensor, target_mask: torch.Tensor
@@ -631,7 +643,7 @@ class CausalGenerator(Generator):
             input_ids=target_ids[:, :-1],
             attention_mask=mask,
             position_ids=positions,
-            cache=prompt.select(rows),
+            cache=prompt.select(rows, room=T - 1),
             use_cache=True,
         )
         return torch.cat([first.to(out.logits.dtype), out.logits], 1)  # (M, T, V)
