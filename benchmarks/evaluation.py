@@ -50,7 +50,7 @@ PLOT = Path(__file__).parent / "evaluation_k_sweep.png"
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", default="500", help="questions per data set (main table); or a "
-                    "comma list, one per data set (NQ-open, TriviaQA)")
+                    "comma list, one per data set (NQ-open, TriviaQA); 0: the k sweep only")
     ap.add_argument("--recall-n", type=int, default=500, help="questions for answer recall@k")
     ap.add_argument("--stages", default="20,50,100,200,300,400,500", help="main-table n steps")
     ap.add_argument("--sweep-n", type=int, default=30, help="NQ questions in the k sweep")
@@ -92,6 +92,8 @@ def main() -> None:
     n_for = {name: n_for[name] for name in datasets}
     top = max(n_for.values())
     stages = [s for s in (int(x) for x in args.stages.split(",")) if s < top] + [top]
+    if top == 0:  # --n 0: the k sweep alone (e.g. in its own process)
+        stages = []
     for stage in stages:
         began = time.perf_counter()
         for name, path in datasets.items():
