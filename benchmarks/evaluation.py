@@ -189,7 +189,8 @@ def render(recall, main_results, sweep, args, wall_min, load_start, load_end) ->
         "", f"![k sweep]({PLOT.relative_to(PLOT.parent.parent)})", "",
         f"- command: `MARGIN_HOME=/tmp/mh nice -n 10 .venv/bin/python benchmarks/evaluation.py "
         f"--n {args.n} --recall-n {args.recall_n} --sweep-n {args.sweep_n}"
-        + (f" --budget-min {args.budget_min:g}" if args.budget_min else "") + " --write`",
+        + (f" --budget-min {args.budget_min:g}" if args.budget_min else "")
+        + (f" --threads {args.threads}" if args.threads != 1 else "") + " --write`",
         "- s/question: what a setting costs alone, the batch's retrieval and prompt encoding "
         "plus its own decoding (the token and sequence runs of one retriever share the "
         "encoding, computed once: `margin.evaluate.shared_prompt_groups`)",
