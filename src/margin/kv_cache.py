@@ -104,6 +104,8 @@ def _gathered(x: torch.Tensor, rows: torch.Tensor | None, room: int) -> torch.Te
     buf = x.new_empty(m, h, s + room, d)
     if rows is None:
         buf[:, :, :s].copy_(x)
+    elif x.requires_grad and torch.is_grad_enabled():  # training: out= is not differentiable
+        buf[:, :, :s].copy_(x.index_select(0, rows))
     else:
         torch.index_select(x, 0, rows, out=buf[:, :, :s])
     return buf
