@@ -273,6 +273,15 @@ def markdown(results: list[dict], args: argparse.Namespace) -> str:
         "the heap the loaded index takes (RssAnon), *mapped* the pages of memory-mapped vectors "
         "re-ranking touched (RssFile, reclaimable). See docs/scale.md for the 21M plan.",
         "",
+    ]
+    for r in results:  # when each size was measured (--reuse keeps earlier runs)
+        run = r.get("run")
+        lines.append(f"- {r['n']:,}: " + (
+            f"measured {run['began']}, load average {run['load_start']} at the start, "
+            f"{run['load_end']} at the end" if run else "measured in an earlier invocation "
+            "(its date and load are in the git history of this section)"))
+    lines += [
+        "",
         "| n | index | build s | peak RSS building MiB | index MiB | B/vector | nprobe/ef "
         "| re-rank | recall@20 | q/s | mapped MiB |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -319,14 +328,24 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="+", default=DEFAULT_KINDS, choices=list(KINDS))
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/margin-scale"))
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
+    parser.add_argument("--reuse", action="store_true",
+                        help="take a size already measured (WORKDIR/results-N.json) from there")
     args = parser.parse_args()
     results = []
     for n in args.n:
+        done = args.workdir / f"results-{n}.json"
+        if args.reuse and done.exists():
+            results.append(json.loads(done.read_text()))
+            print(f"[{n:,}] reused from {done}", file=sys.stderr, flush=True)
+            continue
         free = shutil.disk_usage(args.workdir.parent).free
         if free < n * DIM * 4 * 1.5:
             sys.exit(f"{args.workdir.parent}: {free / 2**30:.0f} GiB free, need "
                      f"{n * DIM * 6 / 2**30:.0f} GiB for {n:,} vectors")
+        began, load_start = time.strftime("%Y-%m-%d %H:%M"), load_average()
         results.append(measure(n, args, args.workdir / str(n)))
+        results[-1]["run"] = {"began": began, "load_start": load_start,
+                              "load_end": load_average(), "kinds": args.kinds}
         (args.workdir / f"results-{n}.json").write_text(json.dumps(results[-1], indent=1))
         shutil.rmtree(args.workdir / str(n))
     text = markdown(results, args)
