@@ -194,14 +194,20 @@ def _load_margin(path: Path, index: str | Path | None, progress: bool) -> RAG:
 
 
 def _check_index(loaded, config: ModelConfig, path: Path) -> None:
-    built = loaded.manifest.encoder
-    expected = config.index_encoder_fingerprint
-    if built is None or expected is None:
+    check_index_encoder(loaded.path, loaded.manifest.encoder, config.index_encoder_fingerprint,
+                        path)
+
+
+def check_index_encoder(index: Path | str, built: dict | None, expected: str | None,
+                        model: Path | str) -> None:
+    """Refuse an index whose passage encoder (its manifest's ``encoder``) is not the one model
+    ``model`` was trained against (fingerprint ``expected``); unknown on either side passes."""
+    if not built or not expected:
         return
     if built["fingerprint"] != expected:
         raise MarginError(
-            f"index {loaded.path} was built with passage encoder sha256 "
-            f"{built['fingerprint'][:12]} but model {path} expects {expected[:12]}; "
+            f"index {index} was built with passage encoder sha256 "
+            f"{built['fingerprint'][:12]} but model {model} expects {expected[:12]}; "
             "use an index built with the model's passage encoder"
         )
 

@@ -583,6 +583,7 @@ def with_ray_retrieval(
 ) -> RAG:
     """``model`` with its retrieval served by the machine's shared Ray actor over ``index``
     (margin.sharded.retrieval_actor): the index is loaded once per machine, not per process."""
+    from margin.models import check_index_encoder
     from margin.retriever import resolve_index
     from margin.sharded import RemoteRetriever, retrieval_actor
 
@@ -594,13 +595,8 @@ def with_ray_retrieval(
     if rag.question_encoder is None:
         raise MarginError(f"{model} has no question encoder to search {path} with")
     remote = RemoteRetriever(retrieval_actor(path, address=address), rag.question_encoder)
-    built = remote.index_encoder
     expected = getattr(getattr(rag, "config", None), "index_encoder_fingerprint", None)
-    if expected and built and built.get("fingerprint") != expected:
-        raise MarginError(
-            f"index {path} was built with passage encoder sha256 {built['fingerprint'][:12]} but "
-            f"model {model} expects {expected[:12]}; use an index built with its passage encoder"
-        )
+    check_index_encoder(path, remote.index_encoder, expected, model)
     rag.retriever = remote  # type: ignore[assignment]
     return rag
 
