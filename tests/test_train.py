@@ -179,6 +179,26 @@ def test_frozen_options_freeze_what_they_say(make_rag, tmp_path, frozen):
     assert (fingerprint(g) == before[1]) == (frozen == "generator")
 
 
+def test_the_question_encoder_moves_at_its_own_learning_rate(make_rag, tmp_path):
+    """Adam's first step moves every weight by at most its group's lr (|m / sqrt(v)| <= 1)."""
+    rag = make_rag()
+    q, g = rag.question_encoder.module, rag.generator.model
+    q0 = [p.detach().clone() for p in q.parameters()]
+    g0 = [p.detach().clone() for p in g.parameters()]
+    config = TrainConfig(steps=1, **dict(FAST, lr=1e-3), retriever_lr=1e-6, max_grad_norm=0)
+    train(rag, EXAMPLES, tmp_path / "run", config, progress=False)
+
+    def moved(module, before):
+        return max(float((p.detach() - b).abs().max()) for p, b in zip(module.parameters(), before,
+                                                             strict=True))
+
+    # (+ float32 rounding: a weight near 1.0 moves in steps of ~1.2e-7)
+    assert 0 < moved(q, q0) <= 1e-6 + 2.5e-7
+    assert 1e-4 < moved(g, g0) <= 1e-3 + 2.5e-7
+    with pytest.raises(MarginError, match="retriever_lr must be positive"):
+        TrainConfig(retriever_lr=0.0)
+
+
 def test_freezing_everything_is_refused(make_rag, tmp_path):
     config = TrainConfig(steps=1, freeze_retriever=True, freeze_generator=True)
     with pytest.raises(MarginError, match="nothing to train"):

@@ -235,6 +235,8 @@ def train(
     batch_size: Annotated[int, typer.Option(help="Questions per micro-batch.")] = 4,
     grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 3e-5,
+    retriever_lr: Annotated[float | None, typer.Option(
+        help="The question encoder's peak learning rate (default: --lr).")] = None,
     warmup: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 0,
     freeze_retriever: Annotated[bool, typer.Option(help="Freeze the question encoder.")] = False,
     freeze_generator: Annotated[bool, typer.Option(help="Keep the generator fixed.")] = False,
@@ -256,7 +258,7 @@ def train(
 
     config = TrainConfig(
         mode=mode, k=k, steps=steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
-        lr=lr, warmup=warmup, freeze_retriever=freeze_retriever,
+        lr=lr, retriever_lr=retriever_lr, warmup=warmup, freeze_retriever=freeze_retriever,
         freeze_generator=freeze_generator, target=target, lora=lora, lora_r=lora_r,
         gradient_checkpointing=gradient_checkpointing, precision=precision,
         eval_every=eval_every, save_every=save_every, seed=seed,

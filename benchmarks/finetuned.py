@@ -1,0 +1,182 @@
+"""The fine-tuned default: `make finetune`'s wall time, then its answers on the held-out questions.
+
+What it measures (issue "Answer quality", section "A fine-tuned default, one command"):
+
+- ``finetune``: runs ``margin finetune`` on the two development files exactly as ``make finetune``
+  does (the recipe in ``margin.train.FINETUNE_RECIPE``; the first 500 lines of each file are held
+  out) and records its wall time;
+- ``eval``: ``margin eval`` of ``--model finetuned`` on the held-out slices (the first 500
+  questions of nq-open-dev and triviaqa-dev): closed book and dense RAG at k = 5 in both modes,
+  greedy, the same settings as ``benchmarks/evaluation.py``'s main table;
+- ``--write``: a BENCHMARKS.md section with the closed-book, zero-shot RAG and fine-tuned RAG rows
+  side by side. The zero-shot rows are read through ``run_eval`` from ``benchmarks/evaluation.py``'s
+  ``--out`` (resumed, so only what is missing there is predicted).
+
+    MARGIN_HOME=/tmp/mh nice -n 10 .venv/bin/python benchmarks/finetuned.py finetune
+    MARGIN_HOME=/tmp/mh nice -n 10 .venv/bin/python benchmarks/finetuned.py eval --datasets NQ-open
+    MARGIN_HOME=/tmp/mh nice -n 10 .venv/bin/python benchmarks/finetuned.py eval --write
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from margin.assets import margin_home
+from margin.evaluate import EvalConfig, run_eval
+from margin.models import load_model
+from margin.train import FINETUNE_RECIPE, HELDOUT
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _report import cpu_model, load_average, write_section  # noqa: E402
+from evaluation import DATASETS  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+MAIN = dict(ks=(5,), modes=("token", "sequence"))
+
+
+def finetune(out: Path) -> None:
+    """``make finetune``'s command, timed; the timing is kept in ``out/finetune.json``."""
+    out.mkdir(parents=True, exist_ok=True)
+    command = [str(Path(sys.executable).with_name("margin")), "finetune",
+               *(str(p) for p in DATASETS.values())]
+    load_start, began = load_average(), time.perf_counter()
+    subprocess.run(command, check=True)
+    wall = time.perf_counter() - began
+    log = [json.loads(line) for line in
+           (margin_home() / "runs" / "finetuned" / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in log if "loss" in r]
+    record = {"wall_s": wall, "load_start": load_start, "load_end": load_average(),
+              "steps": len(losses), "first_loss": losses[0], "last_loss": losses[-1],
+              "threads": torch.get_num_threads(), "command": " ".join(command[1:]),
+              "date": datetime.date.today().isoformat()}
+    (out / "finetune.json").write_text(json.dumps(record, indent=1))
+    print(json.dumps(record), flush=True)
+
+
+def evaluate(datasets: dict[str, Path], n: int, out: Path, zero_shot_out: Path,
+             batch_size: int) -> dict[str, dict[str, list[dict]]]:
+    """Every row of the table, per data set: fine-tuned (closed book and RAG) and zero-shot."""
+    tuned = load_model("finetuned", "default", progress=False)
+    default = load_model("default", "default", progress=False)
+    rows: dict[str, dict[str, list[dict]]] = {}
+    for name, path in datasets.items():
+        def cfg(where: Path, retrievers: tuple[str, ...], path=path) -> EvalConfig:
+            return EvalConfig(data=str(path), out=str(where), limit=n, batch_size=batch_size,
+                              progress=False, retrievers=retrievers, **MAIN)
+
+        rows[name] = {
+            "fine-tuned": run_eval(cfg(out / name, ("none", "dense")),
+                                   {"dense": tuned, "none": tuned}),
+            "zero-shot": run_eval(cfg(zero_shot_out / name / "main", ("none", "dense")),
+                                  {"dense": default, "none": default}),
+        }
+        for kind, results in rows[name].items():
+            print(name, kind, ", ".join(f"{r['retriever']}/{r['mode']} EM "
+                                        f"{100 * r['exact_match']:.1f}" for r in results),
+                  flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("phase", choices=("finetune", "eval"))
+    ap.add_argument("--n", type=int, default=HELDOUT, help="held-out questions per data set")
+    ap.add_argument("--datasets", default=",".join(DATASETS),
+                    help="comma list (one process per data set uses both cores); --write needs all")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (eval)")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--out", type=Path, default=Path("/tmp/margin-finetuned-bench"))
+    ap.add_argument("--zero-shot-out", type=Path, default=Path("/tmp/margin-eval-bench"),
+                    help="benchmarks/evaluation.py's --out (its runs are resumed, not redone)")
+    ap.add_argument("--write", action="store_true", help="write the BENCHMARKS.md section")
+    args = ap.parse_args()
+    if args.phase == "finetune":
+        finetune(args.out)
+        return
+    datasets = {name: DATASETS[name] for name in args.datasets.split(",")}
+    if args.write and len(datasets) < len(DATASETS):
+        ap.error("--write needs every data set")
+    torch.set_num_threads(args.threads)
+    load_start = load_average()
+    rows = evaluate(datasets, args.n, args.out, args.zero_shot_out, args.batch_size)
+    if args.write:
+        timing = json.loads((args.out / "finetune.json").read_text())
+        section = render(rows, timing, args, load_start, load_average())
+        print(section)
+        write_section(ROOT / "BENCHMARKS.md", section)
+
+
+def _pct(x) -> str:
+    return f"{100 * x:.1f}"
+
+
+def render(rows, timing, args, load_start, load_end) -> str:
+    r = FINETUNE_RECIPE
+    lines = [
+        "## Answer quality: the fine-tuned default (`make finetune`)", "",
+        f"`make finetune` (`margin finetune nq-open-dev.tsv triviaqa-dev.tsv`) fine-tunes the "
+        f"default model on the development files minus their first {HELDOUT} lines, which are held "
+        f"out for this report. Recipe (`margin.train.FINETUNE_RECIPE`): RAG-{r.mode.title()} "
+        f"objective, k = {r.k}, {r.steps} optimizer steps of {r.batch_size * r.grad_accum} "
+        f"questions ({r.batch_size} x {r.grad_accum} accumulated), so "
+        f"{r.steps * r.batch_size * r.grad_accum} training questions (NQ and TriviaQA "
+        f"interleaved); LoRA r = {r.lora_r} on every linear layer of the generator at lr {r.lr:g}, "
+        f"the question encoder trained in full at lr {r.retriever_lr:g}; the passage index fixed "
+        "(the paper's setting).", "",
+        f"- wall time of the fine-tuning: **{timing['wall_s'] / 60:.1f} min** "
+        f"(the target: at most 60 min on this 2-core CPU); training loss (−log p(y|x), nats) "
+        f"{timing['first_loss']:.2f} at step 1, {timing['last_loss']:.2f} at step "
+        f"{timing['steps']}",
+        f"- load average while it ran: {timing['load_start']} at the start, "
+        f"{timing['load_end']} at the end; torch {timing['threads']} thread(s); "
+        f"{timing['date']}", "",
+        f"Held-out questions: the first {args.n} of each file. Greedy, at most 16 new tokens, the "
+        "shipped few-shot template; dense retriever, k = 5. EM and F1 x100 (SQuAD-normalised, max "
+        "over the gold answers).", "",
+        "| data set | model | retrieval | mode | n | EM | F1 | EM, answer in top 5 (n) | "
+        "s/question |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    gains = []
+    for name, by_model in rows.items():
+        zero = {r["mode"]: r for r in by_model["zero-shot"] if r["k"]}
+        for model in ("zero-shot", "fine-tuned"):
+            for r in by_model[model]:
+                closed = r["k"] == 0
+                subset = "-" if closed else (f"{_pct(r['exact_match_answer_retrieved'])} "
+                                             f"({r['n_answer_retrieved']})")
+                lines.append(
+                    f"| {name} | {'default' if model == 'zero-shot' else 'finetuned'} | "
+                    f"{'closed book' if closed else 'dense k=5'} | "
+                    f"{'-' if closed else r['mode']} | {r['n']} | {_pct(r['exact_match'])} | "
+                    f"{_pct(r['f1'])} | {subset} | {r['seconds_per_example']:.2f} |")
+                if model == "fine-tuned" and not closed:
+                    gains.append((name, r["mode"],
+                                  r["exact_match"] - zero[r["mode"]]["exact_match"]))
+    lines += ["", "Fine-tuned RAG EM minus zero-shot RAG EM (target: at least +2.0 on NQ and on "
+              "TriviaQA): " + "; ".join(f"{name} {mode} {100 * g:+.1f}"
+                                         for name, mode, g in gains) + ".", ""]
+    lines += [
+        "- commands: `MARGIN_HOME=/tmp/mh nice -n 10 .venv/bin/python benchmarks/finetuned.py "
+        "finetune`, then `... benchmarks/finetuned.py eval --datasets NQ-open` and `--datasets "
+        "TriviaQA` side by side (one process each), then `... eval --write` (resumes, "
+        "aggregates)",
+        "- the zero-shot rows are `benchmarks/evaluation.py`'s runs (section \"Evaluation\"), read "
+        "back through the same `run_eval`",
+        f"- machine: nproc 2, {cpu_model()}; torch {torch.__version__}; load average for the "
+        f"final invocation {load_start} at the start, {load_end} at the end (shared machine)",
+        f"- date: {datetime.date.today().isoformat()}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
