@@ -145,6 +145,14 @@ def render(rows, timing, args, load_start, load_end) -> str:
         f"Held-out questions: the first {args.n} of each file. Greedy, at most 16 new tokens, the "
         "shipped few-shot template; dense retriever, k = 5. EM and F1 x100 (SQuAD-normalised, max "
         "over the gold answers).", "",
+    ]
+    if args.n < HELDOUT:
+        lines += [
+            f"Only the first {args.n} held-out questions of each file, not all {HELDOUT}: the "
+            "evaluation was stopped when the session's time ran out. Every row has the same "
+            "questions; `eval` resumes from `--out` and grows the fine-tuned runs.", "",
+        ]
+    lines += [
         "| data set | model | retrieval | mode | n | EM | F1 | EM, answer in top 5 (n) | "
         "s/question |",
         "|---|---|---|---|---:|---:|---:|---:|---:|",
