@@ -266,7 +266,9 @@ def markdown(results: list[dict], args: argparse.Namespace) -> str:
         SECTION,
         "",
         f"`nice -n 10 python benchmarks/scale.py --n {' '.join(map(str, args.n))} "
-        f"--hnsw-n {args.hnsw_n} --queries {args.queries}` ({when}; {cpu_model()}, "
+        f"--hnsw-n {args.hnsw_n} --queries {args.queries}"
+        + (f" --kinds {' '.join(args.kinds)}" if args.kinds != DEFAULT_KINDS else "")
+        + (" --reuse" if args.reuse else "") + f"` ({when}; {cpu_model()}, "
         f"{os.cpu_count()} cores shared with other jobs, load average at the end "
         f"{load_average()}). Synthetic 768-d clustered unit vectors, a fake encoder; queries/s "
         "on one thread, one batch; recall@20 against exact search. Memory in MiB: *index* is "
@@ -277,9 +279,10 @@ def markdown(results: list[dict], args: argparse.Namespace) -> str:
     for r in results:  # when each size was measured (--reuse keeps earlier runs)
         run = r.get("run")
         lines.append(f"- {r['n']:,}: " + (
-            f"measured {run['began']}, load average {run['load_start']} at the start, "
-            f"{run['load_end']} at the end" if run else "measured in an earlier invocation "
-            "(its date and load are in the git history of this section)"))
+            f"measured {run['began']} ({', '.join(run['kinds'])}), load average "
+            f"{run['load_start']} at the start, {run['load_end']} at the end" if run
+            else "measured in an earlier invocation (its date and load are in the git history "
+            "of this section)"))
     lines += [
         "",
         "| n | index | build s | peak RSS building MiB | index MiB | B/vector | nprobe/ef "
