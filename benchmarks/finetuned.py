@@ -177,7 +177,7 @@ def render(rows, timing, args, load_start, load_end) -> str:
               "TriviaQA): " + "; ".join(f"{name} {mode} {100 * g:+.1f}"
                                          for name, mode, g in gains) + ".", ""]
     lines += [
-        "- commands: `MARGIN_HOME=/tmp/mh nice -n 10 .venv/bin/python benchmarks/finetuned.py "
+        "- commands: `MARGIN_HOME=/tmp/mh nice -n 5 .venv/bin/python benchmarks/finetuned.py "
         "finetune`, then `... benchmarks/finetuned.py eval --datasets NQ-open` and `--datasets "
         "TriviaQA` side by side (one process each), then `... eval --write` (resumes, "
         "aggregates)",
