@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import datetime
+import os
 import platform
 import re
+import sys
 from pathlib import Path
 
 from margin._io import atomic_path
@@ -26,6 +29,28 @@ def load_average() -> str:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
     except OSError:
         return "unknown"
+
+
+def machine(device: str = "cpu") -> str:
+    """The cores and CPU model, torch's version and, on a GPU, the card's name."""
+    import torch
+
+    line = f"nproc {len(os.sched_getaffinity(0))}, {cpu_model()}; torch {torch.__version__}"
+    if device.startswith("cuda"):
+        line += f"; GPU {torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    return line
+
+
+def provenance(script: str, load_before: str, device: str = "cpu") -> list[str]:
+    """The lines that end every section: the exact command, the machine and its load, the date."""
+    command = " ".join(["python", f"benchmarks/{script}", *sys.argv[1:]])
+    return [
+        f"- command: `{command}`",
+        f"- machine: {machine(device)}; load average at the start {load_before}, at the end "
+        f"{load_average()}",
+        f"- date: {datetime.date.today().isoformat()}",
+        "",
+    ]
 
 
 def write_section(path: Path, section: str) -> None:

@@ -21,8 +21,6 @@ after one warm-up each:
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
 import statistics
 import sys
 import time
@@ -30,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from _report import cpu_model, load_average, write_section
+from _report import load_average, provenance, write_section
 from margin.generator import common_prefix_length, unpadded_rows
 from margin.rag import RAG
 
@@ -130,7 +128,6 @@ def main() -> int:
         f"{q} → {a.answer}" for q, a in zip(QUESTIONS, results["token"], strict=True)  # type: ignore[arg-type]
     )
     real = sum(len(r) for r in rows)
-    command = " ".join(["python", "benchmarks/causal_decoding.py", *sys.argv[1:]])
     section = "\n".join([
         SECTION,
         "",
@@ -155,12 +152,7 @@ def main() -> int:
         f"Agreement: {agree}/{len(QUESTIONS)} RAG-Sequence answers are one of their passages' "
         f"`generate` outputs. RAG-Token answers: {answers}.",
         "",
-        f"- command: `{command}`",
-        f"- machine: nproc {len(os.sched_getaffinity(0))}, {cpu_model()}; "
-        f"torch {torch.__version__}, load average at the start {load_before}, "
-        f"at the end {load_average()}",
-        f"- date: {datetime.date.today().isoformat()}",
-        "",
+        *provenance("causal_decoding.py", load_before),
     ])
     print(section)
     if args.write:

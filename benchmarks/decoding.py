@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import datetime
 import os
 import statistics
 import sys
@@ -57,11 +56,12 @@ from transformers import (
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput
 
-from _report import cpu_model, load_average, write_section
+from _report import load_average, provenance, write_section
 from margin.decoding import DecodeConfig, Decoded, decode_rag_sequence, decode_rag_token
 from margin.generator import SCORE_CHUNK, GenInputs, Seq2SeqGenerator
 
 SECTION = "## Decoding vs transformers"
+GPU_SECTION = "## Decoding vs transformers on a GPU"
 BENCHMARKS_MD = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
 PASSAGE_TOKENS = 128  # tokens per (question, passage) context row
 VOCAB = 50265  # BART's
@@ -495,15 +495,18 @@ def _met(ok: bool) -> str:
 
 def report(args: argparse.Namespace, results: list[Result], lat: dict[str, Timing] | None,
            load_before: str) -> str:
+    gpu = args.device.startswith("cuda")
     lines = [
-        SECTION,
+        GPU_SECTION if gpu else SECTION,
         "",
         f"Random fixed-seed BART-base-shaped generator (6+6 layers, d_model 768, vocab 50,265; "
         f"forced BOS/EOS), {PASSAGE_TOKENS}-token context rows and document scores given to both "
         f"implementations, batch {args.batch}, beams {args.beams}, at most "
         f"{args.max_new_tokens} new tokens, {args.threads} torch thread(s), device "
         f"{args.device}, median of {args.runs} runs after a warm-up (batch 1), sides alternating "
-        "in one process. Peak memory: growth of the resident set during the run (CPU), sampled.",
+        "in one process. Peak memory: "
+        + ("torch's peak GPU allocation during the run, above what was allocated before it."
+           if gpu else "growth of the resident set during the run, sampled every 5 ms."),
         "",
         "| k | decoding | seconds (median) | vs transformers | vs floor | peak MiB | runs (s) |",
         "|---:|---|---:|---:|---:|---:|---|",
@@ -554,16 +557,7 @@ def report(args: argparse.Namespace, results: list[Result], lat: dict[str, Timin
         lines += ["", "Batch 1 (k=5), seconds per question (median) and peak MiB: "
                   + "; ".join(f"{t.label} {t.median:.2f} s, {_mib(t)} MiB" for t in lat.values())
                   + "."]
-    command = " ".join(["python", "benchmarks/decoding.py", *sys.argv[1:]])
-    lines += [
-        "",
-        f"- command: `{command}`",
-        f"- machine: nproc {len(os.sched_getaffinity(0))}, {cpu_model()}; torch "
-        f"{torch.__version__}; load average at the start {load_before}, at the end "
-        f"{load_average()}",
-        f"- date: {datetime.date.today().isoformat()}",
-        "",
-    ]
+    lines += ["", *provenance("decoding.py", load_before, args.device)]
     return "\n".join(lines)
 
 
@@ -599,7 +593,7 @@ def main() -> int:
     print(section)
     if args.write:
         write_section(BENCHMARKS_MD, section)
-        print(f"wrote {SECTION!r} to {BENCHMARKS_MD}", file=sys.stderr)
+        print(f"wrote {section.splitlines()[0]!r} to {BENCHMARKS_MD}", file=sys.stderr)
     return 0
 
 

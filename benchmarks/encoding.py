@@ -13,9 +13,7 @@ one warm-up each; we report median passages/s and the ratio margin / sentence-tr
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 import statistics
 import sys
 import time
@@ -24,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _report import cpu_model, load_average, write_section
+from _report import load_average, provenance, write_section
 from margin.assets import DEFAULT_CORPUS
 from margin.encoders import load_encoder
 from margin.passages import Passage
@@ -105,7 +103,6 @@ def main() -> int:
         runs = ", ".join(f"{t:.1f}" for t, _ in times[side])
         return f"| {label} | {wall[side]:.1f} | {cpu[side]:.1f} | {runs} |"
 
-    command = " ".join(["python", "benchmarks/encoding.py", *sys.argv[1:]])
     section = "\n".join([
         SECTION,
         "",
@@ -126,11 +123,7 @@ def main() -> int:
         f"sentence-transformers by characters, so margin computes {by_tokens:,} token positions "
         f"and sentence-transformers {by_chars:,} for the same {int(lengths.sum()):,} real tokens.",
         "",
-        f"- command: `{command}`",
-        f"- machine: nproc {len(os.sched_getaffinity(0))}, {cpu_model()}; "
-        f"torch {torch.__version__}, load average at the start {load_before}",
-        f"- date: {datetime.date.today().isoformat()}",
-        "",
+        *provenance("encoding.py", load_before),
     ])
     print(section)
     if args.write:

@@ -19,18 +19,17 @@ same passage vectors. Models in eval mode (no dropout), so both sides compute th
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
 import sys
 from pathlib import Path
 
 import torch
 
-from _report import cpu_model, load_average, write_section
+from _report import load_average, provenance, write_section
 from decoding import Timing, build_models, make_inputs, measure
 from margin.marginalize import doc_log_prior, nll_loss
 
 SECTION = "## Training step vs transformers"
+GPU_SECTION = "## Training step vs transformers on a GPU"
 BENCHMARKS_MD = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
 
 
@@ -102,15 +101,17 @@ def main() -> int:
     }
     measure(list(sides.values()), args.runs, dev, [s.fn for s in sides.values()])
 
+    gpu = dev.startswith("cuda")
     lines = [
-        SECTION,
+        GPU_SECTION if gpu else SECTION,
         "",
         f"Forward + backward of the summed RAG loss: batch {B}, k {k}, the decoding benchmark's "
         f"random BART-base-shaped generator and BERT-base-shaped DPR question encoder, "
         f"128-token context rows, answers of 4-{int(mask.sum(-1).max())} tokens, eval mode, "
         f"{args.threads} torch thread(s), device {dev}, median of {args.runs} runs after a "
-        "warm-up, sides alternating in one process. Peak memory: growth of the resident set "
-        "during the step (sampled).",
+        "warm-up, sides alternating in one process. Peak memory: "
+        + ("torch's peak GPU allocation during the step." if gpu
+           else "growth of the resident set during the step (sampled)."),
         "",
         "| mode | side | loss | seconds (median) | speed-up vs transformers | peak MiB "
         "| runs (s) |",
@@ -131,18 +132,12 @@ def main() -> int:
                         f"<= 1e-4 relative: {'met' if ok else 'NOT met'}); "
                         f"{ref.median / ours.median:.2f}x transformers' speed (target >= 1: "
                         f"{'met' if fast else 'NOT met'}).")
-    command = " ".join(["python", "benchmarks/training.py", *sys.argv[1:]])
-    lines += ["", *verdicts, "",
-              f"- command: `{command}`",
-              f"- machine: nproc {len(os.sched_getaffinity(0))}, {cpu_model()}; torch "
-              f"{torch.__version__}; load average at the start {load_before}, at the end "
-              f"{load_average()}",
-              f"- date: {datetime.date.today().isoformat()}", ""]
+    lines += ["", *verdicts, "", *provenance("training.py", load_before, dev)]
     section = "\n".join(lines)
     print(section)
     if args.write:
         write_section(BENCHMARKS_MD, section)
-        print(f"wrote {SECTION!r} to {BENCHMARKS_MD}", file=sys.stderr)
+        print(f"wrote {section.splitlines()[0]!r} to {BENCHMARKS_MD}", file=sys.stderr)
     return 0
 
 
