@@ -324,7 +324,7 @@ def measure(sides: list[Timing], runs: int, device: str, warmups: list[Callable[
     for r in range(runs):
         for s in sides:
             s.run(device)
-            print(f"  run {r + 1} {s.label}: {s.times[-1]:.2f} s "
+            print(f"  run {r + 1} {s.label}: {secs(s.times[-1])} s "
                   f"(peak +{s.peaks[-1] / 2**20:.0f} MiB)", file=sys.stderr, flush=True)
 
 
@@ -395,6 +395,10 @@ def run_config(args: argparse.Namespace, k: int) -> Result:
           f"{missing} missing pairs", file=sys.stderr, flush=True)
     with torch.no_grad():
         measure(list(sides.values()), args.runs, dev, warmups)
+        if args.profile:
+            for name in ("token", "floor_tok", "hf_tok", "thorough"):
+                if name in sides:
+                    print(profile(sides[name], dev), file=sys.stderr, flush=True)
 
     def best(name: str) -> list[tuple[int, ...]] | None:
         s = sides.get(name)
@@ -411,6 +415,26 @@ def run_config(args: argparse.Namespace, k: int) -> Result:
     differs = sum(a != b for a, b in zip(thorough or [], fast or [], strict=False))
     return Result(k, args.batch, sides, agree_seq, agree_tok, differs, args.batch, hf_b,
                   missing, (seq_steps, tok_steps))
+
+
+def profile(side: Timing, device: str, rows: int = 12) -> str:
+    """Where one run of ``side`` spends its time (torch.profiler): the ops by host time and, on a
+    GPU, how busy the device was (kernel time over wall time: low means launch-bound)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with torch_profile(activities=acts) as prof:
+        start = time.perf_counter()
+        side.fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    events = prof.key_averages()
+    busy = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e6
+    table = events.table(sort_by="self_cpu_time_total", row_limit=rows)
+    return (f"profile of {side.label}: wall {wall:.3f} s, device busy {busy:.3f} s "
+            f"({busy / wall:.0%})\n{table}")
 
 
 def _first(inputs: GenInputs, scores: torch.Tensor, b: int) -> tuple[GenInputs, torch.Tensor]:
@@ -485,6 +509,11 @@ def default_model_section(args: argparse.Namespace) -> str:
 # ----------------------------------------------------------------------------- the report
 
 
+def secs(x: float) -> str:
+    """Seconds to three significant figures below 10 (GPU runs take milliseconds), else 0.1 s."""
+    return f"{x:.3g}" if x < 10 else f"{x:.1f}"
+
+
 def _mib(t: Timing) -> str:
     return f"{max(t.peaks) / 2**20:,.0f}" if t.peaks else "-"
 
@@ -525,8 +554,8 @@ def report(args: argparse.Namespace, results: list[Result], lat: dict[str, Timin
             label = t.label
             if name == "hf_seq" and t.scale != 1:
                 label += f" (run at batch {r.hf_seq_batch}, scaled x{t.scale:g})"
-            runs = ", ".join(f"{x:.1f}" for x in t.times)
-            lines.append(f"| {r.k} | {label} | {t.median:.1f} | {vs_ref} | {vs_floor} | "
+            runs = ", ".join(secs(x) for x in t.times)
+            lines.append(f"| {r.k} | {label} | {secs(t.median)} | {vs_ref} | {vs_floor} | "
                          f"{_mib(t)} | {runs} |")
     lines += ["", "Outputs and targets:", ""]
     for r in results:
@@ -535,7 +564,8 @@ def report(args: argparse.Namespace, results: list[Result], lat: dict[str, Timin
             f"- k={r.k}: RAG-Sequence Thorough best answers identical to transformers' for "
             f"{r.agree_seq}/{r.hf_seq_batch if 'hf_seq' in s else 0} questions; RAG-Token "
             f"{r.agree_tok}/{r.n if 'hf_tok' in s else 0}; Fast's answer differs from "
-            f"Thorough's for {r.fast_differs}/{r.n}. The searches ran {r.steps[0]} and "
+            f"Thorough's for {r.fast_differs}/{r.n if 'fast' in s else 0}. The searches ran "
+            f"{r.steps[0]} and "
             f"{r.steps[1]} decoder steps; Thorough scored {r.missing_pairs} (hypothesis, "
             "passage) pairs that no beam had."
         )
@@ -555,7 +585,7 @@ def report(args: argparse.Namespace, results: list[Result], lat: dict[str, Timin
                          f"{_met(tk / fl <= 1.25)}).")
     if lat:
         lines += ["", "Batch 1 (k=5), seconds per question (median) and peak MiB: "
-                  + "; ".join(f"{t.label} {t.median:.2f} s, {_mib(t)} MiB" for t in lat.values())
+                  + "; ".join(f"{t.label} {secs(t.median)} s, {_mib(t)} MiB" for t in lat.values())
                   + "."]
     lines += ["", *provenance("decoding.py", load_before, args.device)]
     return "\n".join(lines)
@@ -576,6 +606,9 @@ def main() -> int:
     parser.add_argument("--sides", nargs="*", default=None,
                         help="only these: thorough fast hf_seq floor_seq token hf_tok floor_tok")
     parser.add_argument("--no-latency", action="store_true", help="skip the batch-1 latencies")
+    parser.add_argument("--profile", action="store_true",
+                        help="after timing, profile one run each of margin RAG-Token, its floor, "
+                        "transformers' RAG-Token and Thorough (torch.profiler; to stderr)")
     parser.add_argument("--default-model", action="store_true",
                         help="only time `margin ask` on the default model (set MARGIN_HOME)")
     parser.add_argument("--write", action="store_true", help=f"put the section in {BENCHMARKS_MD}")

@@ -4,7 +4,7 @@
 # time limit, so one that fails or overruns still leaves the others' sections; each section
 # (Markdown) and log lands in $OUT.
 #
-#   bash benchmarks/gpu_decoding.sh                 # batch 16, k 5 (with batch-1 latency), k 10
+#   bash benchmarks/gpu_decoding.sh                 # batch 16, k 5 and 10, batch-1 latency
 #   QUICK=1 bash benchmarks/gpu_decoding.sh         # batch 2, k 2, 3 new tokens: a smoke test
 #   DEVICE=cpu QUICK=1 bash benchmarks/gpu_decoding.sh   # the same on a CPU (checks the script)
 #
@@ -49,9 +49,8 @@ if [[ -n "${QUICK:-}" ]]; then
   bench decoding-quick decoding.py --batch 2 --k 2 --runs 1 --max-new-tokens 3 --hf-seq-batch 1
   bench training-quick training.py --batch 2 --k 2 --runs 1
 else
-  bench decoding-k5 decoding.py --batch 16 --k 5 --runs 5
-  bench decoding-k10 decoding.py --batch 16 --k 10 --runs 5 --no-latency
-  bench training training.py --runs 5
+  bench decoding decoding.py --batch 16 --k 5 10 --runs 7 --profile
+  bench training training.py --runs 7
 fi
 cat "$OUT"/*.md
 exit $failed

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from _report import load_average, provenance, write_section
-from decoding import Timing, build_models, make_inputs, measure
+from decoding import Timing, build_models, make_inputs, measure, secs
 from margin.marginalize import doc_log_prior, nll_loss
 
 SECTION = "## Training step vs transformers"
@@ -121,9 +121,9 @@ def main() -> int:
     for mode in ("sequence", "token"):
         ours, ref = sides[(mode, "margin")], sides[(mode, "hf")]
         for side in (ours, ref):
-            runs = ", ".join(f"{t:.1f}" for t in side.times)
+            runs = ", ".join(secs(t) for t in side.times)
             speed = f"{ref.median / side.median:.2f}x" if side is ours else "1.00x"
-            lines.append(f"| {mode} | {side.label} | {side.result:.4f} | {side.median:.2f} | "
+            lines.append(f"| {mode} | {side.label} | {side.result:.4f} | {secs(side.median)} | "
                          f"{speed} | {max(side.peaks) / 2**20:,.0f} | {runs} |")
         diff = abs(float(ours.result) - float(ref.result))  # type: ignore[arg-type]
         ok = diff <= 1e-4 * max(1.0, abs(float(ref.result)))  # type: ignore[arg-type]
