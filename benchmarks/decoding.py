@@ -420,6 +420,7 @@ def run_config(args: argparse.Namespace, k: int) -> Result:
 def profile(side: Timing, device: str, rows: int = 12) -> str:
     """Where one run of ``side`` spends its time (torch.profiler): the ops by host time and, on a
     GPU, how busy the device was (kernel time over wall time: low means launch-bound)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -431,10 +432,13 @@ def profile(side: Timing, device: str, rows: int = 12) -> str:
             torch.cuda.synchronize()
         wall = time.perf_counter() - start
     events = prof.key_averages()
-    busy = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e6
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA]  # not the ops that ran them
+    busy = sum(e.self_device_time_total for e in kernels) / 1e6
     table = events.table(sort_by="self_cpu_time_total", row_limit=rows)
-    return (f"profile of {side.label}: wall {wall:.3f} s, device busy {busy:.3f} s "
-            f"({busy / wall:.0%})\n{table}")
+    syncs = sum(e.count for e in events if e.key == "cudaStreamSynchronize")
+    return (f"profile of {side.label}: wall {wall:.3f} s, kernels {busy:.3f} s "
+            f"({busy / wall:.0%} of the wall), {syncs} stream synchronisations, "
+            f"{sum(e.count for e in kernels)} kernels\n{table}")
 
 
 def _first(inputs: GenInputs, scores: torch.Tensor, b: int) -> tuple[GenInputs, torch.Tensor]:

@@ -127,9 +127,10 @@ def beam_search(
 
     The callbacks see only the A groups still computed (all G at first), in group order:
     ``next_logprobs()`` gives (A, nb, V) log-probs of the next token of every running beam;
-    ``advance(tokens (A', nb), parents (A', nb), kept (A,) bool)`` drops the groups where
-    ``kept`` is False and extends beam j of each kept group from its beam ``parents[a, j]`` with
-    ``tokens[a, j]``. Mirrors transformers' ``GenerationMixin._beam_search``.
+    ``advance(tokens (A', nb), parents (A', nb), kept (A',))`` keeps the groups at positions
+    ``kept`` (increasing; ``arange(A)`` when none is dropped) and extends beam j of each kept
+    group from its beam ``parents[a, j]`` with ``tokens[a, j]``. Mirrors transformers'
+    ``GenerationMixin._beam_search``.
     ``track(parents (A, K), tokens (A, K))``, optional, gives D values (A, K, D) for every
     candidate of a step; each hypothesis carries its own along like its tokens (RAG-Token: the
     token's log-prob under every passage, so no second pass is needed for provenance).
@@ -205,13 +206,15 @@ def beam_search(
         best_possible = run_score[:, :1] / float(best_len) ** lp  # (G, 1)
         worst = torch.where(finished, fin_score.min(-1, keepdim=True).values, _NEG)
         improvable = improvable & (best_possible > worst).any(-1, keepdim=True)
-        stop_all = bool(finished.all()) and cfg.early_stopping is True
-        if not bool(improvable.any()) or stop_all or bool(hits.all()):
-            break
-        kept = torch.ones(active.numel(), dtype=torch.bool, device=dev)
         done = ~improvable[active, 0]
-        if drop_finished and int(done.sum()) * 4 >= active.numel():
-            kept = ~done
+        # what the host must know, read in one transfer (each read waits for the device)
+        flags = torch.stack([improvable.any(), finished.all(), hits.all()]).long()
+        can_improve, all_finished, all_hit, n_done = torch.cat([flags, done.sum()[None]]).tolist()
+        if not can_improve or (all_finished and cfg.early_stopping is True) or all_hit:
+            break
+        kept = torch.arange(active.numel(), device=dev)
+        if drop_finished and n_done * 4 >= active.numel():
+            kept = torch.nonzero(~done).flatten()
             active = active[kept]
         advance(next_tok[active], next_parent[active], kept)
 
@@ -296,8 +299,7 @@ def decode_rag_token(
         return last[0][a, parents[:, :, None], z, tokens[:, :, None]]  # (A, K, k) log p(y_t|x,z)
 
     def advance(tokens: torch.Tensor, parents: torch.Tensor, kept: torch.Tensor) -> None:
-        where = torch.nonzero(kept).flatten()  # (A',) kept questions' places in the state
-        rows = (where[:, None, None] * (k * nb) + z_base + parents[:, None, :]).flatten()
+        rows = (kept[:, None, None] * (k * nb) + z_base + parents[:, None, :]).flatten()
         gen.advance(state, tokens[:, None, :].expand(-1, k, nb).flatten(), rows)
         live[0] = live[0][kept]
         if on_token is not None and nb == 1:
@@ -387,8 +389,7 @@ def decode_rag_sequence(
         return step.view(step.shape[0] // nb, nb, -1)
 
     def advance(tokens: torch.Tensor, parents: torch.Tensor, kept: torch.Tensor) -> None:
-        where = torch.nonzero(kept).flatten()  # (A',) kept groups' places in the state
-        gen.advance(state, tokens.flatten(), (where[:, None] * nb + parents).flatten())
+        gen.advance(state, tokens.flatten(), (kept[:, None] * nb + parents).flatten())
 
     beams = beam_search(next_logprobs, advance, G, gen, cfg).cpu()
     prior = prior.cpu()

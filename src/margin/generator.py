@@ -487,14 +487,18 @@ class Seq2SeqGenerator(Generator):
         if (
             ctx is not None
             and isinstance(state.cache, EncoderDecoderCache)
-            and not _is_identity(reorder, ctx.numel())
             and reorder.numel() == ctx.numel()
-            and torch.equal(ctx.index_select(0, reorder), ctx)
         ):
-            state.cache.self_attention_cache.reorder_cache(reorder)
-            state.last_tokens = next_tokens
-            state.steps += 1
-            return
+            rows = torch.arange(ctx.numel(), device=reorder.device)
+            same_row = (reorder == rows).all()
+            same_ctx = (ctx.index_select(0, reorder) == ctx).all()
+            identity, same_context = torch.stack([same_row, same_ctx]).tolist()  # one host read
+            if identity or same_context:
+                if not identity:  # greedy never reorders: then nothing moves
+                    state.cache.self_attention_cache.reorder_cache(reorder)
+                state.last_tokens = next_tokens
+                state.steps += 1
+                return
         super().advance(state, next_tokens, reorder)
 
 
