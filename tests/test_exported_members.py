@@ -20,3 +20,24 @@ def test_all_names_resolve():
 
 def test_the_documented_entry_point_is_a_classmethod():
     assert callable(margin.RAG.load)
+
+
+def test_every_public_name_has_a_lazy_home():
+    assert set(margin._EXPORTS) | {"__version__"} == set(margin.__all__)
+    assert set(margin.__all__) <= set(dir(margin))
+
+
+def test_an_unknown_name_is_an_attribute_error():
+    import pytest
+
+    with pytest.raises(AttributeError, match="no_such_thing"):
+        margin.no_such_thing  # noqa: B018
+
+
+def test_importing_the_package_and_its_cli_loads_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, margin, margin.cli; print('torch' in sys.modules, 'faiss' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]

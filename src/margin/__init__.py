@@ -7,16 +7,58 @@ The names below are the public surface; the CLI is built on them.
     >>> rag.ask(["Who wrote Romeo and Juliet?"], k=5, mode="token")   # doctest: +SKIP
 """
 
-from margin.bm25 import BM25Index
-from margin.build import build_index, open_index
-from margin.decoding import DecodeConfig
-from margin.encoders import Encoder, load_encoder
-from margin.errors import MarginError
-from margin.index import DenseIndex, IndexConfig
-from margin.passages import Passage, read_corpus
-from margin.rag import RAG, Answer, Provenance
-from margin.retriever import Retrieved, Retriever
-from margin.store import PassageStore
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from margin.bm25 import BM25Index
+    from margin.build import build_index, open_index
+    from margin.decoding import DecodeConfig
+    from margin.encoders import Encoder, load_encoder
+    from margin.errors import MarginError
+    from margin.index import DenseIndex, IndexConfig
+    from margin.passages import Passage, read_corpus
+    from margin.rag import RAG, Answer, Provenance
+    from margin.retriever import Retrieved, Retriever
+    from margin.store import PassageStore
+
+# Each public name and the module that defines it. They load on first use (PEP 562), so
+# ``import margin`` and ``margin --help`` do not pay for torch, faiss and transformers.
+_EXPORTS = {
+    "BM25Index": "margin.bm25",
+    "build_index": "margin.build",
+    "open_index": "margin.build",
+    "DecodeConfig": "margin.decoding",
+    "Encoder": "margin.encoders",
+    "load_encoder": "margin.encoders",
+    "MarginError": "margin.errors",
+    "DenseIndex": "margin.index",
+    "IndexConfig": "margin.index",
+    "Passage": "margin.passages",
+    "read_corpus": "margin.passages",
+    "RAG": "margin.rag",
+    "Answer": "margin.rag",
+    "Provenance": "margin.rag",
+    "Retrieved": "margin.retriever",
+    "Retriever": "margin.retriever",
+    "PassageStore": "margin.store",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'margin' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
 
 __version__ = "0.1.0"
 
