@@ -75,7 +75,7 @@ def main() -> int:
             tok = m.gen.token_logprobs(inputs, target, mask.long())  # (B, k, T)
             loss = nll_loss(mode, prior, tok, mask, "sum")  # type: ignore[arg-type]
             loss.backward()
-            return float(loss)
+            return float(loss.detach())
         return step
 
     def hf_step(mode: str):
@@ -90,7 +90,7 @@ def main() -> int:
                          context_attention_mask=inputs.attention_mask, doc_scores=scores,
                          labels=labels, n_docs=k).loss.sum()
             loss.backward()
-            return float(loss)
+            return float(loss.detach())
         return step
 
     sides = {
