@@ -9,8 +9,8 @@
 #   DEVICE=cpu QUICK=1 bash benchmarks/gpu_decoding.sh   # the same on a CPU (checks the script)
 #
 # PY (default: the repo's .venv, else python3) must have torch with CUDA; margin runs from src/.
-# Wheels in $WHEELS (default .whl/; e.g. transformers and faiss-cpu of the versions the tests use, downloaded with
-# `pip download --no-deps`) are installed into /tmp/site first, for machines with no index.
+# Wheels in $WHEELS (default .whl/: e.g. the transformers and faiss-cpu the tests use, fetched
+# with `pip download --no-deps`) are installed into /tmp/site first, for machines with no index.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [[ -z "${PY:-}" ]]; then
