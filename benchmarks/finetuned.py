@@ -48,8 +48,9 @@ def finetune(out: Path) -> None:
     command = [str(Path(sys.executable).with_name("margin")), "finetune",
                *(str(p) for p in DATASETS.values())]
     load_start, began = load_average(), time.perf_counter()
-    subprocess.run(command, check=True)
+    done = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True)
     wall = time.perf_counter() - began
+    print(done.stdout, end="", flush=True)
     log = [json.loads(line) for line in
            (margin_home() / "runs" / "finetuned" / "log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in log if "loss" in r]
@@ -59,6 +60,7 @@ def finetune(out: Path) -> None:
               "first_loss": sum(losses[:window]) / window,
               "last_loss": sum(losses[-window:]) / window,
               "threads": torch.get_num_threads(), "command": " ".join(command[1:]),
+              "said": done.stdout.strip().splitlines()[-1],  # "trained on N questions ..."
               "date": datetime.date.today().isoformat()}
     (out / "finetune.json").write_text(json.dumps(record, indent=1))
     print(json.dumps(record), flush=True)
@@ -130,8 +132,10 @@ def render(rows, timing, args, load_start, load_end) -> str:
         f"out for this report. Recipe (`margin.train.FINETUNE_RECIPE`): RAG-{r.mode.title()} "
         f"objective, k = {r.k}, {r.steps} optimizer steps of {r.batch_size * r.grad_accum} "
         f"questions ({r.batch_size} x {r.grad_accum} accumulated), so "
-        f"{r.steps * r.batch_size * r.grad_accum} training questions (NQ and TriviaQA "
-        f"interleaved); LoRA r = {r.lora_r} on every linear layer of the generator at lr {r.lr:g}, "
+        f"{r.steps * r.batch_size * r.grad_accum} training questions: the first ones (NQ and "
+        f"TriviaQA interleaved) with a gold answer in their top {r.k} passages "
+        "(`margin.train.grounded`; that answer is the target); "
+        f"LoRA r = {r.lora_r} on every linear layer of the generator at lr {r.lr:g}, "
         f"the question encoder trained in full at lr {r.retriever_lr:g}; the passage index fixed "
         "(the paper's setting).", "",
         f"- wall time of the fine-tuning: **{timing['wall_s'] / 60:.1f} min** "
@@ -139,6 +143,7 @@ def render(rows, timing, args, load_start, load_end) -> str:
         f"mean over {timing['window']} steps; each step sees new questions) "
         f"{timing['first_loss']:.2f} over the first steps, {timing['last_loss']:.2f} over the "
         f"last (of {timing['steps']})",
+        f"- `margin finetune` said: \"{timing.get('said', '?')}\"",
         f"- load average while it ran: {timing['load_start']} at the start, "
         f"{timing['load_end']} at the end; torch {timing['threads']} thread(s); "
         f"{timing['date']}", "",

@@ -26,6 +26,7 @@ from margin.retriever import Retriever
 from margin.train import (
     TrainConfig,
     evaluate,
+    grounded,
     lr_factor,
     pick_target,
     train,
@@ -259,10 +260,12 @@ def test_finetune_installs_a_model_usable_by_name(make_rag, index, tmp_path, mon
     monkeypatch.setenv("MARGIN_HOME", str(tmp_path / "home"))
     model_dir = save_model(make_rag(), tmp_path / "model")
     data = tmp_path / "dev.tsv"
-    data.write_text("".join(f"{q}\t['{a}']\n" for q, a in TASK))
+    every_title = [t for t, _ in DOCS]  # some title is in any top 2: every question is grounded
+    data.write_text("".join(f"{q}\t{[a, *every_title]}\n" for q, a in TASK))
     assert main(["finetune", str(data), "--model", str(model_dir), "--index", str(index),
                  "--heldout", "5", "--steps", "1"]) == 0
-    assert "--model finetuned" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "trained on 3 questions with a gold answer" in out and "--model finetuned" in out
     run = tmp_path / "home" / "runs" / "finetuned"
     assert [r["step"] for r in log(run) if "loss" in r] == [1]
     assert [e.input for e in training_slice(data, heldout=5)] == [q for q, _ in TASK[5:]]
@@ -271,6 +274,36 @@ def test_finetune_installs_a_model_usable_by_name(make_rag, index, tmp_path, mon
     assert fingerprint(loaded.generator.model) != fingerprint(make_rag().generator.model)
     with pytest.raises(MarginError, match="none after the 8 held out"):
         training_slice(data, heldout=8)
+
+
+def test_grounded_keeps_questions_with_an_answer_in_their_passages_that_answer_first(make_rag):
+    rag = make_rag()
+    examples = [
+        Example("a", "capital of france ?", ("tokyo", "PARIS", "paris")),  # "paris": in a passage
+        Example("b", "capital of japan ?", ("tokyo", "edo")),  # in no passage: dropped
+        Example("c", "who painted the mona lisa ?", ("leonardo",)),
+        Example("d", "what is in paris ?", ("pari",)),  # whole words only: "pari" is not "paris"
+    ]
+    kept = grounded(rag, examples, k=len(DOCS), batch=3, progress=False)  # k = every passage
+    # found answers first, the one written verbatim ("paris", not "PARIS") first of all
+    assert [(e.id, e.answers) for e in kept] == [("a", ("paris", "PARIS", "tokyo")),
+                                                 ("c", ("leonardo",))]
+    assert grounded(rag, examples[1:2], k=len(DOCS), progress=False) == []
+    assert [e.id for e in grounded(rag, examples, k=len(DOCS), progress=False, limit=1)] == ["a"]
+
+
+def test_finetune_with_no_grounded_question_fails_in_one_line(make_rag, index, tmp_path,
+                                                             monkeypatch, capsys):
+    monkeypatch.setenv("MARGIN_HOME", str(tmp_path / "home"))
+    model_dir = save_model(make_rag(), tmp_path / "model")
+    data = tmp_path / "dev.tsv"
+    data.write_text("".join(f"{q}\t['tokyo']\n" for q, _ in TASK))
+    assert main(["finetune", str(data), "--model", str(model_dir), "--index", str(index),
+                 "--heldout", "5", "--steps", "1"]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]  # after the selection's progress bar
+    assert err.startswith("margin: error: none of the 3 training questions")
+    assert "--all-questions" in err
+    assert not (tmp_path / "home" / "models" / "finetuned").exists()
 
 
 # ----------------------------------------------------------------------------- small pieces

@@ -380,6 +380,8 @@ def finetune(
     heldout: Annotated[int, typer.Option(help="Leading examples per file held out.")] = 500,
     limit: Annotated[int | None, typer.Option(help="Training examples per file.")] = None,
     steps: Annotated[int | None, typer.Option(help="Optimizer steps (recipe default).")] = None,
+    all_questions: Annotated[bool, typer.Option(
+        help="Train on every question, not only those with an answer in their passages.")] = False,
 ) -> None:
     """Fine-tune the default model on training slices and install it as --name (`make finetune`)."""
     from dataclasses import replace
@@ -388,9 +390,11 @@ def finetune(
     from margin.train import finetune as run_finetune
 
     config = FINETUNE_RECIPE if steps is None else replace(FINETUNE_RECIPE, steps=steps)
-    path = run_finetune(data, name=name, config=config, model=model, index=index,
-                        heldout=heldout, limit=limit)
-    typer.echo(f"installed {path}; use it with --model {name}")
+    path, used, total = run_finetune(data, name=name, config=config, model=model, index=index,
+                                     heldout=heldout, limit=limit, all_questions=all_questions)
+    chosen = "" if all_questions else " with a gold answer in their passages"
+    typer.echo(f"trained on {used} questions{chosen} (the training slices hold {total}); "
+               f"installed {path}; use it with --model {name}")
 
 
 def _print_answer(answer) -> None:
