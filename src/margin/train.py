@@ -671,12 +671,13 @@ def grounded(
     (those written verbatim in a passage before the others); the first ``limit`` such, if given.
 
     Why: a short fine-tune can teach a small generator to read, not to memorise trivia. On a
-    question whose passages lack every gold answer, −log p(y|x) is a closed-book loss (17-26 nats
-    a step on the default corpus, where 85-90% of questions are such) and its gradient swamps the
-    rest. Listing the found answers first makes the "first" target one the passages hold
-    (TriviaQA's first alias is often odd: "🚁" for helicopters). Retrieval is the model's
-    own at the start, so the selection is the same when a run resumes. DPR's ``has_answer``
-    decides (margin.metrics).
+    question whose passages lack every gold answer (about nine in ten at k = 2 on the default
+    corpus), −log p(y|x) is a closed-book loss, and its gradient swamps the rest: trained on
+    every question, ``make finetune`` logged 9-32 nats a step with no downward trend. Listing
+    the found answers first makes the "first" target one the passages hold (TriviaQA's first
+    alias is often odd: "🚁" for helicopters). Retrieval is the model's own at the start, so
+    the selection is the same when a run resumes. DPR's ``has_answer`` decides
+    (margin.metrics).
     """
     from tqdm.auto import tqdm
 
