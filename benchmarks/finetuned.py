@@ -108,6 +108,17 @@ def reading_ceiling(zero_shot_dir: Path, n: int) -> dict[str, int]:
     return {"n": n, "in_top5": len(held), "closed_hits": len(hits), "union": len(held | hits)}
 
 
+def split_hits(run_dir: Path, n: int) -> tuple[int, int, int]:
+    """Exact matches of a run's first ``n`` questions: on those whose top 5 passages hold a gold
+    answer, on the rest, and how many questions are in the first group."""
+    records = read_predictions(run_dir / "predictions.jsonl")
+    rows = [r for i, r in records.items() if int(i.rsplit(":", 1)[1]) <= n]
+    held = [r for r in rows if r["metrics"]["answer_in_passages"]]
+    hits = sum(r["metrics"]["exact_match"] for r in held)
+    rest = sum(r["metrics"]["exact_match"] for r in rows if not r["metrics"]["answer_in_passages"])
+    return int(hits), int(rest), len(held)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("phase", choices=("finetune", "eval"))
@@ -120,6 +131,9 @@ def main() -> None:
     ap.add_argument("--zero-shot-out", type=Path, default=Path("/tmp/margin-eval-bench"),
                     help="benchmarks/evaluation.py's --out (its runs are resumed, not redone)")
     ap.add_argument("--write", action="store_true", help="write the BENCHMARKS.md section")
+    ap.add_argument("--previous", type=Path, default=None,
+                    help="an earlier recipe's --out, compared question by question")
+    ap.add_argument("--previous-label", default="previous recipe")
     args = ap.parse_args()
     if args.phase == "finetune":
         finetune(args.out)
@@ -214,11 +228,29 @@ def render(rows, timing, args, load_start, load_end) -> str:
                      f"{_pct(3 * closed)} | {c['in_top5']} | {c['closed_hits']} | "
                      f"{c['union']} ({_pct(c['union'] / c['n'])}) |")
     lines.append("")
+    if args.previous:
+        lines += [f"Where the exact matches come from (earlier recipe: {args.previous_label}): "
+                  "questions whose top 5 passages hold a gold answer (\"in top 5\", each "
+                  "model's own retriever) and the rest. Exact matches out of 500.", "",
+                  "| data set | mode | model | in top 5 (hits / questions) | rest (hits) | EM |",
+                  "|---|---|---|---:|---:|---:|"]
+        for name in rows:
+            for mode in ("token", "sequence"):
+                run = RunSpec("dense", 5, mode, "greedy").name
+                for label, where in (("default (zero-shot)", args.zero_shot_out / name / "main"),
+                                     (args.previous_label, args.previous / name),
+                                     ("finetuned (this recipe)", args.out / name)):
+                    held, rest, n_held = split_hits(where / run, args.n)
+                    lines.append(f"| {name} | {mode} | {label} | {held} / {n_held} | {rest} | "
+                                 f"{_pct((held + rest) / args.n)} |")
+        lines.append("")
     lines += [
         "- commands: `MARGIN_HOME=/tmp/mh nice -n 5 .venv/bin/python benchmarks/finetuned.py "
         "finetune`, then `... benchmarks/finetuned.py eval --datasets NQ-open` and `--datasets "
         "TriviaQA` side by side (one process each), then `... eval --write` (resumes, "
-        "aggregates)",
+        "aggregates)" + (f" with `--previous {args.previous} --previous-label "
+                         f"\"{args.previous_label}\"` (the earlier recipe's `--out`)"
+                         if args.previous else ""),
         "- the zero-shot rows are `benchmarks/evaluation.py`'s runs (section \"Evaluation\"), read "
         "back through the same `run_eval`",
         f"- machine: nproc 2, {cpu_model()}; torch {torch.__version__}; load average for the "
