@@ -292,8 +292,9 @@ def test_grounded_keeps_questions_with_an_answer_in_their_passages_that_answer_f
     assert [e.id for e in grounded(rag, examples, k=len(DOCS), progress=False, limit=1)] == ["a"]
 
 
-def test_finetune_with_no_grounded_question_fails_in_one_line(make_rag, index, tmp_path,
-                                                             monkeypatch, capsys):
+def test_finetune_without_grounded_questions_fails_in_one_line_unless_all_questions(
+    make_rag, index, tmp_path, monkeypatch, capsys
+):
     monkeypatch.setenv("MARGIN_HOME", str(tmp_path / "home"))
     model_dir = save_model(make_rag(), tmp_path / "model")
     data = tmp_path / "dev.tsv"
@@ -304,6 +305,10 @@ def test_finetune_with_no_grounded_question_fails_in_one_line(make_rag, index, t
     assert err.startswith("margin: error: none of the 3 training questions")
     assert "--all-questions" in err
     assert not (tmp_path / "home" / "models" / "finetuned").exists()
+    assert main(["finetune", str(data), "--model", str(model_dir), "--index", str(index),
+                 "--heldout", "5", "--steps", "1", "--all-questions"]) == 0
+    assert "trained on 3 questions (the training slices hold 3)" in capsys.readouterr().out
+    assert (tmp_path / "home" / "models" / "finetuned" / "margin_model.json").is_file()
 
 
 # ----------------------------------------------------------------------------- small pieces
