@@ -90,17 +90,20 @@ def evaluate(datasets: dict[str, Path], n: int, out: Path, zero_shot_out: Path,
     return rows
 
 
+def first_questions(run_dir: Path, n: int) -> dict[str, dict]:
+    """A run's predictions of the first ``n`` lines of its data file, by id (a resumed run
+    appends out of order)."""
+    records = read_predictions(run_dir / "predictions.jsonl")
+    return {i: r for i, r in records.items() if int(i.rsplit(":", 1)[1]) <= n}
+
+
 def reading_ceiling(zero_shot_dir: Path, n: int) -> dict[str, int]:
     """What retrieval leaves a zero-shot reader, from the zero-shot predictions of ``n`` questions:
     those whose top 5 passages hold a gold answer, the closed-book hits, and their union (the EM
     of a reader that answers every question its passages answer and keeps every closed-book
     hit)."""
-    def read(run: RunSpec) -> dict[str, dict]:  # the first n lines of the data file, by id
-        records = read_predictions(zero_shot_dir / run.name / "predictions.jsonl")
-        return {i: r for i, r in records.items() if int(i.rsplit(":", 1)[1]) <= n}
-
-    closed = read(RunSpec("none", 0, "none", "greedy"))
-    rag = read(RunSpec("dense", 5, "token", "greedy"))
+    closed = first_questions(zero_shot_dir / RunSpec("none", 0, "none", "greedy").name, n)
+    rag = first_questions(zero_shot_dir / RunSpec("dense", 5, "token", "greedy").name, n)
     if closed.keys() != rag.keys() or len(rag) != n:
         raise SystemExit(f"{zero_shot_dir}: the closed-book and RAG runs hold other questions")
     held = {i for i, r in rag.items() if r["metrics"]["answer_in_passages"]}
@@ -111,8 +114,7 @@ def reading_ceiling(zero_shot_dir: Path, n: int) -> dict[str, int]:
 def split_hits(run_dir: Path, n: int) -> tuple[int, int, int]:
     """Exact matches of a run's first ``n`` questions: on those whose top 5 passages hold a gold
     answer, on the rest, and how many questions are in the first group."""
-    records = read_predictions(run_dir / "predictions.jsonl")
-    rows = [r for i, r in records.items() if int(i.rsplit(":", 1)[1]) <= n]
+    rows = list(first_questions(run_dir, n).values())
     held = [r for r in rows if r["metrics"]["answer_in_passages"]]
     hits = sum(r["metrics"]["exact_match"] for r in held)
     rest = sum(r["metrics"]["exact_match"] for r in rows if not r["metrics"]["answer_in_passages"])

@@ -290,6 +290,9 @@ def test_grounded_keeps_questions_with_an_answer_in_their_passages_that_answer_f
                                                  ("c", ("leonardo",))]
     assert grounded(rag, examples[1:2], k=len(DOCS), progress=False) == []
     assert [e.id for e in grounded(rag, examples, k=len(DOCS), progress=False, limit=1)] == ["a"]
+    rag.retriever = None
+    with pytest.raises(MarginError, match="no retriever"):
+        grounded(rag, examples, k=2, progress=False)
 
 
 def test_finetune_without_grounded_questions_fails_in_one_line_unless_all_questions(

@@ -681,12 +681,14 @@ def grounded(
     """
     from tqdm.auto import tqdm
 
+    if rag.retriever is None:
+        raise MarginError("this RAG has no retriever; load it with an index")
     kept: list[Example] = []
     bar = tqdm(total=limit or len(examples), desc="selecting grounded questions",
                unit="question", disable=not progress, dynamic_ncols=True)
     for start in range(0, len(examples), batch):
         part = examples[start : start + batch]
-        hits = rag.retrieve([e.input for e in part], k)
+        hits = rag.retriever.retrieve([e.input for e in part], k)  # passages only, no vectors
         for ex, passages in zip(part, hits.passages, strict=True):
             texts = [p.text for p in passages]
             found = [a for a in ex.answers if has_answer(texts, [a], ex.regex)]
