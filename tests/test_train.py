@@ -26,9 +26,9 @@ from margin.retriever import Retriever
 from margin.train import (
     TrainConfig,
     evaluate,
-    grounded,
     lr_factor,
     pick_target,
+    select_questions,
     train,
     training_slice,
 )
@@ -265,7 +265,8 @@ def test_finetune_installs_a_model_usable_by_name(make_rag, index, tmp_path, mon
     assert main(["finetune", str(data), "--model", str(model_dir), "--index", str(index),
                  "--heldout", "5", "--steps", "1"]) == 0
     out = capsys.readouterr().out
-    assert "trained on 3 questions with a gold answer" in out and "--model finetuned" in out
+    assert "trained on 3 questions with a gold answer in their passages and 0 without" in out
+    assert "--model finetuned" in out
     run = tmp_path / "home" / "runs" / "finetuned"
     assert [r["step"] for r in log(run) if "loss" in r] == [1]
     assert [e.input for e in training_slice(data, heldout=5)] == [q for q, _ in TASK[5:]]
@@ -276,23 +277,47 @@ def test_finetune_installs_a_model_usable_by_name(make_rag, index, tmp_path, mon
         training_slice(data, heldout=8)
 
 
-def test_grounded_keeps_questions_with_an_answer_in_their_passages_that_answer_first(make_rag):
+def test_question_selection_puts_the_answer_the_passages_hold_first(make_rag):
     rag = make_rag()
     examples = [
         Example("a", "capital of france ?", ("tokyo", "PARIS", "paris")),  # "paris": in a passage
-        Example("b", "capital of japan ?", ("tokyo", "edo")),  # in no passage: dropped
+        Example("b", "capital of japan ?", ("tokyo", "edo")),  # in no passage: ungrounded
         Example("c", "who painted the mona lisa ?", ("leonardo",)),
         Example("d", "what is in paris ?", ("pari",)),  # whole words only: "pari" is not "paris"
     ]
-    kept = grounded(rag, examples, k=len(DOCS), batch=3, progress=False)  # k = every passage
+    k = len(DOCS)  # every passage
+    kept, others = select_questions(rag, examples, k, batch=3, progress=False)
     # found answers first, the one written verbatim ("paris", not "PARIS") first of all
     assert [(e.id, e.answers) for e in kept] == [("a", ("paris", "PARIS", "tokyo")),
                                                  ("c", ("leonardo",))]
-    assert grounded(rag, examples[1:2], k=len(DOCS), progress=False) == []
-    assert [e.id for e in grounded(rag, examples, k=len(DOCS), progress=False, limit=1)] == ["a"]
+    assert others == []  # none asked for
+    kept, others = select_questions(rag, examples, k, None, ungrounded=5, progress=False)
+    assert [e.id for e in others] == ["b", "d"] and others[0] is examples[1]  # untouched
+    kept, others = select_questions(rag, examples, k, 1, ungrounded=1, batch=1, progress=False)
+    assert ([e.id for e in kept], [e.id for e in others]) == (["a"], ["b"])
+    assert select_questions(rag, examples[1:2], k, progress=False) == ([], [])
     rag.retriever = None
     with pytest.raises(MarginError, match="no retriever"):
-        grounded(rag, examples, k=2, progress=False)
+        select_questions(rag, examples, k=2, progress=False)
+
+
+def test_finetune_mixes_in_the_asked_share_of_ungrounded_questions(
+    make_rag, index, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setenv("MARGIN_HOME", str(tmp_path / "home"))
+    model_dir = save_model(make_rag(), tmp_path / "model")
+    data = tmp_path / "dev.tsv"
+    every_title = [t for t, _ in DOCS]  # some title is in any top 2: grounded
+    rows = [(q, every_title if i % 2 else ["tokyo"]) for i, (q, _) in enumerate(TASK * 2)]
+    data.write_text("".join(f"{q}\t{answers}\n" for q, answers in rows))
+    args = ["finetune", str(data), "--model", str(model_dir), "--index", str(index),
+            "--heldout", "0", "--steps", "1"]  # 1 step x 4 x 2 = 8 questions
+    assert main([*args, "--ungrounded", "0.25"]) == 0
+    assert "trained on 6 questions with a gold answer in their passages and 2 without" in (
+        capsys.readouterr().out)
+    assert main([*args, "--name", "other", "--ungrounded", "1"]) == 2
+    assert "ungrounded share must be in [0, 1), got 1.0" in capsys.readouterr().err
+    assert not (tmp_path / "home" / "models" / "other").exists()
 
 
 def test_finetune_without_grounded_questions_fails_in_one_line_unless_all_questions(

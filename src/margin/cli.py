@@ -382,19 +382,26 @@ def finetune(
     steps: Annotated[int | None, typer.Option(help="Optimizer steps (recipe default).")] = None,
     all_questions: Annotated[bool, typer.Option(
         help="Train on every question, not only those with an answer in their passages.")] = False,
+    ungrounded: Annotated[float | None, typer.Option(
+        help="Share of questions with no answer in their passages (recipe: 0.125).")] = None,
 ) -> None:
     """Fine-tune the default model on training slices and install it as --name (`make finetune`)."""
     from dataclasses import replace
 
-    from margin.train import FINETUNE_RECIPE
+    from margin.train import FINETUNE_RECIPE, FINETUNE_UNGROUNDED
     from margin.train import finetune as run_finetune
 
     config = FINETUNE_RECIPE if steps is None else replace(FINETUNE_RECIPE, steps=steps)
-    path, used, total = run_finetune(data, name=name, config=config, model=model, index=index,
-                                     heldout=heldout, limit=limit, all_questions=all_questions)
-    chosen = "" if all_questions else " with a gold answer in their passages"
-    typer.echo(f"trained on {used} questions{chosen} (the training slices hold {total}); "
-               f"installed {path}; use it with --model {name}")
+    done = run_finetune(data, name=name, config=config, model=model, index=index,
+                        heldout=heldout, limit=limit, all_questions=all_questions,
+                        ungrounded=FINETUNE_UNGROUNDED if ungrounded is None else ungrounded)
+    if all_questions:
+        chosen = f"{done.ungrounded} questions"
+    else:
+        chosen = (f"{done.grounded} questions with a gold answer in their passages and "
+                  f"{done.ungrounded} without")
+    typer.echo(f"trained on {chosen} (the training slices hold {done.total}); "
+               f"installed {done.path}; use it with --model {name}")
 
 
 def _print_answer(answer) -> None:

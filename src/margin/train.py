@@ -638,6 +638,7 @@ FINETUNE_RECIPE = TrainConfig(  # sized for <= 60 minutes on a 2-core CPU (BENCH
     k=2, steps=96, batch_size=4, grad_accum=2, lr=5e-4, retriever_lr=3e-5, warmup=4, lora=True,
     lora_r=16, lora_alpha=32, save_every=16,
 )
+FINETUNE_UNGROUNDED = 0.125  # share of questions without a gold answer in their passages
 HELDOUT = 500  # the first lines of each development file are held out for reporting
 
 
@@ -663,20 +664,23 @@ def interleave(*sets: Sequence[Example]) -> list[Example]:
     return out
 
 
-def grounded(
-    rag: RAG, examples: Sequence[Example], k: int, batch: int = 64, progress: bool = True,
-    limit: int | None = None,
-) -> list[Example]:
-    """The examples with a gold answer in their top-``k`` passages, those answers listed first
-    (those written verbatim in a passage before the others); the first ``limit`` such, if given.
+def select_questions(
+    rag: RAG, examples: Sequence[Example], k: int, grounded: int | None = None,
+    ungrounded: int = 0, batch: int = 64, progress: bool = True,
+) -> tuple[list[Example], list[Example]]:
+    """The first ``grounded`` examples with a gold answer in their top-``k`` passages, those
+    answers listed first (the ones written verbatim in a passage before the others), and the
+    first ``ungrounded`` examples without one, as they are. ``grounded=None``: every such one.
 
     Why: a short fine-tune can teach a small generator to read, not to memorise trivia. On a
     question whose passages lack every gold answer (about nine in ten at k = 2 on the default
     corpus), −log p(y|x) is a closed-book loss, and its gradient swamps the rest: trained on
-    every question, ``make finetune`` logged 9-32 nats a step with no downward trend. Listing
-    the found answers first makes the "first" target one the passages hold (TriviaQA's first
-    alias is often odd: "🚁" for helicopters). Retrieval is the model's own at the start, so
-    the selection is the same when a run resumes. DPR's ``has_answer`` decides
+    every question, ``make finetune`` logged 9-32 nats a step with no downward trend. Trained on
+    grounded questions alone, the model learnt to read but answered less often from memory when
+    the passages miss (BENCHMARKS.md "Answer quality"); a few ungrounded questions keep that
+    habit. Listing the found answers first makes the "first" target one the passages hold
+    (TriviaQA's first alias is often odd: "🚁" for helicopters). Retrieval is the model's own at
+    the start, so the selection is the same when a run resumes. DPR's ``has_answer`` decides
     (margin.metrics).
     """
     from tqdm.auto import tqdm
@@ -684,23 +688,38 @@ def grounded(
     if rag.retriever is None:
         raise MarginError("this RAG has no retriever; load it with an index")
     kept: list[Example] = []
-    bar = tqdm(total=limit or len(examples), desc="selecting grounded questions",
-               unit="question", disable=not progress, dynamic_ncols=True)
+    others: list[Example] = []
+    wanted = None if grounded is None else grounded + ungrounded
+    bar = tqdm(total=wanted or len(examples), desc="selecting questions", unit="question",
+               disable=not progress, dynamic_ncols=True)
     for start in range(0, len(examples), batch):
         part = examples[start : start + batch]
         hits = rag.retriever.retrieve([e.input for e in part], k)  # passages only, no vectors
         for ex, passages in zip(part, hits.passages, strict=True):
             texts = [p.text for p in passages]
             found = [a for a in ex.answers if has_answer(texts, [a], ex.regex)]
-            if found and (limit is None or len(kept) < limit):
+            if not found:
+                if len(others) < ungrounded:
+                    others.append(ex)
+            elif grounded is None or len(kept) < grounded:
                 found.sort(key=lambda a: not any(a in t for t in texts))  # stable: verbatim first
                 rest = tuple(a for a in ex.answers if a not in found)
                 kept.append(replace(ex, answers=(*found, *rest)))
-        bar.update(len(kept) - bar.n if limit else len(part))
-        if limit is not None and len(kept) >= limit:
+        bar.update(len(kept) + len(others) - bar.n if wanted else len(part))
+        if wanted is not None and len(kept) + len(others) >= wanted:
             break
     bar.close()
-    return kept
+    return kept, others
+
+
+@dataclass(frozen=True)
+class Finetuned:
+    """What :func:`finetune` installed and what it trained on."""
+
+    path: Path  # the installed model: $MARGIN_HOME/models/<name>
+    grounded: int  # questions trained on with a gold answer in their passages
+    ungrounded: int  # ... without one (all of them with ``all_questions``)
+    total: int  # questions in the training slices
 
 
 def finetune(
@@ -712,39 +731,50 @@ def finetune(
     heldout: int = HELDOUT,
     limit: int | None = None,
     all_questions: bool = False,
+    ungrounded: float = FINETUNE_UNGROUNDED,
     progress: bool = True,
-) -> tuple[Path, int, int]:
+) -> Finetuned:
     """Fine-tune ``model`` on the training slices of ``data`` and install it as ``name``.
 
-    By default it trains on :func:`grounded` questions only, as many as the recipe's steps
-    take in one pass (``all_questions`` trains on every question). Returns the installed
-    model's directory, the questions trained on and those in the training slices. The result
-    lands in ``$MARGIN_HOME/models/<name>``, where ``RAG.load(name)`` and ``--model <name>``
-    find it; the run itself (log, state) stays in ``$MARGIN_HOME/runs/<name>`` so an
-    interrupted fine-tune resumes when run again.
+    By default it trains on the questions :func:`select_questions` picks, as many as the
+    recipe's steps take in one pass: a share ``ungrounded`` of them with no gold answer in
+    their passages, the rest with one (``all_questions`` trains on every question instead).
+    The result lands in ``$MARGIN_HOME/models/<name>``, where ``RAG.load(name)`` and
+    ``--model <name>`` find it; the run itself (log, state) stays in
+    ``$MARGIN_HOME/runs/<name>`` so an interrupted fine-tune resumes when run again.
     """
     import shutil
 
     from margin._io import atomic_path
     from margin.assets import margin_home
 
+    if not 0.0 <= ungrounded < 1.0:
+        raise MarginError(f"the ungrounded share must be in [0, 1), got {ungrounded}")
     config = config or FINETUNE_RECIPE
     examples = interleave(*(training_slice(p, heldout, limit) for p in data))
     run_dir = margin_home() / "runs" / name
     rag = RAG.load(model=model, index=index, progress=progress)
     total = len(examples)
+    counts = (0, total)
     if not all_questions:
         needed = config.steps * config.batch_size * config.grad_accum if config.steps else None
-        examples = grounded(rag, examples, config.k, config.retrieval_batch_size, progress,
-                            limit=needed)
-        if not examples:
+        batch = config.retrieval_batch_size
+        if needed is None:  # epochs: every grounded question, and ungrounded ones in proportion
+            kept, others = select_questions(rag, examples, config.k, None, total, batch, progress)
+            others = others[: round(len(kept) * ungrounded / (1.0 - ungrounded))]
+        else:
+            extra = round(needed * ungrounded)
+            kept, others = select_questions(rag, examples, config.k, needed - extra, extra, batch,
+                                            progress)
+        if not kept:
             raise MarginError(
                 f"none of the {total} training questions has a gold answer in its top "
                 f"{config.k} passages; use a corpus that holds the answers, or --all-questions"
             )
+        examples, counts = [*kept, *others], (len(kept), len(others))  # train() shuffles
     result = train(rag, examples, run_dir, config, resume=(run_dir / "state").exists(),
                    progress=progress, model_name=f"{model}|{index}")
     target = margin_home() / "models" / name
     with atomic_path(target) as tmp:
         shutil.copytree(result.out / "last", tmp)
-    return target, len(examples), total
+    return Finetuned(target, *counts, total)
