@@ -32,7 +32,7 @@ import torch
 from margin.assets import margin_home
 from margin.evaluate import EvalConfig, RunSpec, read_predictions, run_eval
 from margin.models import load_model
-from margin.train import FINETUNE_RECIPE, HELDOUT
+from margin.train import FINETUNE_RECIPE, FINETUNE_UNGROUNDED, HELDOUT
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _report import cpu_model, load_average, write_section  # noqa: E402
@@ -133,10 +133,13 @@ def main() -> None:
     ap.add_argument("--zero-shot-out", type=Path, default=Path("/tmp/margin-eval-bench"),
                     help="benchmarks/evaluation.py's --out (its runs are resumed, not redone)")
     ap.add_argument("--write", action="store_true", help="write the BENCHMARKS.md section")
-    ap.add_argument("--previous", type=Path, default=None,
-                    help="an earlier recipe's --out, compared question by question")
-    ap.add_argument("--previous-label", default="previous recipe")
+    ap.add_argument("--previous", type=Path, action="append", default=[],
+                    help="an earlier recipe's --out, compared question by question (repeatable)")
+    ap.add_argument("--previous-label", action="append", default=[],
+                    help="what each --previous was, in the same order")
     args = ap.parse_args()
+    if len(args.previous_label) != len(args.previous):
+        ap.error("give one --previous-label per --previous")
     if args.phase == "finetune":
         finetune(args.out)
         return
@@ -166,9 +169,10 @@ def render(rows, timing, args, load_start, load_end) -> str:
         f"out for this report. Recipe (`margin.train.FINETUNE_RECIPE`): RAG-{r.mode.title()} "
         f"objective, k = {r.k}, {r.steps} optimizer steps of {r.batch_size * r.grad_accum} "
         f"questions ({r.batch_size} x {r.grad_accum} accumulated), so "
-        f"{r.steps * r.batch_size * r.grad_accum} training questions: the first ones (NQ and "
-        f"TriviaQA interleaved) with a gold answer in their top {r.k} passages "
-        "(`margin.train.grounded`; that answer is the target); "
+        f"{r.steps * r.batch_size * r.grad_accum} training questions (NQ and TriviaQA "
+        f"interleaved, in file order): {1 - FINETUNE_UNGROUNDED:.1%} the first ones with a gold "
+        f"answer in their top {r.k} passages, that answer the target, and "
+        f"{FINETUNE_UNGROUNDED:.1%} the first ones without (`margin.train.select_questions`); "
         f"LoRA r = {r.lora_r} on every linear layer of the generator at lr {r.lr:g}, "
         f"the question encoder trained in full at lr {r.retriever_lr:g}; the passage index fixed "
         "(the paper's setting).", "",
@@ -231,17 +235,19 @@ def render(rows, timing, args, load_start, load_end) -> str:
                      f"{c['union']} ({_pct(c['union'] / c['n'])}) |")
     lines.append("")
     if args.previous:
-        lines += [f"Where the exact matches come from (earlier recipe: {args.previous_label}): "
-                  "questions whose top 5 passages hold a gold answer (\"in top 5\", each "
-                  "model's own retriever) and the rest. Exact matches out of 500.", "",
+        lines += ["Where the exact matches come from, beside earlier recipes: questions whose "
+                  "top 5 passages hold a gold answer (\"in top 5\", each "
+                  f"model's own retriever) and the rest. Exact matches out of {args.n}.", "",
                   "| data set | mode | model | in top 5 (hits / questions) | rest (hits) | EM |",
                   "|---|---|---|---:|---:|---:|"]
         for name in rows:
             for mode in ("token", "sequence"):
                 run = RunSpec("dense", 5, mode, "greedy").name
-                for label, where in (("default (zero-shot)", args.zero_shot_out / name / "main"),
-                                     (args.previous_label, args.previous / name),
-                                     ("finetuned (this recipe)", args.out / name)):
+                runs = [("default (zero-shot)", args.zero_shot_out / name / "main"),
+                        *((label, out / name)
+                          for label, out in zip(args.previous_label, args.previous, strict=True)),
+                        ("finetuned (this recipe)", args.out / name)]
+                for label, where in runs:
                     held, rest, n_held = split_hits(where / run, args.n)
                     lines.append(f"| {name} | {mode} | {label} | {held} / {n_held} | {rest} | "
                                  f"{_pct((held + rest) / args.n)} |")
@@ -250,9 +256,10 @@ def render(rows, timing, args, load_start, load_end) -> str:
         "- commands: `MARGIN_HOME=/tmp/mh nice -n 5 .venv/bin/python benchmarks/finetuned.py "
         "finetune`, then `... benchmarks/finetuned.py eval --datasets NQ-open` and `--datasets "
         "TriviaQA` side by side (one process each), then `... eval --write` (resumes, "
-        "aggregates)" + (f" with `--previous {args.previous} --previous-label "
-                         f"\"{args.previous_label}\"` (the earlier recipe's `--out`)"
-                         if args.previous else ""),
+        "aggregates)" + (" with " + " ".join(f"`--previous {out} --previous-label \"{label}\"`"
+                                       for out, label in zip(args.previous, args.previous_label,
+                                                             strict=True))
+                         + " (the earlier recipes' `--out`)" if args.previous else ""),
         "- the zero-shot rows are `benchmarks/evaluation.py`'s runs (section \"Evaluation\"), read "
         "back through the same `run_eval`",
         f"- machine: nproc 2, {cpu_model()}; torch {torch.__version__}; load average for the "
