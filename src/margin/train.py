@@ -630,7 +630,7 @@ def default_bm25_index(progress: bool = True) -> Path:
 
 FINETUNE_RECIPE = TrainConfig(  # sized for <= 60 minutes on a 2-core CPU (BENCHMARKS.md)
     # 4 x 2 micro-batches: a batch of 8 questions x k=2 holds ~9.5 GB of activations in fp32.
-    # 96 steps (768 questions) took 51 min on the 2-core CPU (about 32 s a step, BENCHMARKS.md
+    # 96 steps (768 questions) took 47 to 54 min on the 2-core CPU (26 to 32 s a step, BENCHMARKS.md
     # "Answer quality"): under the 60-minute budget with a little room.
     # A checkpoint every 16 steps: an interrupted `make finetune` resumes from the last one.
     # The question encoder trains in full, at the paper's rate (3e-5); the generator's LoRA
