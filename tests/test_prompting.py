@@ -140,6 +140,13 @@ def test_load_demonstrations_from_a_file(tmp_path: Path) -> None:
     assert [d.answer for d in load_demonstrations(path)] == ["y", "x"]
 
 
+def test_a_unicode_line_separator_inside_a_demonstration_is_text(tmp_path: Path) -> None:
+    path = tmp_path / "demos.jsonl"  # JSON written without ASCII escaping keeps U+2028 raw
+    row = {"question": "q", "title": "t", "text": "x\u2028y", "answer": "y"}
+    path.write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert [d.text for d in load_demonstrations(path)] == ["x\u2028y"]
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [

@@ -164,7 +164,7 @@ def load_demonstrations(path: Path | None = None) -> tuple[Demonstration, ...]:
             raise MarginError(f"{path}: cannot read demonstrations ({exc.strerror})") from exc
     fields = ("question", "title", "text", "answer")
     demos = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(text.split("\n"), start=1):  # not U+2028 & co.
         if not line.strip():
             continue
         try:
