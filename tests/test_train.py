@@ -345,6 +345,9 @@ def test_finetune_without_grounded_questions_fails_in_one_line_unless_all_questi
     assert main(["finetune", str(data), "--model", str(model_dir), "--index", str(index),
                  "--heldout", "5", "--steps", "1", "--all-questions"]) == 0
     assert "trained on 3 questions (the training slices hold 3)" in capsys.readouterr().out
+    assert main(["finetune", str(data), "--model", str(model_dir), "--index", str(index),
+                 "--heldout", "5", "--all-questions", "--ungrounded", "0.5"]) == 2
+    assert "drop one of the two" in capsys.readouterr().err
     assert (tmp_path / "home" / "models" / "finetuned" / "margin_model.json").is_file()
 
 

@@ -391,6 +391,10 @@ def finetune(
     from margin.train import FINETUNE_RECIPE, FINETUNE_UNGROUNDED
     from margin.train import finetune as run_finetune
 
+    if all_questions and ungrounded is not None:
+        raise MarginError("--ungrounded sets a share of the selected questions; --all-questions "
+                          "trains on every one: drop one of the two")
+
     config = FINETUNE_RECIPE if steps is None else replace(FINETUNE_RECIPE, steps=steps)
     done = run_finetune(data, name=name, config=config, model=model, index=index,
                         heldout=heldout, limit=limit, all_questions=all_questions,
