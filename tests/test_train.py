@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import replace
 
 import pytest
 import torch
@@ -25,10 +24,8 @@ from margin.passages import Passage
 from margin.rag import RAG
 from margin.retriever import Retriever
 from margin.train import (
-    FINETUNE_RECIPE,
     TrainConfig,
     evaluate,
-    finetune,
     lr_factor,
     pick_target,
     select_questions,
@@ -321,12 +318,16 @@ def test_finetune_mixes_in_the_asked_share_of_ungrounded_questions(
     assert main([*args, "--name", "other", "--ungrounded", "1"]) == 2
     assert "ungrounded share must be in [0, 1), got 1.0" in capsys.readouterr().err
     assert not (tmp_path / "home" / "models" / "other").exists()
-    # by epochs: every grounded question (8) and ungrounded ones in proportion, 8 x 0.25 / 0.75
-    done = finetune([data], name="epochs", model=str(model_dir), index=str(index), heldout=0,
-                    config=replace(FINETUNE_RECIPE, steps=None, epochs=1), ungrounded=0.25,
-                    progress=False)
-    assert (done.grounded, done.ungrounded, done.total) == (8, 3, 16)
-    assert (done.path / "margin_model.json").is_file()
+    # by epochs: every grounded question (8) and ungrounded ones in proportion, 8 x 0.25 / 0.75;
+    # the installed model answers with the k it was trained with
+    epochs = ["--name", "epochs", "--ungrounded", "0.25", "--epochs", "1", "--k", "3"]
+    assert main([*args[:-2], *epochs]) == 0
+    assert "trained on 8 questions with a gold answer in their passages and 3 without" in (
+        capsys.readouterr().out)
+    assert load_model("epochs", index).default_k == 3
+    assert main([*args, "--name", "both", "--epochs", "2"]) == 2
+    assert "--steps and --epochs both set" in capsys.readouterr().err
+    assert not (tmp_path / "home" / "models" / "both").exists()
 
 
 def test_finetune_without_grounded_questions_fails_in_one_line_unless_all_questions(

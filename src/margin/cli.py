@@ -380,6 +380,10 @@ def finetune(
     heldout: Annotated[int, typer.Option(help="Leading examples per file held out.")] = 500,
     limit: Annotated[int | None, typer.Option(help="Training examples per file.")] = None,
     steps: Annotated[int | None, typer.Option(help="Optimizer steps (recipe default).")] = None,
+    epochs: Annotated[int | None, typer.Option(
+        help="Passes over every selected question, instead of the recipe's steps.")] = None,
+    k: Annotated[int | None, typer.Option(
+        help="Passages per question in training (recipe: 2).")] = None,
     all_questions: Annotated[bool, typer.Option(
         help="Train on every question, not only those with an answer in their passages.")] = False,
     ungrounded: Annotated[float | None, typer.Option(
@@ -395,7 +399,14 @@ def finetune(
         raise MarginError("--ungrounded sets a share of the selected questions; --all-questions "
                           "trains on every one: drop one of the two")
 
-    config = FINETUNE_RECIPE if steps is None else replace(FINETUNE_RECIPE, steps=steps)
+    if steps is not None and epochs is not None:
+        raise MarginError("--steps and --epochs both set the training's length: drop one of "
+                          "the two")
+    config = FINETUNE_RECIPE
+    if steps is not None or epochs is not None:  # epochs: as many steps as the questions take
+        config = replace(config, steps=steps, epochs=epochs or 1)
+    if k is not None:
+        config = replace(config, k=k)
     done = run_finetune(data, name=name, config=config, model=model, index=index,
                         heldout=heldout, limit=limit, all_questions=all_questions,
                         ungrounded=FINETUNE_UNGROUNDED if ungrounded is None else ungrounded)
