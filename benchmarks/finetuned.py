@@ -15,6 +15,11 @@ What it measures (issue "Answer quality", section "A fine-tuned default, one com
     MARGIN_HOME=/tmp/mh nice -n 10 .venv/bin/python benchmarks/finetuned.py finetune
     MARGIN_HOME=/tmp/mh nice -n 10 .venv/bin/python benchmarks/finetuned.py eval --datasets NQ-open
     MARGIN_HOME=/tmp/mh nice -n 10 .venv/bin/python benchmarks/finetuned.py eval --write
+
+On a lent GPU (``benchmarks/gpu_finetune.sh``), the same recipe with a larger budget: ``finetune
+--k 5 --epochs 1`` passes those options on to ``margin finetune``; ``eval --device cuda`` runs
+both models there, zero-shot included, and ``--section-out FILE`` writes the section ("... on a
+GPU") to FILE rather than BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import math
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -33,21 +39,23 @@ import torch
 from margin.assets import margin_home
 from margin.evaluate import EvalConfig, RunSpec, read_predictions, run_eval
 from margin.models import load_model
+from margin.rag import RAG
 from margin.train import FINETUNE_RECIPE, FINETUNE_UNGROUNDED, HELDOUT
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _report import cpu_model, load_average, write_section  # noqa: E402
+from _report import load_average, machine, write_section  # noqa: E402
 from evaluation import DATASETS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MAIN = dict(ks=(5,), modes=("token", "sequence"))
 
 
-def finetune(out: Path) -> None:
-    """``make finetune``'s command, timed; the timing is kept in ``out/finetune.json``."""
+def finetune(out: Path, datasets: dict[str, Path], extra: list[str]) -> None:
+    """``make finetune``'s command (with ``extra`` options), timed; the timing is kept in
+    ``out/finetune.json``."""
     out.mkdir(parents=True, exist_ok=True)
-    command = [str(Path(sys.executable).with_name("margin")), "finetune",
-               *(str(p) for p in DATASETS.values())]
+    command = [sys.executable, "-m", "margin.cli", "finetune", *(str(p) for p in datasets.values()),
+               *extra]
     load_start, began = load_average(), time.perf_counter()
     done = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True)
     wall = time.perf_counter() - began
@@ -60,35 +68,58 @@ def finetune(out: Path) -> None:
               "steps": len(losses), "window": window,
               "first_loss": sum(losses[:window]) / window,
               "last_loss": sum(losses[-window:]) / window,
-              "threads": torch.get_num_threads(), "command": " ".join(command[1:]),
+              "threads": torch.get_num_threads(), "command": " ".join(["margin", *command[3:]]),
+              "options": extra, "device": "cuda" if torch.cuda.is_available() else "cpu",
               "said": done.stdout.strip().splitlines()[-1],  # "trained on N questions ..."
               "date": datetime.date.today().isoformat()}
     (out / "finetune.json").write_text(json.dumps(record, indent=1))
     print(json.dumps(record), flush=True)
 
 
-def evaluate(datasets: dict[str, Path], n: int, out: Path, zero_shot_out: Path,
-             batch_size: int) -> dict[str, dict[str, list[dict]]]:
-    """Every row of the table, per data set: fine-tuned (closed book and RAG) and zero-shot."""
-    tuned = load_model("finetuned", "default", progress=False)
-    default = load_model("default", "default", progress=False)
-    rows: dict[str, dict[str, list[dict]]] = {}
-    for name, path in datasets.items():
-        def cfg(where: Path, retrievers: tuple[str, ...], path=path) -> EvalConfig:
-            return EvalConfig(data=str(path), out=str(where), limit=n, batch_size=batch_size,
-                              progress=False, retrievers=retrievers, **MAIN)
+def prepare(device: str) -> None:
+    """The default model's cache, built before anything is timed: the generator converted from
+    its GGUF, and the default index, its passages encoded on ``device``."""
+    from margin.build import build_index
+    from margin.default_generator import default_generator_dir
+    from margin.encoders import load_encoder
+    from margin.retriever import default_index_dir
 
-        rows[name] = {
-            "fine-tuned": run_eval(cfg(out / name, ("none", "dense")),
-                                   {"dense": tuned, "none": tuned}),
-            "zero-shot": run_eval(cfg(zero_shot_out / name / "main", ("none", "dense")),
-                                  {"dense": default, "none": default}),
-        }
-        for kind, results in rows[name].items():
+    began = time.perf_counter()
+    default_generator_dir(progress=False)
+    if not (default_index_dir() / "manifest.json").exists():
+        encoder = load_encoder("default", role="passage", device=device)
+        build_index("default", encoder, default_index_dir(), kind="flat", progress=False,
+                    batch_size=256)
+    print(f"prepared the default model's cache in {time.perf_counter() - began:.0f} s", flush=True)
+
+
+def on_device(rag: RAG, device: str) -> RAG:
+    """``rag`` with its generator and question encoder on ``device`` (the index stays in FAISS)."""
+    rag.generator.model.to(device)
+    if rag.question_encoder is not None:
+        rag.question_encoder.module.to(device)
+    return rag
+
+
+def evaluate(datasets: dict[str, Path], n: int, out: Path, zero_shot_out: Path,
+             batch_size: int, device: str = "cpu") -> dict[str, dict[str, list[dict]]]:
+    """Every row of the table, per data set: fine-tuned (closed book and RAG) and zero-shot.
+    The fine-tuned model answers every data set first: a run cut short keeps its rows."""
+    rows: dict[str, dict[str, list[dict]]] = {name: {} for name in datasets}
+    for kind, model, where in (
+        ("fine-tuned", "finetuned", lambda name: out / name),
+        ("zero-shot", "default", lambda name: zero_shot_out / name / "main"),
+    ):
+        rag = on_device(load_model(model, "default", progress=False), device)
+        for name, path in datasets.items():
+            cfg = EvalConfig(data=str(path), out=str(where(name)), limit=n, batch_size=batch_size,
+                             progress=False, retrievers=("none", "dense"), **MAIN)
+            rows[name][kind] = results = run_eval(cfg, {"dense": rag, "none": rag})
             print(name, kind, ", ".join(f"{r['retriever']}/{r['mode']} EM "
                                         f"{100 * r['exact_match']:.1f}" for r in results),
                   flush=True)
-    return rows
+        del rag
+    return {name: {k: rows[name][k] for k in ("zero-shot", "fine-tuned")} for name in rows}
 
 
 def first_questions(run_dir: Path, n: int) -> dict[str, dict]:
@@ -139,7 +170,7 @@ def paired(tuned_dir: Path, zero_dir: Path, n: int) -> tuple[int, int, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("phase", choices=("finetune", "eval"))
+    ap.add_argument("phase", choices=("prepare", "finetune", "eval"))
     ap.add_argument("--n", type=int, default=HELDOUT, help="held-out questions per data set")
     ap.add_argument("--datasets", default=",".join(DATASETS),
                     help="comma list (one process per data set uses both cores); --write needs all")
@@ -153,47 +184,78 @@ def main() -> None:
                     help="an earlier recipe's --out, compared question by question (repeatable)")
     ap.add_argument("--previous-label", action="append", default=[],
                     help="what each --previous was, in the same order")
+    ap.add_argument("--data-dir", type=Path, help="where nq-open-dev.tsv and triviaqa-dev.tsv "
+                    "are (default: benchmarks/evaluation.py's)")
+    ap.add_argument("--k", type=int, help="finetune: passages per question (margin finetune --k)")
+    ap.add_argument("--epochs", type=int, help="finetune: margin finetune --epochs")
+    ap.add_argument("--limit", type=int, help="finetune: margin finetune --limit (a smoke test)")
+    ap.add_argument("--device", default="cpu", help="eval: where the models answer (cpu, cuda)")
+    ap.add_argument("--section-out", type=Path, default=ROOT / "BENCHMARKS.md",
+                    help="--write: the file whose section is written")
     args = ap.parse_args()
     if len(args.previous_label) != len(args.previous):
         ap.error("give one --previous-label per --previous")
-    if args.phase == "finetune":
-        finetune(args.out)
+    datasets = {name: DATASETS[name] if args.data_dir is None else args.data_dir / path.name
+                for name, path in DATASETS.items() if name in args.datasets.split(",")}
+    if args.phase == "prepare":
+        prepare(args.device)
         return
-    datasets = {name: DATASETS[name] for name in args.datasets.split(",")}
+    if args.phase == "finetune":
+        extra = [*(["--k", str(args.k)] if args.k else []),
+                 *(["--epochs", str(args.epochs)] if args.epochs else []),
+                 *(["--limit", str(args.limit)] if args.limit else [])]
+        finetune(args.out, datasets, extra)
+        return
     if args.write and len(datasets) < len(DATASETS):
         ap.error("--write needs every data set")
     torch.set_num_threads(args.threads)
     load_start = load_average()
-    rows = evaluate(datasets, args.n, args.out, args.zero_shot_out, args.batch_size)
+    rows = evaluate(datasets, args.n, args.out, args.zero_shot_out, args.batch_size, args.device)
     if args.write:
         timing = json.loads((args.out / "finetune.json").read_text())
         section = render(rows, timing, args, load_start, load_average())
         print(section)
-        write_section(ROOT / "BENCHMARKS.md", section)
+        write_section(args.section_out, section)
 
 
 def _pct(x) -> str:
-    return f"{100 * x:.1f}"
+    return "-" if x is None else f"{100 * x:.1f}"
 
 
 def render(rows, timing, args, load_start, load_end) -> str:
+    gpu = args.device != "cpu"
+    options = timing.get("options", [])
     r = FINETUNE_RECIPE
+    if "--k" in options:
+        r = replace(r, k=int(options[options.index("--k") + 1]))
+    per_step = (f"{r.batch_size * r.grad_accum} questions ({r.batch_size} x {r.grad_accum} "
+                "accumulated)")
+    if "--epochs" in options:
+        length = (f"{options[options.index('--epochs') + 1]} pass(es) (`--epochs`) over every "
+                  f"training question with a gold answer in its top {r.k} passages, and questions "
+                  f"without in proportion ({timing['steps']} optimizer steps of {per_step})")
+    else:
+        length = (f"{r.steps} optimizer steps of {per_step}, so "
+                  f"{r.steps * r.batch_size * r.grad_accum} training questions")
+    command = " ".join(["margin finetune nq-open-dev.tsv triviaqa-dev.tsv", *options])
     lines = [
+        "## Answer quality: the same recipe on a GPU, with a larger budget" if gpu else
         "## Answer quality: the fine-tuned default (`make finetune`)", "",
-        f"`make finetune` (`margin finetune nq-open-dev.tsv triviaqa-dev.tsv`) fine-tunes the "
+        f"`{command}` fine-tunes the "
         f"default model on the development files minus their first {HELDOUT} lines, which are held "
-        f"out for this report. Recipe (`margin.train.FINETUNE_RECIPE`): RAG-{r.mode.title()} "
-        f"objective, k = {r.k}, {r.steps} optimizer steps of {r.batch_size * r.grad_accum} "
-        f"questions ({r.batch_size} x {r.grad_accum} accumulated), so "
-        f"{r.steps * r.batch_size * r.grad_accum} training questions (NQ and TriviaQA "
+        f"out for this report. Recipe (`margin.train.FINETUNE_RECIPE`"
+        f"{', with ' + ' '.join(options) if options else ''}): RAG-{r.mode.title()} "
+        f"objective, k = {r.k}, {length} (NQ and TriviaQA "
         f"interleaved, in file order): {1 - FINETUNE_UNGROUNDED:.1%} the first ones with a gold "
         f"answer in their top {r.k} passages, that answer the target, and "
         f"{FINETUNE_UNGROUNDED:.1%} the first ones without (`margin.train.select_questions`); "
         f"LoRA r = {r.lora_r} on every linear layer of the generator at lr {r.lr:g}, "
         f"the question encoder trained in full at lr {r.retriever_lr:g}; the passage index fixed "
-        "(the paper's setting).", "",
+        "(the paper's setting)" + ("; bf16 autocast on the GPU" if gpu else "") + ".", "",
         f"- wall time of the fine-tuning: **{timing['wall_s'] / 60:.1f} min** "
-        f"(the target: at most 60 min on this 2-core CPU); training loss (−log p(y|x), nats, "
+        + ("(on the GPU, model loading and question selection included)" if gpu else
+           "(the target: at most 60 min on this 2-core CPU)")
+        + "; training loss (−log p(y|x), nats, "
         f"mean over {timing['window']} steps; each step sees new questions) "
         f"{timing['first_loss']:.2f} over the first steps, {timing['last_loss']:.2f} over the "
         f"last (of {timing['steps']})",
@@ -277,6 +339,19 @@ def render(rows, timing, args, load_start, load_end) -> str:
                     lines.append(f"| {name} | {mode} | {label} | {held} / {n_held} | {rest} | "
                                  f"{_pct((held + rest) / args.n)} |")
         lines.append("")
+    if gpu:
+        lines += [
+            "- commands: `bash benchmarks/gpu_finetune.sh run` on the lent GPU machine: "
+            f"`benchmarks/finetuned.py finetune {' '.join(options)}`, then "
+            f"`benchmarks/finetuned.py eval --device {args.device} --batch-size "
+            f"{args.batch_size} --write` (both models, one process)",
+            "- the zero-shot rows were answered on the same GPU in the same run, fp32 as the "
+            "fine-tuned rows",
+            f"- machine: {machine(args.device)}; load average {load_start} at the start of the "
+            f"evaluation, {load_end} at the end",
+            f"- date: {datetime.date.today().isoformat()}",
+        ]
+        return "\n".join(lines) + "\n"
     lines += [
         "- commands: `MARGIN_HOME=/tmp/mh nice -n 5 .venv/bin/python benchmarks/finetuned.py "
         "finetune`, then `... benchmarks/finetuned.py eval --datasets NQ-open` and `--datasets "
@@ -287,8 +362,8 @@ def render(rows, timing, args, load_start, load_end) -> str:
                          + " (the earlier recipes' `--out`)" if args.previous else ""),
         "- the zero-shot rows are `benchmarks/evaluation.py`'s runs (section \"Evaluation\"), read "
         "back through the same `run_eval`",
-        f"- machine: nproc 2, {cpu_model()}; torch {torch.__version__}; load average for the "
-        f"final invocation {load_start} at the start, {load_end} at the end (shared machine)",
+        f"- machine: {machine()}; load average for the final invocation {load_start} at the "
+        f"start, {load_end} at the end (shared machine)",
         f"- date: {datetime.date.today().isoformat()}",
     ]
     return "\n".join(lines) + "\n"
