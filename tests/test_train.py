@@ -320,11 +320,16 @@ def test_finetune_mixes_in_the_asked_share_of_ungrounded_questions(
     assert not (tmp_path / "home" / "models" / "other").exists()
     # by epochs: every grounded question (8) and ungrounded ones in proportion, 8 x 0.25 / 0.75;
     # the installed model answers with the k it was trained with
-    epochs = ["--name", "epochs", "--ungrounded", "0.25", "--epochs", "1", "--k", "3"]
+    epochs = ["--name", "epochs", "--ungrounded", "0.25", "--epochs", "1", "--k", "3",
+              "--mode", "sequence"]
     assert main([*args[:-2], *epochs]) == 0
     assert "trained on 8 questions with a gold answer in their passages and 3 without" in (
         capsys.readouterr().out)
-    assert load_model("epochs", index).default_k == 3
+    tuned = load_model("epochs", index)
+    assert (tuned.default_k, tuned.default_mode) == (3, "sequence")
+    assert main([*args, "--name", "bad", "--mode", "tokens"]) == 2
+    assert "unknown mode 'tokens'" in capsys.readouterr().err
+    assert not (tmp_path / "home" / "models" / "bad").exists()
     assert main([*args, "--name", "both", "--epochs", "2"]) == 2
     assert "--steps and --epochs both set" in capsys.readouterr().err
     assert not (tmp_path / "home" / "models" / "both").exists()

@@ -384,6 +384,8 @@ def finetune(
         help="Passes over every selected question, instead of the recipe's steps.")] = None,
     k: Annotated[int | None, typer.Option(
         help="Passages per question in training (recipe: 2).")] = None,
+    mode: Annotated[str | None, typer.Option(
+        help="Marginalisation trained: token or sequence (recipe: token).")] = None,
     all_questions: Annotated[bool, typer.Option(
         help="Train on every question, not only those with an answer in their passages.")] = False,
     ungrounded: Annotated[float | None, typer.Option(
@@ -407,6 +409,8 @@ def finetune(
         config = replace(config, steps=steps, epochs=epochs or 1)
     if k is not None:
         config = replace(config, k=k)
+    if mode is not None:
+        config = replace(config, mode=mode)
     done = run_finetune(data, name=name, config=config, model=model, index=index,
                         heldout=heldout, limit=limit, all_questions=all_questions,
                         ungrounded=FINETUNE_UNGROUNDED if ungrounded is None else ungrounded)
