@@ -50,18 +50,18 @@ ROOT = Path(__file__).resolve().parent.parent
 MAIN = dict(ks=(5,), modes=("token", "sequence"))
 
 
-def finetune(out: Path, datasets: dict[str, Path], extra: list[str]) -> None:
+def finetune(out: Path, datasets: dict[str, Path], extra: list[str], name: str) -> None:
     """``make finetune``'s command (with ``extra`` options), timed; the timing is kept in
     ``out/finetune.json``."""
     out.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "margin.cli", "finetune", *(str(p) for p in datasets.values()),
-               *extra]
+               *extra, *(["--name", name] if name != "finetuned" else [])]
     load_start, began = load_average(), time.perf_counter()
     done = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True)
     wall = time.perf_counter() - began
     print(done.stdout, end="", flush=True)
     log = [json.loads(line) for line in
-           (margin_home() / "runs" / "finetuned" / "log.jsonl").read_text().splitlines()]
+           (margin_home() / "runs" / name / "log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in log if "loss" in r]
     window = max(1, len(losses) // 6)  # one step's loss is one batch of 8: average a window
     record = {"wall_s": wall, "load_start": load_start, "load_end": load_average(),
@@ -102,12 +102,13 @@ def on_device(rag: RAG, device: str) -> RAG:
 
 
 def evaluate(datasets: dict[str, Path], n: int, out: Path, zero_shot_out: Path,
-             batch_size: int, device: str = "cpu") -> dict[str, dict[str, list[dict]]]:
+             batch_size: int, device: str = "cpu",
+             tuned: str = "finetuned") -> dict[str, dict[str, list[dict]]]:
     """Every row of the table, per data set: fine-tuned (closed book and RAG) and zero-shot.
     The fine-tuned model answers every data set first: a run cut short keeps its rows."""
     rows: dict[str, dict[str, list[dict]]] = {name: {} for name in datasets}
     for kind, model, where in (
-        ("fine-tuned", "finetuned", lambda name: out / name),
+        ("fine-tuned", tuned, lambda name: out / name),
         ("zero-shot", "default", lambda name: zero_shot_out / name / "main"),
     ):
         rag = on_device(load_model(model, "default", progress=False), device)
@@ -177,6 +178,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (eval)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--out", type=Path, default=Path("/tmp/margin-finetuned-bench"))
+    ap.add_argument("--model", default="finetuned", help="the installed fine-tuned model's name "
+                    "(margin finetune --name)")
     ap.add_argument("--zero-shot-out", type=Path, default=Path("/tmp/margin-eval-bench"),
                     help="benchmarks/evaluation.py's --out (its runs are resumed, not redone)")
     ap.add_argument("--write", action="store_true", help="write the BENCHMARKS.md section")
@@ -204,13 +207,14 @@ def main() -> None:
         extra = [*(["--k", str(args.k)] if args.k else []),
                  *(["--epochs", str(args.epochs)] if args.epochs else []),
                  *(["--limit", str(args.limit)] if args.limit else [])]
-        finetune(args.out, datasets, extra)
+        finetune(args.out, datasets, extra, args.model)
         return
     if args.write and len(datasets) < len(DATASETS):
         ap.error("--write needs every data set")
     torch.set_num_threads(args.threads)
     load_start = load_average()
-    rows = evaluate(datasets, args.n, args.out, args.zero_shot_out, args.batch_size, args.device)
+    rows = evaluate(datasets, args.n, args.out, args.zero_shot_out, args.batch_size, args.device,
+                    args.model)
     if args.write:
         timing = json.loads((args.out / "finetune.json").read_text())
         section = render(rows, timing, args, load_start, load_average())
@@ -287,7 +291,7 @@ def render(rows, timing, args, load_start, load_end) -> str:
                 subset = "-" if closed else (f"{_pct(r['exact_match_answer_retrieved'])} "
                                              f"({r['n_answer_retrieved']})")
                 lines.append(
-                    f"| {name} | {'default' if model == 'zero-shot' else 'finetuned'} | "
+                    f"| {name} | {'default' if model == 'zero-shot' else args.model} | "
                     f"{'closed book' if closed else 'dense k=5'} | "
                     f"{'-' if closed else r['mode']} | {r['n']} | {_pct(r['exact_match'])} | "
                     f"{_pct(r['f1'])} | {subset} | {r['seconds_per_example']:.2f} |")
