@@ -328,9 +328,12 @@ def render(rows, timing, args, load_start, load_end) -> str:
     if args.previous:
         lines += ["Where the exact matches come from, beside earlier recipes: questions whose "
                   "top 5 passages hold a gold answer (\"in top 5\", each "
-                  f"model's own retriever) and the rest. Exact matches out of {args.n}.", "",
-                  "| data set | mode | model | in top 5 (hits / questions) | rest (hits) | EM |",
-                  "|---|---|---|---:|---:|---:|"]
+                  f"model's own retriever) and the rest. Exact matches out of {args.n}; for each "
+                  "fine-tuned model, the questions only it / only the zero-shot default got right "
+                  "and the sign test's p-value.", "",
+                  "| data set | mode | model | in top 5 (hits / questions) | rest (hits) | EM | "
+                  "vs zero-shot |",
+                  "|---|---|---|---:|---:|---:|---|"]
         for name in rows:
             for mode in ("token", "sequence"):
                 run = RunSpec("dense", 5, mode, "greedy").name
@@ -338,10 +341,14 @@ def render(rows, timing, args, load_start, load_end) -> str:
                         *((label, out / name)
                           for label, out in zip(args.previous_label, args.previous, strict=True)),
                         ("finetuned (this recipe)", args.out / name)]
-                for label, where in runs:
+                for i, (label, where) in enumerate(runs):
                     held, rest, n_held = split_hits(where / run, args.n)
+                    versus = "-"
+                    if i:
+                        t, z, p = paired(where / run, runs[0][1] / run, args.n)
+                        versus = f"{t} / {z} (p = {p:.2f})"
                     lines.append(f"| {name} | {mode} | {label} | {held} / {n_held} | {rest} | "
-                                 f"{_pct((held + rest) / args.n)} |")
+                                 f"{_pct((held + rest) / args.n)} | {versus} |")
         lines.append("")
     if gpu:
         lines += [
