@@ -326,7 +326,7 @@ def render(rows, timing, args, load_start, load_end) -> str:
                      f"{c['union']} ({_pct(c['union'] / c['n'])}) |")
     lines.append("")
     if args.previous:
-        lines += ["Where the exact matches come from, beside earlier recipes: questions whose "
+        lines += ["Where the exact matches come from, beside other recipes: questions whose "
                   "top 5 passages hold a gold answer (\"in top 5\", each "
                   f"model's own retriever) and the rest. Exact matches out of {args.n}; for each "
                   "fine-tuned model, the questions only it / only the zero-shot default got right "
@@ -370,7 +370,7 @@ def render(rows, timing, args, load_start, load_end) -> str:
         "aggregates)" + (" with " + " ".join(f"`--previous {out} --previous-label \"{label}\"`"
                                        for out, label in zip(args.previous, args.previous_label,
                                                              strict=True))
-                         + " (the earlier recipes' `--out`)" if args.previous else ""),
+                         + " (the other recipes' `--out`)" if args.previous else ""),
         "- the zero-shot rows are `benchmarks/evaluation.py`'s runs (section \"Evaluation\"), read "
         "back through the same `run_eval`",
         f"- machine: {machine()}; load average for the final invocation {load_start} at the "
