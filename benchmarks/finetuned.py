@@ -245,7 +245,8 @@ def render(rows, timing, args, load_start, load_end) -> str:
     lines = [
         "## Answer quality: the same recipe on a GPU, with a larger budget" if gpu else
         "## Answer quality: the fine-tuned default (`make finetune`)", "",
-        f"`{command}` fine-tunes the "
+        ("`make finetune` (" if not options else "") + f"`{command}`" + ("" if options else ")")
+        + " fine-tunes the "
         f"default model on the development files minus their first {HELDOUT} lines, which are held "
         f"out for this report. Recipe (`margin.train.FINETUNE_RECIPE`"
         f"{', with ' + ' '.join(options) if options else ''}): RAG-{r.mode.title()} "
