@@ -79,17 +79,12 @@ def finetune(out: Path, datasets: dict[str, Path], extra: list[str], name: str) 
 def prepare(device: str) -> None:
     """The default model's cache, built before anything is timed: the generator converted from
     its GGUF, and the default index, its passages encoded on ``device``."""
-    from margin.build import build_index
     from margin.default_generator import default_generator_dir
-    from margin.encoders import load_encoder
-    from margin.retriever import default_index_dir
+    from margin.retriever import ensure_default_index
 
     began = time.perf_counter()
     default_generator_dir(progress=False)
-    if not (default_index_dir() / "manifest.json").exists():
-        encoder = load_encoder("default", role="passage", device=device)
-        build_index("default", encoder, default_index_dir(), kind="flat", progress=False,
-                    batch_size=256)
+    ensure_default_index(progress=False, device=device)
     print(f"prepared the default model's cache in {time.perf_counter() - began:.0f} s", flush=True)
 
 

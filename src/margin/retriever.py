@@ -44,11 +44,12 @@ def default_index_dir() -> Path:
     return margin_home() / "indexes" / DEFAULT_INDEX_NAME
 
 
-def ensure_default_index(progress: bool = True) -> Path:
-    """Build the default index on first use (resuming an interrupted build) and return its path."""
+def ensure_default_index(progress: bool = True, device: str = "cpu") -> Path:
+    """Build the default index on first use (resuming an interrupted build) and return its path;
+    ``device`` encodes the passages (a GPU takes seconds)."""
     out = default_index_dir()
     if not (out / "manifest.json").exists():
-        encoder = load_encoder("default", role="passage")
+        encoder = load_encoder("default", role="passage", device=device)
         build_index("default", encoder, out, kind="flat", progress=progress)
     return out
 
