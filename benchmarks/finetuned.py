@@ -39,7 +39,6 @@ import torch
 from margin.assets import margin_home
 from margin.evaluate import EvalConfig, RunSpec, read_predictions, run_eval
 from margin.models import load_model
-from margin.rag import RAG
 from margin.train import FINETUNE_RECIPE, FINETUNE_UNGROUNDED, HELDOUT
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -88,14 +87,6 @@ def prepare(device: str) -> None:
     print(f"prepared the default model's cache in {time.perf_counter() - began:.0f} s", flush=True)
 
 
-def on_device(rag: RAG, device: str) -> RAG:
-    """``rag`` with its generator and question encoder on ``device`` (the index stays in FAISS)."""
-    rag.generator.model.to(device)
-    if rag.question_encoder is not None:
-        rag.question_encoder.module.to(device)
-    return rag
-
-
 def evaluate(datasets: dict[str, Path], n: int, out: Path, zero_shot_out: Path,
              batch_size: int, device: str = "cpu",
              tuned: str = "finetuned") -> dict[str, dict[str, list[dict]]]:
@@ -106,7 +97,7 @@ def evaluate(datasets: dict[str, Path], n: int, out: Path, zero_shot_out: Path,
         ("fine-tuned", tuned, lambda name: out / name),
         ("zero-shot", "default", lambda name: zero_shot_out / name / "main"),
     ):
-        rag = on_device(load_model(model, "default", progress=False), device)
+        rag = load_model(model, "default", progress=False, device=device)
         for name, path in datasets.items():
             cfg = EvalConfig(data=str(path), out=str(where(name)), limit=n, batch_size=batch_size,
                              progress=False, retrievers=("none", "dense"), **MAIN)

@@ -102,6 +102,18 @@ def test_search_plain_output_names_titles(index, capsys):
           "{tmp}/out"], "unknown kind"),
         (["ask", "--mode", "token", "--decoding", "fast", "why?"], "RAG-Sequence"),
         (["ask", "--model", "{tmp}", "why?"], "neither a margin model"),
+        # a device this machine lacks (no machine has 100 GPUs) is refused before any loading
+        (["ask", "--device", "gpu", "why?"], "unknown device 'gpu'"),
+        (["ask", "--device", "cuda:99", "why?"], "'cuda:99'"),
+        (["search", "--index", "{index}", "--device", "cuda:99", "paris"], "'cuda:99'"),
+        (["index", "build", "--corpus", "{tmp}/bad.jsonl", "--encoder", "{st}", "--device",
+          "cuda:99", "--out", "{tmp}/out"], "'cuda:99'"),
+        (["eval", "--data", "{tmp}/bad.jsonl", "--device", "cuda:99", "--out", "{tmp}/out"],
+         "'cuda:99'"),
+        (["train", "--train", "{tmp}/bad.jsonl", "--device", "cuda:99", "--out", "{tmp}/out"],
+         "'cuda:99'"),
+        (["finetune", "{tmp}/bad.jsonl", "--device", "cuda:99"], "'cuda:99'"),
+        (["serve", "--device", "cuda:99"], "'cuda:99'"),
     ],
 )
 def test_user_mistakes_are_one_line_without_traceback(argv, message, index, st_model, tmp_path,

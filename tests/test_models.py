@@ -103,3 +103,40 @@ def test_a_newer_format_is_refused_in_one_line(rag, tmp_path):
     (out / MODEL_FILE).write_text(json.dumps(dict(record, version=99)))
     with pytest.raises(MarginError, match="upgrade margin"):
         load_model(out, None)
+
+
+def test_to_moves_every_network_once_and_leaves_the_index(rag, monkeypatch):
+    """RAG.to moves the generator and each distinct question encoder (the retriever's own, when
+    it has another) to the resolved device; the FAISS index is not a torch module and stays."""
+    from margin.encoders import load_encoder_from_spec
+
+    other = load_encoder_from_spec(dict(rag.question_encoder.spec))  # e.g. a frozen retriever's
+    view = RAG(rag.generator, Retriever(rag.retriever.index, other, check=False),
+               question_encoder=rag.question_encoder)
+    moved = []
+    for name, module in (("generator", view.generator.model),
+                         ("question", view.question_encoder.module), ("retriever", other.module)):
+        monkeypatch.setattr(module, "to", lambda device, name=name: moved.append((name, device)))
+    assert view.to("auto") is view
+    auto = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert sorted(moved) == [("generator", auto), ("question", auto), ("retriever", auto)]
+
+
+def test_to_refuses_a_missing_device_before_moving_anything(rag, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    moved = []
+    monkeypatch.setattr(rag.generator.model, "to", lambda device: moved.append(device))
+    with pytest.raises(MarginError, match="no CUDA GPU"):
+        rag.to("cuda")
+    assert moved == []
+
+
+def test_load_model_checks_the_device_before_loading(rag, index, tmp_path, monkeypatch):
+    out = save_model(rag, tmp_path / "model")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(MarginError, match="no CUDA GPU"):
+        load_model(tmp_path / "no-such-model", index, device="cuda")  # not "no such model"
+    loaded = load_model(out, index, device="cpu")
+    assert loaded.generator.device == torch.device("cpu")
+    assert loaded.question_encoder.device == torch.device("cpu")
+    assert loaded.ask(QUESTIONS[:1], k=2)[0].answer == rag.ask(QUESTIONS[:1], k=2)[0].answer

@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from margin.devices import DEVICE_HELP
 from margin.errors import MarginError
 
 app = typer.Typer(
@@ -23,6 +24,7 @@ app.add_typer(index_app, name="index")
 
 KINDS = ("flat", "hnsw", "ivfpq", "hnswsq", "bm25")
 MAX_QUERY_CHARS = 4096  # longer stdin lines are refused rather than silently truncated
+Device = Annotated[str, typer.Option(help="Where the networks run: " + DEVICE_HELP)]
 
 
 @app.callback()
@@ -55,13 +57,16 @@ def index_build(
     ray_workers: Annotated[
         int | None, typer.Option(help="Encoder copies on Ray (default: one per CPU).")
     ] = None,
+    device: Device = "auto",
 ) -> None:
     """Build an index; run it again after an interruption to resume."""
     from margin.build import build_index
+    from margin.devices import resolve_device
     from margin.encoders import load_encoder
 
     _check_choice("kind", kind, KINDS)
-    enc = None if kind == "bm25" else load_encoder(encoder, role="passage")
+    where = str(resolve_device(device))  # Ray workers pick their own (a GPU if given one)
+    enc = None if kind == "bm25" else load_encoder(encoder, role="passage", device=where)
     if ray and enc is not None:
         from margin.distributed import RayConfig, build_index_ray
 
@@ -83,13 +88,17 @@ def index_add(
     index: Annotated[Path, typer.Option("--index", help="Index directory to extend.")],
     corpus: Annotated[str, typer.Option(help="JSONL, DPR TSV or Parquet of new documents.")],
     batch_size: Annotated[int, typer.Option(help="Encoding batch size.")] = 64,
+    device: Device = "auto",
 ) -> None:
     """Append passages to an index without re-encoding the existing ones."""
     from margin.build import add_to_index, open_index
+    from margin.devices import resolve_device
     from margin.encoders import load_encoder_from_spec
 
+    where = str(resolve_device(device))
     manifest = open_index(index).manifest
-    enc = None if manifest.encoder is None else load_encoder_from_spec(manifest.encoder["spec"])
+    enc = None if manifest.encoder is None else load_encoder_from_spec(
+        manifest.encoder["spec"], device=where)
     new = add_to_index(index, corpus, enc, batch_size=batch_size, progress=True)
     typer.echo(f"{index} now holds {new.passages} passages (+{new.passages - manifest.passages})")
 
@@ -108,12 +117,13 @@ def search(
         str | None, typer.Option(help="Question encoder (needed for DPR context-encoder indexes).")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per query.")] = False,
+    device: Device = "auto",
 ) -> None:
     """Top-k passages for each query, with scores."""
     from margin.retriever import Retriever
 
     questions = _read_queries(queries)
-    retriever = Retriever.load(index, query_encoder=query_encoder)
+    retriever = Retriever.load(index, query_encoder=query_encoder, device=device)
     hits = retriever.retrieve(questions, k=k)
     for qi, question in enumerate(questions):
         passages = hits.passages[qi]
@@ -172,6 +182,7 @@ def ask(
         int | None, typer.Option(help="Longest answer in tokens (model default if unset).")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per question.")] = False,
+    device: Device = "auto",
 ) -> None:
     """Answer questions with provenance: passages, priors p(z|x) and posteriors p(z|x,y)."""
     from margin.rag import RAG, decoding_method
@@ -179,7 +190,7 @@ def ask(
     items = _read_queries(questions)
     if mode is not None:
         decoding_method(mode, decoding)  # reject a bad combination before loading anything
-    rag = RAG.load(model=model, index=index)
+    rag = RAG.load(model=model, index=index, device=device)
     answers = rag.ask(
         items, k=k, mode=mode, decoding=decoding, num_beams=beams, max_new_tokens=max_new_tokens
     )
@@ -193,6 +204,7 @@ def ask(
 @app.command()
 def demo(
     k: Annotated[int, typer.Option("--k", "-k", help="Passages retrieved per question.")] = 5,
+    device: Device = "auto",
 ) -> None:
     """Answer a few questions over the bundled Wikipedia corpus, with provenance."""
     import time
@@ -204,7 +216,7 @@ def demo(
     console = Console(stderr=True)
     start = time.perf_counter()
     console.print("[dim]loading the default model and index (built on first use)...[/dim]")
-    rag = RAG.load(model="default", index="default")
+    rag = RAG.load(model="default", index="default", device=device)
     loaded = time.perf_counter()
     console.print(f"[dim]ready in {loaded - start:.1f} s[/dim]")
     for mode in ("token", "sequence"):
@@ -252,6 +264,7 @@ def train(
         help="Search one shared index per machine, a Ray actor (needs margin[ray]).")] = False,
     ray_address: Annotated[str | None, typer.Option(
         help="Ray cluster for --ray-retrieval; under torchrun 'auto' (ray start --head).")] = None,
+    device: Device = "auto",
 ) -> None:
     """Fine-tune RAG end to end (Sec. 2.4): question encoder and generator learn, index frozen."""
     from margin.train import TrainConfig, run
@@ -261,7 +274,7 @@ def train(
         lr=lr, retriever_lr=retriever_lr, warmup=warmup, freeze_retriever=freeze_retriever,
         freeze_generator=freeze_generator, target=target, lora=lora, lora_r=lora_r,
         gradient_checkpointing=gradient_checkpointing, precision=precision,
-        eval_every=eval_every, save_every=save_every, seed=seed,
+        eval_every=eval_every, save_every=save_every, seed=seed, device=device,
     )
     result, skipped = run(
         train_file, out, config, model=model, index=index, dev_path=dev, retriever=retriever,
@@ -312,6 +325,7 @@ def eval_(
     ),
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     regex: Annotated[bool, typer.Option(help="Gold answers are regexes (CuratedTrec).")] = False,
+    device: Device = "auto",
 ) -> None:
     """Evaluate on a task's data: metrics.json, predictions.jsonl, report.md (resumable)."""
     from margin.evaluate import EvalConfig, run_eval, summary_table
@@ -325,7 +339,7 @@ def eval_(
         bm25_index=bm25_index, retrievers=_comma(retriever), ks=ks,
         modes=_comma(mode) if mode else (), decodings=_comma(decoding), beams=beams,
         max_new_tokens=max_new_tokens, limit=limit, batch_size=batch_size, out=str(out),
-        seed=seed, regex=regex,
+        seed=seed, regex=regex, device=device,
     )
     results = run_eval(config)
     typer.echo(summary_table(task, results), nl=False)
@@ -351,10 +365,12 @@ def serve(
     index_root: Annotated[
         Path | None, typer.Option(help="Admins may register index directories under it only.")
     ] = None,
+    device: Device = "auto",
 ) -> None:
     """Serve the HTTP API and web page; admin endpoints need $MARGIN_ADMIN_TOKEN."""
     import os
 
+    from margin.devices import resolve_device
     from margin.errors import require
 
     require("fastapi", "pip install 'margin[serve]'")
@@ -362,8 +378,10 @@ def serve(
     from margin.server import ADMIN_TOKEN_ENV, ServeConfig
     from margin.server import serve as run
 
+    resolve_device(device)  # refused before the banner, not after it
     token = os.environ.get(ADMIN_TOKEN_ENV) or None
-    config = ServeConfig(host=host, port=port, index_root=index_root, admin_token=token)
+    config = ServeConfig(host=host, port=port, index_root=index_root, admin_token=token,
+                         device=device)
     typer.echo(f"margin: serving on http://{host}:{port}/ (admin {'on' if token else 'off'})",
                err=True)
     run(model, index or [], config)
@@ -390,6 +408,7 @@ def finetune(
         help="Train on every question, not only those with an answer in their passages.")] = False,
     ungrounded: Annotated[float | None, typer.Option(
         help="Share of questions with no answer in their passages (recipe: 0.125).")] = None,
+    device: Device = "auto",
 ) -> None:
     """Fine-tune the default model on training slices and install it as --name (`make finetune`)."""
     from dataclasses import replace
@@ -404,7 +423,7 @@ def finetune(
     if steps is not None and epochs is not None:
         raise MarginError("--steps and --epochs both set the training's length: drop one of "
                           "the two")
-    config = FINETUNE_RECIPE
+    config = replace(FINETUNE_RECIPE, device=device)
     if steps is not None or epochs is not None:  # epochs: as many steps as the questions take
         config = replace(config, steps=steps, epochs=epochs or 1)
     if k is not None:

@@ -111,8 +111,8 @@ def build_index_ray(
     encoder: the passage encoder, on the driver: its fingerprint, spec and dim go into the plan
         and the manifest (it encodes nothing here).
     encoder_factory: builds a worker's copy of the encoder, called once in each Ray actor;
-        None: ``margin.encoders.load_encoder_from_spec(encoder.spec)`` (the weights must be
-        readable at the same path, or hub cache, on every node).
+        None: :func:`worker_encoder` on ``encoder.spec``, on the worker's GPU if it has one
+        (the weights must be readable at the same path, or hub cache, on every node).
     """
     ray_config = ray_config or RayConfig()
     if isinstance(config, BM25Config) or kind == "bm25":
@@ -122,9 +122,7 @@ def build_index_ray(
     out, config, work = prepare_build(corpus, encoder, out, kind, config, shard_size, overwrite)
     assert isinstance(config, IndexConfig)
     if encoder_factory is None:
-        from margin.encoders import load_encoder_from_spec
-
-        encoder_factory = functools.partial(load_encoder_from_spec, dict(encoder.spec))
+        encoder_factory = functools.partial(worker_encoder, dict(encoder.spec))
     passages = read_corpus(corpus) if isinstance(corpus, str | Path) else iter(corpus)
 
     started = not _ray_running()
@@ -249,6 +247,18 @@ class _EncoderPool:
     def close(self) -> None:
         for worker in self.workers:
             self.ray.kill(worker)
+
+
+def worker_encoder(spec: dict[str, Any]) -> Encoder:
+    """The encoder ``spec`` describes, on the worker's GPU when Ray gave it one, else its CPU.
+
+    Resolved inside the worker: Ray sets CUDA_VISIBLE_DEVICES for each actor, so a worker
+    without ``gpus_per_worker`` sees no GPU even on a GPU node.
+    """
+    from margin.devices import resolve_device
+    from margin.encoders import load_encoder_from_spec
+
+    return load_encoder_from_spec(spec, device=str(resolve_device("auto")))
 
 
 class _EncoderWorker:

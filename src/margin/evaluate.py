@@ -53,6 +53,7 @@ import torch
 
 from margin import metrics as M
 from margin._io import atomic_path, write_json_atomic
+from margin.devices import resolve_device
 from margin.errors import MarginError
 from margin.examples import FEVER_LABELS, FORMATS, TASKS, Example, read_examples
 from margin.rag import DECODINGS, MODES, RAG
@@ -88,6 +89,7 @@ class EvalConfig:
     seed: int = 0  # torch/numpy/random seed, set before each run
     regex: bool = False  # gold answers are regular expressions (CuratedTrec)
     progress: bool = True  # progress bar with ETA on stderr
+    device: str = "auto"  # where the networks run: auto (CUDA if any, else CPU), cpu, cuda[:N]
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,7 @@ def check_config(cfg: EvalConfig) -> None:
             raise MarginError(f"{name} must be at least 1, got {value}")
     if not cfg.data:
         raise MarginError("no data file given; pass --data FILE")
+    resolve_device(cfg.device)
 
 
 def plan_runs(cfg: EvalConfig, default_mode: str = "token") -> list[RunSpec]:
@@ -193,13 +196,13 @@ def load_rags(cfg: EvalConfig, retrievers: set[str]) -> dict[str, RAG]:
     from margin.models import load_model
 
     dense_index = cfg.index if "dense" in retrievers else None
-    base = load_model(cfg.model, dense_index, progress=cfg.progress)
+    base = load_model(cfg.model, dense_index, progress=cfg.progress, device=cfg.device)
     rags: dict[str, RAG] = {}
     for name in retrievers:
         if name in ("dense", "none"):
             rags[name] = base
         elif name == "dense-frozen":
-            frozen = Retriever.load(cfg.index, progress=cfg.progress)
+            frozen = Retriever.load(cfg.index, progress=cfg.progress, device=cfg.device)
             rags[name] = with_retriever(base, frozen, base.doc_score_scale)
         else:
             rags[name] = with_retriever(base, bm25_retriever(cfg.bm25_index), BM25_DOC_SCORE_SCALE)

@@ -22,9 +22,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from margin._io import atomic_path
 from margin.build import open_index
 from margin.decoding import DecodeConfig
+from margin.devices import resolve_device
 from margin.encoders import Encoder, load_encoder, load_encoder_from_spec
 from margin.errors import MarginError
 from margin.generator import (
@@ -124,20 +127,22 @@ def _postprocess(config: ModelConfig):
 
 
 def load_model(model: str | Path = "default", index: str | Path | None = "default",
-               progress: bool = True) -> RAG:
-    """A ready RAG: generator, question encoder and (unless ``index`` is None) retriever."""
+               progress: bool = True, device: str | torch.device = "cpu") -> RAG:
+    """A ready RAG: generator, question encoder and (unless ``index`` is None) retriever, the
+    networks on ``device`` (checked before anything loads; "auto": CUDA when there is one)."""
+    target = resolve_device(device)
     if str(model) == "default":
-        return _load_default(index, progress)
+        return _load_default(index, progress, str(target)).to(target)
     path = Path(model)
     installed = _installed(str(model))
     if not (path / MODEL_FILE).is_file() and installed is not None:
         path = installed  # a name under $MARGIN_HOME/models, e.g. "finetuned"
     if (path / MODEL_FILE).is_file():
-        return _load_margin(path, index, progress)
+        return _load_margin(path, index, progress).to(target)
     if (path / "config.json").is_file() and _model_type(path) == "rag":
         from margin.hf_rag import load_hf_rag
 
-        return load_hf_rag(path, index, progress=progress)
+        return load_hf_rag(path, index, progress=progress).to(target)
     if not path.exists():
         raise MarginError(f"{path}: no such model directory; give 'default' or a model directory")
     raise MarginError(
@@ -156,7 +161,7 @@ def _installed(name: str) -> Path | None:
     return path if (path / MODEL_FILE).is_file() else None
 
 
-def _load_default(index: str | Path | None, progress: bool) -> RAG:
+def _load_default(index: str | Path | None, progress: bool, device: str = "cpu") -> RAG:
     from margin.default_generator import default_generator_dir
 
     config = ModelConfig(doc_score_scale=DEFAULT_COSINE_SCALE, decode={"max_new_tokens": 16})
@@ -164,10 +169,10 @@ def _load_default(index: str | Path | None, progress: bool) -> RAG:
     retriever = None
     encoder: Encoder | None = None
     if index is not None:
-        retriever = Retriever.load(index, progress=progress)
+        retriever = Retriever.load(index, progress=progress, device=device)
         encoder = retriever.encoder
     else:
-        encoder = load_encoder("default", role="question")
+        encoder = load_encoder("default", role="question", device=device)
     return _assemble(generator, retriever, encoder, config)
 
 

@@ -134,13 +134,32 @@ class RAG:
 
     @classmethod
     def load(
-        cls, model: str = "default", index: str = "default", progress: bool = True
+        cls, model: str = "default", index: str = "default", progress: bool = True,
+        device: str | torch.device = "cpu",
     ) -> RAG:
         """Load a model (``"default"``, a margin checkpoint or a transformers RAG directory)
-        and an index (``"default"`` or a directory)."""
+        and an index (``"default"`` or a directory), its networks on ``device`` ("auto": a
+        CUDA GPU when there is one; see margin.devices)."""
         from margin.models import load_model
 
-        return load_model(model, index, progress=progress)
+        return load_model(model, index, progress=progress, device=device)
+
+    def to(self, device: str | torch.device) -> RAG:
+        """Move the generator and the question encoder(s) to ``device``, in place; returns self.
+
+        The index stays where it is (FAISS and BM25 search on the CPU): questions are embedded on
+        ``device`` and their vectors handed to the index, and the retrieved passages' vectors
+        come back to ``device`` for the prior p(z|x).
+        """
+        from margin.devices import resolve_device
+
+        target = resolve_device(device)
+        self.generator.model.to(target)
+        encoders = {id(e): e for e in (self.question_encoder,
+                                       self.retriever.encoder if self.retriever else None) if e}
+        for encoder in encoders.values():
+            encoder.module.to(target)
+        return self
 
     # -- retrieval and the document prior ------------------------------------------------------
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from margin.assets import margin_home
 from margin.build import LoadedIndex, build_index, ensure_encoder_matches, open_index
+from margin.devices import resolve_device
 from margin.encoders import Encoder, load_encoder, load_encoder_from_spec
 from margin.errors import MarginError
 from margin.passages import Passage
@@ -66,10 +67,11 @@ def ensure_default_bm25_index(progress: bool = True) -> Path:
     return out
 
 
-def resolve_index(index: str | Path, progress: bool = True) -> Path:
-    """``"default"`` means the cached default index (built if missing); anything else is a path."""
+def resolve_index(index: str | Path, progress: bool = True, device: str = "cpu") -> Path:
+    """``"default"`` means the cached default index (built if missing, its passages encoded on
+    ``device``); anything else is a path."""
     if str(index) == "default":
-        return ensure_default_index(progress=progress)
+        return ensure_default_index(progress=progress, device=device)
     return Path(index)
 
 
@@ -97,6 +99,7 @@ class Retriever:
         index: str | Path = "default",
         query_encoder: str | Path | Encoder | None = None,
         progress: bool = True,
+        device: str = "cpu",
     ) -> Retriever:
         """Open an index and the question encoder that goes with it.
 
@@ -104,14 +107,17 @@ class Retriever:
         query_encoder: an Encoder, a model name/directory, or None to reuse the index's own
             encoder (right for sentence-transformers and plain HF encoders, which embed questions
             and passages alike; a DPR context-encoder index needs its DPR question encoder named).
+        device: where a question encoder loaded here runs (margin.devices; the index stays in
+            FAISS on the CPU). A given Encoder stays where it is.
         """
-        loaded = open_index(resolve_index(index, progress=progress))
+        device = str(resolve_device(device))
+        loaded = open_index(resolve_index(index, progress=progress, device=device))
         if loaded.dense is None:
             return cls(loaded, None)
         if isinstance(query_encoder, Encoder):
             return cls(loaded, query_encoder)
         if query_encoder is not None:
-            return cls(loaded, load_encoder(query_encoder, role="question"))
+            return cls(loaded, load_encoder(query_encoder, role="question", device=device))
         if not _symmetric(loaded):
             raise MarginError(
                 f"index {loaded.path} was built with a DPR context encoder; name its question "
@@ -119,7 +125,7 @@ class Retriever:
             )
         spec = dict(loaded.manifest.encoder["spec"])  # type: ignore[index]
         spec["role"] = "question"
-        return cls(loaded, load_encoder_from_spec(spec))
+        return cls(loaded, load_encoder_from_spec(spec, device=device))
 
     @property
     def kind(self) -> str:

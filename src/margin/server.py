@@ -74,6 +74,7 @@ class ServeConfig:
     timeout_s: float = 60.0  # per-request limit, queueing included; 504 after it
     batch: BatchConfig = field(default_factory=BatchConfig)  # micro-batching (max_batch=1: off)
     cors_origins: tuple[str, ...] = ()  # origins allowed cross-site; empty: CORS off
+    device: str = "auto"  # where the networks run: auto (CUDA if any, else CPU), cpu, cuda[:N]
 
 
 # ----------------------------------------------------------------------------- index registry
@@ -735,5 +736,5 @@ def serve(model: str, indexes: Sequence[str], config: ServeConfig) -> None:
     """Load ``model`` over the first of ``indexes`` (``--index`` values), register the others,
     and serve (what ``margin serve`` runs)."""
     named = parse_index_options(indexes)
-    rag = RAG.load(model=model, index=next(iter(named.values())))
+    rag = RAG.load(model=model, index=next(iter(named.values())), device=config.device)
     run_server(create_app(rag, named, config), config)

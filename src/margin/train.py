@@ -57,6 +57,7 @@ from margin.data_parallel import (
     sum_gradients,
     sum_value,
 )
+from margin.devices import resolve_device
 from margin.errors import MarginError, require
 from margin.examples import Example
 from margin.metrics import exact_match, has_answer
@@ -66,7 +67,8 @@ from margin.retriever import Retrieved
 TARGETS = ("first", "sample")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # Settings that may change between an interrupted run and its --resume (the rest must not).
-_RESUMABLE_CHANGES = ("eval_every", "save_every", "log_every", "eval_limit", "eval_batch_size")
+_RESUMABLE_CHANGES = ("eval_every", "save_every", "log_every", "eval_limit", "eval_batch_size",
+                      "device")
 
 
 @dataclass
@@ -94,6 +96,8 @@ class TrainConfig:
     lora_targets: str = "all-linear"  # peft target_modules: "all-linear" or comma-separated names
     gradient_checkpointing: bool = False  # recompute activations in backward (seq2seq, encoder)
     precision: str = "auto"  # "auto": bf16 (else fp16) autocast on a GPU, fp32 on CPU
+    device: str = "auto"  # where to train: auto (CUDA if any, else CPU), cpu, cuda[:N] (a resume
+    # may change it: the optimizer state follows the parameters)
     eval_every: int = 0  # optimizer steps between dev evaluations (0: only at the end)
     eval_limit: int | None = None  # dev examples evaluated (None: all)
     eval_batch_size: int = 8  # questions per batch when answering dev questions
@@ -109,6 +113,7 @@ class TrainConfig:
             raise MarginError(f"unknown target {self.target!r}; use 'first' or 'sample'")
         if self.precision not in PRECISIONS:
             raise MarginError(f"unknown precision {self.precision!r}; use {', '.join(PRECISIONS)}")
+        resolve_device(self.device)  # a device this machine lacks is refused before any loading
         if self.retriever_lr is not None and not self.retriever_lr > 0:
             raise MarginError(f"retriever_lr must be positive, got {self.retriever_lr}")
         for name in ("k", "epochs", "batch_size", "grad_accum", "log_every", "eval_batch_size",
@@ -231,7 +236,7 @@ def prepare(rag: RAG, config: TrainConfig) -> _Parts:
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     np.random.seed(config.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(config.device)
     gen_model = rag.generator.model
     encoder = rag.question_encoder
     dense = rag.retriever is None or rag.retriever.kind != "bm25"
@@ -583,7 +588,7 @@ def run(
         address = ray_address or ("auto" if world.size > 1 else None)
         rag = with_ray_retrieval(model, index, address, world, progress)
     else:
-        rag = RAG.load(model=model, index=index, progress=progress)
+        rag = RAG.load(model=model, index=index, progress=progress, device=config.device)
     if retriever == "bm25" and rag.retriever is not None and rag.retriever.kind != "bm25":
         raise MarginError(f"--retriever bm25 needs a BM25 index, but {index} is dense; "
                           "build one with `margin index build --kind bm25`")
@@ -753,7 +758,7 @@ def finetune(
     config = config or FINETUNE_RECIPE
     examples = interleave(*(training_slice(p, heldout, limit) for p in data))
     run_dir = margin_home() / "runs" / name
-    rag = RAG.load(model=model, index=index, progress=progress)
+    rag = RAG.load(model=model, index=index, progress=progress, device=config.device)
     total = len(examples)
     counts = (0, total)
     if not all_questions:
