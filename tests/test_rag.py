@@ -122,6 +122,18 @@ def test_loss_trains_generator_and_question_encoder(rag):
     rag.question_encoder.module.zero_grad()
 
 
+def test_loss_both_is_the_mean_of_the_two_objectives(rag):
+    answers = ["a tower", "a river"]
+    with torch.no_grad():
+        token = rag.loss(QUESTIONS, answers, k=3, mode="token", reduction="none")
+        seq = rag.loss(QUESTIONS, answers, k=3, mode="sequence", reduction="none")
+        both = rag.loss(QUESTIONS, answers, k=3, mode="both", reduction="none")
+    assert not torch.allclose(token, seq)  # multi-token answers: the two objectives differ
+    torch.testing.assert_close(both, (token + seq) / 2)
+    with pytest.raises(MarginError, match="'both'"):
+        rag.loss(QUESTIONS, answers, k=3, mode="tokens")
+
+
 def test_loss_modes_coincide_for_a_one_token_target(rag):
     """With a one-token target RAG-Sequence and RAG-Token are the same model (Sec. 2)."""
     hits = rag.retrieve(QUESTIONS, 3)

@@ -238,6 +238,15 @@ def test_a_trained_checkpoint_loads_in_margin_ask(make_rag, index, tmp_path, cap
     assert answer["logprob"] == pytest.approx(expected.logprob, abs=1e-4)
 
 
+def test_training_both_objectives_saves_a_rag_token_default(make_rag, index, tmp_path):
+    rag = make_rag()
+    result = train(rag, EXAMPLES, tmp_path / "run", TrainConfig(steps=2, mode="both", **FAST),
+                   progress=False)
+    assert result.steps == 2 and result.loss > 0
+    loaded = load_model(tmp_path / "run" / "last", index)
+    assert (loaded.default_mode, loaded.default_k) == ("token", 2)
+
+
 def test_cli_reports_bad_lines_and_trains(make_rag, index, tmp_path, capsys):
     model_dir = save_model(make_rag(), tmp_path / "model")
     data = tmp_path / "train.tsv"

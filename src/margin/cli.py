@@ -240,7 +240,8 @@ def train(
     limit: Annotated[int | None, typer.Option(help="First N examples only.")] = None,
     skip_bad_lines: Annotated[bool, typer.Option(help="Skip bad lines, count them.")] = False,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out.")] = False,
-    mode: Annotated[str, typer.Option(help="token or sequence.")] = "token",
+    mode: Annotated[str, typer.Option(
+        help="token, sequence, or both (the mean of the two objectives).")] = "token",
     k: Annotated[int, typer.Option("--k", "-k", help="Passages per question.")] = 5,
     steps: Annotated[int | None, typer.Option(help="Optimizer steps (default: --epochs).")] = None,
     epochs: Annotated[int, typer.Option(help="Passes over the data when --steps is unset.")] = 1,
@@ -403,7 +404,7 @@ def finetune(
     k: Annotated[int | None, typer.Option(
         help="Passages per question in training (recipe: 2).")] = None,
     mode: Annotated[str | None, typer.Option(
-        help="Marginalisation trained: token or sequence (recipe: token).")] = None,
+        help="Marginalisation trained: token, sequence or both (recipe: token).")] = None,
     all_questions: Annotated[bool, typer.Option(
         help="Train on every question, not only those with an answer in their passages.")] = False,
     ungrounded: Annotated[float | None, typer.Option(

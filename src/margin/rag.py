@@ -36,6 +36,7 @@ from margin.retriever import Retrieved, Retriever
 Mode = Literal["token", "sequence"]
 Decoding = Literal["greedy", "beam", "thorough", "fast"]
 MODES: tuple[str, ...] = ("token", "sequence")
+LOSS_MODES: tuple[str, ...] = (*MODES, "both")  # RAG.loss also averages the two objectives
 MAX_QUESTION_WORDS = 128  # longer questions are truncated (with a warning) to fit the context
 DECODINGS: tuple[str, ...] = ("greedy", "beam", "thorough", "fast")
 
@@ -314,9 +315,11 @@ class RAG:
 
         Gradient reaches the generator and, through the document prior, the question encoder.
         Pass ``hits`` to reuse a retrieval (e.g. cached while the question encoder is frozen).
+        ``mode="both"`` is the mean of the RAG-Token and RAG-Sequence NLLs, from one forward
+        (not in the paper, which trains one model per mode: for one model decoded both ways).
         """
-        if mode not in MODES:
-            raise MarginError(f"unknown mode {mode!r}; use 'token' or 'sequence'")
+        if mode not in LOSS_MODES:
+            raise MarginError(f"unknown mode {mode!r}; use 'token', 'sequence' or 'both'")
         questions = _check_questions(questions)
         if len(answers) != len(questions):
             raise MarginError(f"got {len(questions)} questions but {len(answers)} answers")
@@ -325,6 +328,9 @@ class RAG:
         inputs: GenInputs = self.generator.build_inputs(list(questions), hits.passages)
         target_ids, target_mask = self.generator.build_targets(list(answers))  # (B, T)
         tok = self.generator.token_logprobs(inputs, target_ids, target_mask)  # (B, k, T)
+        if mode == "both":
+            token = nll_loss("token", doc_logprior, tok, target_mask, reduction)
+            return 0.5 * (token + nll_loss("sequence", doc_logprior, tok, target_mask, reduction))
         return nll_loss(mode, doc_logprior, tok, target_mask, reduction)  # type: ignore[arg-type]
 
 

@@ -61,7 +61,7 @@ from margin.devices import resolve_device
 from margin.errors import MarginError, require
 from margin.examples import Example
 from margin.metrics import exact_match, has_answer
-from margin.rag import MODES, RAG
+from margin.rag import LOSS_MODES, RAG
 from margin.retriever import Retrieved
 
 TARGETS = ("first", "sample")
@@ -75,7 +75,8 @@ _RESUMABLE_CHANGES = ("eval_every", "save_every", "log_every", "eval_limit", "ev
 class TrainConfig:
     """How to fine-tune; every field is a ``margin train`` flag of the same name."""
 
-    mode: str = "token"  # marginalisation trained: "token" (RAG-Token) or "sequence" (RAG-Sequence)
+    mode: str = "token"  # marginalisation trained: "token" (RAG-Token), "sequence" (RAG-Sequence)
+    # or "both" (the mean of the two NLLs; the checkpoint then answers in RAG-Token by default)
     k: int = 5  # passages retrieved per question in training (the paper: 5 or 10)
     steps: int | None = None  # optimizer steps to run; None: `epochs` passes over the data
     epochs: int = 1  # passes over the training set when `steps` is None
@@ -107,8 +108,8 @@ class TrainConfig:
     seed: int = 0  # seeds data order, target sampling, dropout and LoRA initialisation
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise MarginError(f"unknown mode {self.mode!r}; use 'token' or 'sequence'")
+        if self.mode not in LOSS_MODES:
+            raise MarginError(f"unknown mode {self.mode!r}; use 'token', 'sequence' or 'both'")
         if self.target not in TARGETS:
             raise MarginError(f"unknown target {self.target!r}; use 'first' or 'sample'")
         if self.precision not in PRECISIONS:
@@ -394,6 +395,7 @@ def train(
     topk = TopK(rag, [e.input for e in examples], config.k, cached=not learn_q,
                 batch=config.retrieval_batch_size)
     batches = micro_batches(n, config, epoch, position)
+    decode_mode = "token" if config.mode == "both" else config.mode  # for dev EM and checkpoints
     bar = _progress(total, step, progress and world.main)
     window: list[float] = []
     seen, tick = 0, time.perf_counter()
@@ -447,14 +449,14 @@ def train(
         if evaluate_now:
             assert dev is not None
             subset = list(dev)[: config.eval_limit] if config.eval_limit else list(dev)
-            em = evaluate(rag, subset, config.k, config.mode, config.eval_batch_size)
+            em = evaluate(rag, subset, config.k, decode_mode, config.eval_batch_size)
             _append(out / "log.jsonl", {"step": step, "dev_em": em, "dev_n": len(subset)})
             if best is None or em > best[0]:
                 best = (em, step)
-                save_checkpoint(rag, out / "best", parts.peft_model, config.mode, config.k)
+                save_checkpoint(rag, out / "best", parts.peft_model, decode_mode, config.k)
         saving = step == total or (config.save_every and step % config.save_every == 0)
         if saving and world.main:
-            save_checkpoint(rag, out / "last", parts.peft_model, config.mode, config.k)
+            save_checkpoint(rag, out / "last", parts.peft_model, decode_mode, config.k)
             save_state(state_dir, parts.params, optimizer, scheduler, {
                 "step": step, "epoch": epoch, "position": position,
                 "best": list(best) if best else None, "config": asdict(config),
