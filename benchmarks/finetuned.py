@@ -47,6 +47,8 @@ from evaluation import DATASETS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MAIN = dict(ks=(5,), modes=("token", "sequence"))
+OBJECTIVES = {"token": "RAG-Token objective", "sequence": "RAG-Sequence objective",
+              "both": "the mean of the RAG-Token and RAG-Sequence objectives"}
 
 
 def finetune(out: Path, datasets: dict[str, Path], extra: list[str], name: str) -> None:
@@ -178,6 +180,8 @@ def main() -> None:
     ap.add_argument("--k", type=int, help="finetune: passages per question (margin finetune --k)")
     ap.add_argument("--epochs", type=int, help="finetune: margin finetune --epochs")
     ap.add_argument("--limit", type=int, help="finetune: margin finetune --limit (a smoke test)")
+    ap.add_argument("--mode", choices=("token", "sequence", "both"),
+                    help="finetune: the objective (margin finetune --mode)")
     ap.add_argument("--device", default="cpu", help="eval: where the models answer (cpu, cuda)")
     ap.add_argument("--section-out", type=Path, default=ROOT / "BENCHMARKS.md",
                     help="--write: the file whose section is written")
@@ -192,7 +196,8 @@ def main() -> None:
     if args.phase == "finetune":
         extra = [*(["--k", str(args.k)] if args.k else []),
                  *(["--epochs", str(args.epochs)] if args.epochs else []),
-                 *(["--limit", str(args.limit)] if args.limit else [])]
+                 *(["--limit", str(args.limit)] if args.limit else []),
+                 *(["--mode", args.mode] if args.mode else [])]
         finetune(args.out, datasets, extra, args.model)
         return
     if args.write and len(datasets) < len(DATASETS):
@@ -218,6 +223,8 @@ def render(rows, timing, args, load_start, load_end) -> str:
     r = FINETUNE_RECIPE
     if "--k" in options:
         r = replace(r, k=int(options[options.index("--k") + 1]))
+    if "--mode" in options:
+        r = replace(r, mode=options[options.index("--mode") + 1])
     per_step = (f"{r.batch_size * r.grad_accum} questions ({r.batch_size} x {r.grad_accum} "
                 "accumulated)")
     if "--epochs" in options:
@@ -235,8 +242,8 @@ def render(rows, timing, args, load_start, load_end) -> str:
         + " fine-tunes the "
         f"default model on the development files minus their first {HELDOUT} lines, which are held "
         f"out for this report. Recipe (`margin.train.FINETUNE_RECIPE`"
-        f"{', with ' + ' '.join(options) if options else ''}): RAG-{r.mode.title()} "
-        f"objective, k = {r.k}, {length} (NQ and TriviaQA "
+        f"{', with ' + ' '.join(options) if options else ''}): {OBJECTIVES[r.mode]}, "
+        f"k = {r.k}, {length} (NQ and TriviaQA "
         f"interleaved, in file order): {1 - FINETUNE_UNGROUNDED:.1%} the first ones with a gold "
         f"answer in their top {r.k} passages, that answer the target, and "
         f"{FINETUNE_UNGROUNDED:.1%} the first ones without (`margin.train.select_questions`); "
