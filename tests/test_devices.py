@@ -88,3 +88,16 @@ def test_a_ray_worker_loads_its_encoder_where_it_can_run(no_gpu, st_model):  # n
         assert worker.fingerprint == driver.fingerprint
         queries = ["paris", "the capital of germany"]
         assert (worker.encode_queries(queries) == driver.encode_queries(queries)).all()
+
+
+def test_data_parallel_training_refuses_one_numbered_gpu_for_every_process(two_gpus, tmp_path):
+    """Under torchrun each process takes the GPU of its LOCAL_RANK; cuda:1 would stack them."""
+    from margin.data_parallel import World
+    from margin.examples import Example
+    from margin.train import TrainConfig, train
+
+    config = TrainConfig(steps=1, device="cuda:1")
+    with pytest.raises(MarginError, match="all 2 processes on one GPU"):
+        train(None, [Example("1", "q", ("a",))], tmp_path / "run", config,  # type: ignore[arg-type]
+              world=World(0, 2))
+    assert not (tmp_path / "run").exists()

@@ -366,6 +366,11 @@ def train(
     out = Path(out)
     if not examples:
         raise MarginError("no training examples; give a non-empty --train file")
+    if world.size > 1 and resolve_device(config.device).index is not None:
+        raise MarginError(
+            f"--device {config.device} would put all {world.size} processes on one GPU; each "
+            "takes its own (LOCAL_RANK) with --device auto or cuda"
+        )
     start_time = time.perf_counter()
     parts = prepare(rag, config)
     n, total = len(examples), total_steps(len(examples), config)
