@@ -39,6 +39,7 @@ import torch
 from margin.assets import margin_home
 from margin.evaluate import EvalConfig, RunSpec, read_predictions, run_eval
 from margin.models import load_model
+from margin.rag import LOSS_MODES
 from margin.train import FINETUNE_RECIPE, FINETUNE_UNGROUNDED, HELDOUT
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -180,7 +181,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, help="finetune: passages per question (margin finetune --k)")
     ap.add_argument("--epochs", type=int, help="finetune: margin finetune --epochs")
     ap.add_argument("--limit", type=int, help="finetune: margin finetune --limit (a smoke test)")
-    ap.add_argument("--mode", choices=("token", "sequence", "both"),
+    ap.add_argument("--mode", choices=LOSS_MODES,
                     help="finetune: the objective (margin finetune --mode)")
     ap.add_argument("--device", default="cpu", help="eval: where the models answer (cpu, cuda)")
     ap.add_argument("--section-out", type=Path, default=ROOT / "BENCHMARKS.md",
