@@ -40,7 +40,7 @@ from margin.assets import margin_home
 from margin.evaluate import EvalConfig, RunSpec, read_predictions, run_eval
 from margin.models import load_model
 from margin.rag import LOSS_MODES
-from margin.train import FINETUNE_RECIPE, FINETUNE_UNGROUNDED, HELDOUT
+from margin.train import FINETUNE_RECIPE, FINETUNE_UNGROUNDED, HELDOUT, PRECISIONS
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _report import load_average, machine, write_section  # noqa: E402
@@ -180,6 +180,9 @@ def main() -> None:
                     "are (default: benchmarks/evaluation.py's)")
     ap.add_argument("--k", type=int, help="finetune: passages per question (margin finetune --k)")
     ap.add_argument("--epochs", type=int, help="finetune: margin finetune --epochs")
+    ap.add_argument("--steps", type=int, help="finetune: margin finetune --steps")
+    ap.add_argument("--precision", choices=PRECISIONS,
+                    help="finetune: margin finetune --precision")
     ap.add_argument("--limit", type=int, help="finetune: margin finetune --limit (a smoke test)")
     ap.add_argument("--mode", choices=LOSS_MODES,
                     help="finetune: the objective (margin finetune --mode)")
@@ -197,6 +200,8 @@ def main() -> None:
     if args.phase == "finetune":
         extra = [*(["--k", str(args.k)] if args.k else []),
                  *(["--epochs", str(args.epochs)] if args.epochs else []),
+                 *(["--steps", str(args.steps)] if args.steps else []),
+                 *(["--precision", args.precision] if args.precision else []),
                  *(["--limit", str(args.limit)] if args.limit else []),
                  *(["--mode", args.mode] if args.mode else [])]
         finetune(args.out, datasets, extra, args.model)

@@ -257,7 +257,8 @@ def train(
     lora: Annotated[bool, typer.Option(help="LoRA on the generator.")] = False,
     lora_r: Annotated[int, typer.Option(help="LoRA rank.")] = 16,
     gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations.")] = False,
-    precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16.")] = "auto",
+    precision: Annotated[str, typer.Option(
+        help="auto (GPU: bf16 or fp16; CPU: fp32), fp32, bf16 (CPU too) or fp16 (GPU).")] = "auto",
     eval_every: Annotated[int, typer.Option(help="Steps between dev evaluations (0: end).")] = 0,
     save_every: Annotated[int, typer.Option(help="Steps between checkpoints (0: end).")] = 0,
     seed: Annotated[int, typer.Option(help="Seed for data order, sampling and init.")] = 0,
@@ -409,6 +410,8 @@ def finetune(
         help="Train on every question, not only those with an answer in their passages.")] = False,
     ungrounded: Annotated[float | None, typer.Option(
         help="Share of questions with no answer in their passages (recipe: 0.125).")] = None,
+    precision: Annotated[str | None, typer.Option(
+        help="auto, fp32, bf16 (CPU too) or fp16 (GPU) (recipe: auto).")] = None,
     device: Device = "auto",
 ) -> None:
     """Fine-tune the default model on training slices and install it as --name (`make finetune`)."""
@@ -431,6 +434,8 @@ def finetune(
         config = replace(config, k=k)
     if mode is not None:
         config = replace(config, mode=mode)
+    if precision is not None:
+        config = replace(config, precision=precision)
     done = run_finetune(data, name=name, config=config, model=model, index=index,
                         heldout=heldout, limit=limit, all_questions=all_questions,
                         ungrounded=FINETUNE_UNGROUNDED if ungrounded is None else ungrounded)

@@ -58,3 +58,18 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
         raise MarginError(f"device {name!r}: Apple's MPS backend is not available here; "
                           "use --device cpu")
     return device
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 matrix products in hardware, so bf16 autocast is faster
+    than fp32 there: a CUDA GPU that supports it, or a CPU with AVX512-BF16 or AMX (oneDNN's bf16
+    kernels; elsewhere torch emulates bf16 on the CPU, slower than fp32)."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        cpu = torch.cpu
+        return any(getattr(cpu, probe, lambda: False)()
+                   for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return False

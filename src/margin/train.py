@@ -35,6 +35,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -96,7 +97,8 @@ class TrainConfig:
     lora_alpha: int = 32  # LoRA scaling numerator (scale = alpha / r)
     lora_targets: str = "all-linear"  # peft target_modules: "all-linear" or comma-separated names
     gradient_checkpointing: bool = False  # recompute activations in backward (seq2seq, encoder)
-    precision: str = "auto"  # "auto": bf16 (else fp16) autocast on a GPU, fp32 on CPU
+    precision: str = "auto"  # "auto": bf16 (else fp16) autocast on a GPU, fp32 on CPU; "bf16"
+    # also on a CPU (faster where it computes bf16 natively: margin.devices.native_bf16)
     device: str = "auto"  # where to train: auto (CUDA if any, else CPU), cpu, cuda[:N] (a resume
     # may change it: the optimizer state follows the parameters)
     eval_every: int = 0  # optimizer steps between dev evaluations (0: only at the end)
@@ -230,6 +232,38 @@ class _Parts:
     peft_model: Any  # the LoRA wrapper of the generator, or None
     device: torch.device
     dtype: torch.dtype | None  # autocast dtype, None for fp32
+    casts: FrozenCasts | None = None  # LoRA's frozen weights kept in `dtype` too
+
+
+class FrozenCasts:
+    """The frozen weights of a model's linear layers, kept in the autocast dtype beside fp32.
+
+    Autocast casts a linear layer's weight to bf16 on every call, and caches the cast only for
+    weights that train: under LoRA the frozen base weights were cast again in each of a step's
+    forward passes (the shared prompt prefix, every length group), which cost as much time as
+    bf16 saved in the matrix products. ``active()`` swaps the bf16 copies in for a step's forwards
+    and backwards, the very values autocast would have made, and the fp32 weights back for
+    everything else (saving, merging the adapters, dev evaluation, the caller's model). Weights
+    tied to an embedding stay as they are: a bf16 embedding would make the residual stream bf16.
+    """
+
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype):
+        tied = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+        self.pairs = [
+            (m.weight, m.weight.data, m.weight.data.to(dtype)) for m in model.modules()
+            if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad
+            and id(m.weight) not in tied and m.weight.dtype != dtype
+        ]
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        for weight, _, low in self.pairs:
+            weight.data = low
+        try:
+            yield
+        finally:
+            for weight, high, _ in self.pairs:
+                weight.data = high
 
 
 def prepare(rag: RAG, config: TrainConfig) -> _Parts:
@@ -272,15 +306,26 @@ def prepare(rag: RAG, config: TrainConfig) -> _Parts:
     for module in modules.values():
         module.train(any(p.requires_grad for p in module.parameters()))
     params = trainable_tensors(modules)
-    dtype = None
-    if device.type == "cuda" and config.precision != "fp32":
-        bf16 = config.precision == "bf16" or (
-            config.precision == "auto" and torch.cuda.is_bf16_supported()
-        )
-        dtype = torch.bfloat16 if bf16 else torch.float16
-    elif config.precision in ("bf16", "fp16"):
-        raise MarginError(f"--precision {config.precision} needs a GPU; use fp32 or auto on CPU")
-    return _Parts(modules, params, peft_model, device, dtype)
+    dtype = autocast_dtype(config.precision, device)
+    casts = FrozenCasts(gen_model, dtype) if dtype is not None and peft_model is not None else None
+    return _Parts(modules, params, peft_model, device, dtype, casts)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``--precision`` on ``device`` (None: plain fp32).
+
+    "auto" is bf16 on a GPU that supports it (else fp16) and fp32 on a CPU; "bf16" is also
+    allowed on a CPU, where it pays on one that computes bf16 natively (``native_bf16``: MEASURE
+    step for the default model, BENCHMARKS.md "Answer quality"); fp16 needs a GPU."""
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    if device.type == "cuda":
+        bf16 = precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported())
+        return torch.bfloat16 if bf16 else torch.float16
+    if precision == "bf16" and device.type == "cpu":
+        return torch.bfloat16
+    raise MarginError(f"--precision {precision} needs a GPU; use fp32, bf16 or auto on "
+                      f"{device.type.upper()}")
 
 
 def param_groups(params: dict[str, torch.nn.Parameter], config: TrainConfig) -> list[dict]:
@@ -408,17 +453,18 @@ def train(
     while step < total:
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
-        for _ in range(config.grad_accum):
-            rows, epoch, position = next(batches)
-            mine = world.shard(rows)
-            seen += len(rows)
-            if not len(mine):  # a short last batch with fewer rows than processes
-                continue
-            # this process's share of the micro-batch mean: its rows' mean x its share of rows
-            loss = _batch_loss(rag, examples, mine, epoch, topk, config, parts)
-            scaled = loss * (len(mine) / len(rows)) / config.grad_accum
-            (scaler.scale(scaled) if scaler else scaled).backward()
-            step_loss += scaled.item()
+        with parts.casts.active() if parts.casts else nullcontext():
+            for _ in range(config.grad_accum):
+                rows, epoch, position = next(batches)
+                mine = world.shard(rows)
+                seen += len(rows)
+                if not len(mine):  # a short last batch with fewer rows than processes
+                    continue
+                # this process's share of the micro-batch mean: its rows' mean x its share of rows
+                loss = _batch_loss(rag, examples, mine, epoch, topk, config, parts)
+                scaled = loss * (len(mine) / len(rows)) / config.grad_accum
+                (scaler.scale(scaled) if scaler else scaled).backward()
+                step_loss += scaled.item()
         sum_gradients(list(parts.params.values()), world)
         step_loss = sum_value(step_loss, world)
         if scaler:
@@ -495,17 +541,9 @@ def _batch_loss(
     with torch.no_grad():
         hits = topk(rows)
     ctx = (torch.autocast(parts.device.type, dtype=parts.dtype) if parts.dtype is not None
-           else _null())
+           else nullcontext())
     with ctx:
         return rag.loss([e.input for e in batch], targets, k=config.k, mode=config.mode, hits=hits)
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _check_resumable(record: dict[str, Any], config: TrainConfig, model: str, data: str) -> None:
