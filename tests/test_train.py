@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -236,6 +237,30 @@ def test_a_trained_checkpoint_loads_in_margin_ask(make_rag, index, tmp_path, cap
     assert answer["mode"] == "sequence" and len(answer["passages"]) == 2
     assert answer["answer"] == expected.answer
     assert answer["logprob"] == pytest.approx(expected.logprob, abs=1e-4)
+
+
+def test_lora_in_bf16_on_the_cpu_tracks_fp32_and_saves_fp32_weights(make_rag, index, tmp_path):
+    config = TrainConfig(steps=3, lora=True, lora_r=4, **FAST)
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        rag = make_rag()
+        train(rag, EXAMPLES, tmp_path / precision, replace(config, precision=precision),
+              progress=False)
+        runs[precision] = [r["loss"] for r in log(tmp_path / precision) if "loss" in r]
+        # the caller's model is fp32 again after the run, and so is what was saved
+        assert {p.dtype for p in rag.generator.model.parameters()} == {torch.float32}
+        loaded = load_model(tmp_path / precision / "last", index)
+        assert {p.dtype for p in loaded.generator.model.parameters()} == {torch.float32}
+    assert runs["bf16"] != runs["fp32"]  # bf16 did run: its rounding shows in the losses
+    assert runs["bf16"] == pytest.approx(runs["fp32"], rel=0.05)
+    assert runs["bf16"][-1] < runs["bf16"][0]
+
+
+def test_fp16_training_on_a_cpu_is_one_clear_error(make_rag, tmp_path):
+    with pytest.raises(MarginError, match="--precision fp16 needs a GPU"):
+        train(make_rag(), EXAMPLES, tmp_path / "run",
+              TrainConfig(steps=1, precision="fp16", device="cpu", **FAST), progress=False)
+    assert not (tmp_path / "run").exists()
 
 
 def test_training_both_objectives_saves_a_rag_token_default(make_rag, index, tmp_path):

@@ -315,8 +315,9 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of ``--precision`` on ``device`` (None: plain fp32).
 
     "auto" is bf16 on a GPU that supports it (else fp16) and fp32 on a CPU; "bf16" is also
-    allowed on a CPU, where it pays on one that computes bf16 natively (``native_bf16``: MEASURE
-    step for the default model, BENCHMARKS.md "Answer quality"); fp16 needs a GPU."""
+    allowed on a CPU, where it pays on one that computes bf16 natively (``native_bf16``: 1.21x a
+    step of the default model's fine-tune on this project's 2-core EPYC, BENCHMARKS.md
+    "Fine-tuning step: fp32 and bf16 autocast on the CPU"); fp16 needs a GPU."""
     if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
         return None
     if device.type == "cuda":
