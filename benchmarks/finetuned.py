@@ -48,6 +48,11 @@ from evaluation import DATASETS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MAIN = dict(ks=(5,), modes=("token", "sequence"))
+# The default model's EM x100 on the first 500 questions (greedy, dense k = 5; "none": closed
+# book), as BENCHMARKS.md "Evaluation" reports them (benchmarks/evaluation.py, 2026-11-27): what
+# `eval --tuned-only` compares with when the zero-shot predictions are not at hand.
+ZERO_SHOT_EM = {"NQ-open": {"none": 1.6, "token": 2.6, "sequence": 3.0},
+                "TriviaQA": {"none": 7.0, "token": 9.8, "sequence": 9.6}}
 OBJECTIVES = {"token": "RAG-Token objective", "sequence": "RAG-Sequence objective",
               "both": "the mean of the RAG-Token and RAG-Sequence objectives"}
 
@@ -92,14 +97,16 @@ def prepare(device: str) -> None:
 
 def evaluate(datasets: dict[str, Path], n: int, out: Path, zero_shot_out: Path,
              batch_size: int, device: str = "cpu",
-             tuned: str = "finetuned") -> dict[str, dict[str, list[dict]]]:
-    """Every row of the table, per data set: fine-tuned (closed book and RAG) and zero-shot.
-    The fine-tuned model answers every data set first: a run cut short keeps its rows."""
+             tuned: str = "finetuned",
+             zero_shot: bool = True) -> dict[str, dict[str, list[dict]]]:
+    """Every row of the table, per data set: fine-tuned (closed book and RAG) and zero-shot
+    (unless ``zero_shot`` is false). The fine-tuned model answers every data set first: a run
+    cut short keeps its rows."""
     rows: dict[str, dict[str, list[dict]]] = {name: {} for name in datasets}
-    for kind, model, where in (
-        ("fine-tuned", tuned, lambda name: out / name),
-        ("zero-shot", "default", lambda name: zero_shot_out / name / "main"),
-    ):
+    kinds = [("fine-tuned", tuned, lambda name: out / name)]
+    if zero_shot:
+        kinds.append(("zero-shot", "default", lambda name: zero_shot_out / name / "main"))
+    for kind, model, where in kinds:
         rag = load_model(model, "default", progress=False, device=device)
         for name, path in datasets.items():
             cfg = EvalConfig(data=str(path), out=str(where(name)), limit=n, batch_size=batch_size,
@@ -109,7 +116,8 @@ def evaluate(datasets: dict[str, Path], n: int, out: Path, zero_shot_out: Path,
                                         f"{100 * r['exact_match']:.1f}" for r in results),
                   flush=True)
         del rag
-    return {name: {k: rows[name][k] for k in ("zero-shot", "fine-tuned")} for name in rows}
+    return {name: {k: rows[name][k] for k in ("zero-shot", "fine-tuned") if k in rows[name]}
+            for name in rows}
 
 
 def first_questions(run_dir: Path, n: int) -> dict[str, dict]:
@@ -187,6 +195,9 @@ def main() -> None:
     ap.add_argument("--mode", choices=LOSS_MODES,
                     help="finetune: the objective (margin finetune --mode)")
     ap.add_argument("--device", default="cpu", help="eval: where the models answer (cpu, cuda)")
+    ap.add_argument("--tuned-only", action="store_true",
+                    help="eval: the fine-tuned model alone; --write compares it with the zero-shot "
+                    "EM that BENCHMARKS.md \"Evaluation\" reports (ZERO_SHOT_EM)")
     ap.add_argument("--section-out", type=Path, default=ROOT / "BENCHMARKS.md",
                     help="--write: the file whose section is written")
     args = ap.parse_args()
@@ -211,10 +222,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     load_start = load_average()
     rows = evaluate(datasets, args.n, args.out, args.zero_shot_out, args.batch_size, args.device,
-                    args.model)
+                    args.model, zero_shot=not args.tuned_only)
     if args.write:
         timing = json.loads((args.out / "finetune.json").read_text())
-        section = render(rows, timing, args, load_start, load_average())
+        section = (render_tuned_only if args.tuned_only else render)(
+            rows, timing, args, load_start, load_average())
         print(section)
         write_section(args.section_out, section)
 
@@ -223,7 +235,9 @@ def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
 
-def render(rows, timing, args, load_start, load_end) -> str:
+def describe(timing, args, heading: str) -> list[str]:
+    """The section's heading, the recipe as it ran (with its options), its wall time and loss,
+    and what the held-out questions were."""
     gpu = args.device != "cpu"
     options = timing.get("options", [])
     r = FINETUNE_RECIPE
@@ -231,6 +245,12 @@ def render(rows, timing, args, load_start, load_end) -> str:
         r = replace(r, k=int(options[options.index("--k") + 1]))
     if "--mode" in options:
         r = replace(r, mode=options[options.index("--mode") + 1])
+    if "--steps" in options:
+        r = replace(r, steps=int(options[options.index("--steps") + 1]))
+    if "--precision" in options:
+        r = replace(r, precision=options[options.index("--precision") + 1])
+    precision = {"bf16": "; bf16 autocast", "fp32": "; fp32"}.get(
+        r.precision, "; bf16 autocast on the GPU" if gpu else "")
     per_step = (f"{r.batch_size * r.grad_accum} questions ({r.batch_size} x {r.grad_accum} "
                 "accumulated)")
     if "--epochs" in options:
@@ -242,8 +262,7 @@ def render(rows, timing, args, load_start, load_end) -> str:
                   f"{r.steps * r.batch_size * r.grad_accum} training questions")
     command = " ".join(["margin finetune nq-open-dev.tsv triviaqa-dev.tsv", *options])
     lines = [
-        "## Answer quality: the same recipe on a GPU, with a larger budget" if gpu else
-        "## Answer quality: the fine-tuned default (`make finetune`)", "",
+        heading, "",
         ("`make finetune` (" if not options else "") + f"`{command}`" + ("" if options else ")")
         + " fine-tunes the "
         f"default model on the development files minus their first {HELDOUT} lines, which are held "
@@ -255,7 +274,7 @@ def render(rows, timing, args, load_start, load_end) -> str:
         f"{FINETUNE_UNGROUNDED:.1%} the first ones without (`margin.train.select_questions`); "
         f"LoRA r = {r.lora_r} on every linear layer of the generator at lr {r.lr:g}, "
         f"the question encoder trained in full at lr {r.retriever_lr:g}; the passage index fixed "
-        "(the paper's setting)" + ("; bf16 autocast on the GPU" if gpu else "") + ".", "",
+        "(the paper's setting)" + precision + ".", "",
         f"- wall time of the fine-tuning: **{timing['wall_s'] / 60:.1f} min** "
         + ("(on the GPU, model loading and question selection included)" if gpu else
            "(the target: at most 60 min on this 2-core CPU)")
@@ -277,6 +296,53 @@ def render(rows, timing, args, load_start, load_end) -> str:
             "evaluation was stopped when the session's time ran out. Every row has the same "
             "questions; `eval` resumes from `--out` and grows the fine-tuned runs.", "",
         ]
+    return lines
+
+
+def render_tuned_only(rows, timing, args, load_start, load_end) -> str:
+    """A section for a recipe evaluated alone: its rows, and its EM against the zero-shot EM
+    quoted from BENCHMARKS.md "Evaluation" (``ZERO_SHOT_EM``, not measured by this run)."""
+    command = " ".join(["margin finetune", *timing.get("options", [])])
+    lines = describe(timing, args, f"## Answer quality: `{command}`")
+    lines += ["| data set | model | retrieval | mode | n | EM | F1 | EM, answer in top 5 (n) | "
+              "s/question | minus zero-shot EM |",
+              "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for name, by_model in rows.items():
+        for r in by_model["fine-tuned"]:
+            closed = r["k"] == 0
+            subset = "-" if closed else (f"{_pct(r['exact_match_answer_retrieved'])} "
+                                         f"({r['n_answer_retrieved']})")
+            gain = 100 * r["exact_match"] - ZERO_SHOT_EM[name][r["mode"]]
+            lines.append(
+                f"| {name} | {args.model} | {'closed book' if closed else 'dense k=5'} | "
+                f"{'-' if closed else r['mode']} | {r['n']} | {_pct(r['exact_match'])} | "
+                f"{_pct(r['f1'])} | {subset} | {r['seconds_per_example']:.2f} | {gain:+.1f} |")
+    lines += [
+        "",
+        "Minus zero-shot: against the default model's EM in section 'Evaluation' (closed book "
+        + ", ".join(f"{name} {v['none']}" for name, v in ZERO_SHOT_EM.items()) + "; RAG token / "
+        "sequence " + ", ".join(f"{name} {v['token']} / {v['sequence']}"
+                                for name, v in ZERO_SHOT_EM.items())
+        + "), an earlier session's greedy run of the same questions, quoted, not re-run here; "
+        "for closed book the difference is against the default model's closed book.", "",
+        f"- command: `MARGIN_HOME=/tmp/mh nice -n 5 .venv/bin/python benchmarks/finetuned.py "
+        f"finetune {' '.join(timing.get('options', []))} --model {args.model} --out {args.out}`, "
+        f"then `... eval --tuned-only --model {args.model} --out {args.out}` with `--datasets "
+        "NQ-open` and `--datasets TriviaQA` side by side (one process each), then `... eval "
+        "--tuned-only --write` (resumes, aggregates)",
+        f"- machine: {machine()}; load average for the final invocation {load_start} at the "
+        f"start, {load_end} at the end (shared machine)",
+        f"- date: {datetime.date.today().isoformat()}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def render(rows, timing, args, load_start, load_end) -> str:
+    gpu = args.device != "cpu"
+    options = timing.get("options", [])
+    lines = describe(timing, args, "## Answer quality: the same recipe on a GPU, with a larger "
+                     "budget" if gpu else "## Answer quality: the fine-tuned default "
+                     "(`make finetune`)")
     lines += [
         "| data set | model | retrieval | mode | n | EM | F1 | EM, answer in top 5 (n) | "
         "s/question |",
