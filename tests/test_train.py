@@ -367,6 +367,13 @@ def test_finetune_mixes_in_the_asked_share_of_ungrounded_questions(
     assert main([*args, "--name", "both", "--epochs", "2"]) == 2
     assert "--steps and --epochs both set" in capsys.readouterr().err
     assert not (tmp_path / "home" / "models" / "both").exists()
+    assert main([*args, "--name", "half", "--precision", "fp16", "--device", "cpu"]) == 2
+    assert "--precision fp16 needs a GPU" in capsys.readouterr().err
+    assert not (tmp_path / "home" / "models" / "half").exists()
+    assert main([*args, "--name", "bf16", "--precision", "bf16", "--device", "cpu"]) == 0
+    state = json.loads((tmp_path / "home" / "runs" / "bf16" / "state" / "state.json").read_text())
+    assert state["config"]["precision"] == "bf16"
+    assert (tmp_path / "home" / "models" / "bf16" / "margin_model.json").is_file()
 
 
 def test_finetune_without_grounded_questions_fails_in_one_line_unless_all_questions(

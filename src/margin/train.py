@@ -116,7 +116,10 @@ class TrainConfig:
             raise MarginError(f"unknown target {self.target!r}; use 'first' or 'sample'")
         if self.precision not in PRECISIONS:
             raise MarginError(f"unknown precision {self.precision!r}; use {', '.join(PRECISIONS)}")
-        resolve_device(self.device)  # a device this machine lacks is refused before any loading
+        # a device this machine lacks, or a precision it cannot run, is refused before any loading
+        device = resolve_device(self.device)
+        if device.type != "cuda":  # every precision runs on a GPU
+            autocast_dtype(self.precision, device)
         if self.retriever_lr is not None and not self.retriever_lr > 0:
             raise MarginError(f"retriever_lr must be positive, got {self.retriever_lr}")
         for name in ("k", "epochs", "batch_size", "grad_accum", "log_every", "eval_batch_size",
