@@ -16,6 +16,11 @@ What it measures (issue "Answer quality", section "A fine-tuned default, one com
     MARGIN_HOME=/tmp/mh nice -n 10 .venv/bin/python benchmarks/finetuned.py eval --datasets NQ-open
     MARGIN_HOME=/tmp/mh nice -n 10 .venv/bin/python benchmarks/finetuned.py eval --write
 
+Another recipe, when the zero-shot predictions are not at hand (a fresh machine): ``finetune
+--steps 120 --precision bf16 --model NAME --out DIR``, then ``eval --tuned-only --model NAME --out
+DIR``, which evaluates the fine-tuned model alone, and with ``--write`` compares its EM with the
+zero-shot EM that section "Evaluation" reports (``ZERO_SHOT_EM``; quoted, not re-run).
+
 On a lent GPU (``benchmarks/gpu_finetune.sh``), the same recipe with a larger budget: ``finetune
 --k 5 --epochs 1`` passes those options on to ``margin finetune``; ``eval --device cuda`` runs
 both models there, zero-shot included, and ``--section-out FILE`` writes the section ("... on a
