@@ -307,8 +307,9 @@ def describe(timing, args, heading: str) -> list[str]:
 def render_tuned_only(rows, timing, args, load_start, load_end) -> str:
     """A section for a recipe evaluated alone: its rows, and its EM against the zero-shot EM
     quoted from BENCHMARKS.md "Evaluation" (``ZERO_SHOT_EM``, not measured by this run)."""
-    command = " ".join(["margin finetune", *timing.get("options", [])])
-    lines = describe(timing, args, f"## Answer quality: `{command}`")
+    options = timing.get("options", [])
+    lines = describe(timing, args, f"## Answer quality: `{' '.join(['margin finetune', *options])}`"
+                     if options else "## Answer quality: `make finetune` again, evaluated alone")
     lines += ["| data set | model | retrieval | mode | n | EM | F1 | EM, answer in top 5 (n) | "
               "s/question | minus zero-shot EM |",
               "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -330,8 +331,8 @@ def render_tuned_only(rows, timing, args, load_start, load_end) -> str:
                                 for name, v in ZERO_SHOT_EM.items())
         + "), an earlier session's greedy run of the same questions, quoted, not re-run here; "
         "for closed book the difference is against the default model's closed book.", "",
-        f"- command: `MARGIN_HOME=/tmp/mh nice -n 5 .venv/bin/python benchmarks/finetuned.py "
-        f"finetune {' '.join(timing.get('options', []))} --model {args.model} --out {args.out}`, "
+        "- command: `MARGIN_HOME=/tmp/mh nice -n 5 .venv/bin/python benchmarks/finetuned.py "
+        + " ".join(["finetune", *options, "--model", args.model, "--out", str(args.out)]) + "`, "
         f"then `... eval --tuned-only --model {args.model} --out {args.out}` with `--datasets "
         "NQ-open` and `--datasets TriviaQA` side by side (one process each), then `... eval "
         "--tuned-only --write` (resumes, aggregates)",
