@@ -58,6 +58,12 @@ MAIN = dict(ks=(5,), modes=("token", "sequence"))
 # `eval --tuned-only` compares with when the zero-shot predictions are not at hand.
 ZERO_SHOT_EM = {"NQ-open": {"none": 1.6, "token": 2.6, "sequence": 3.0},
                 "TriviaQA": {"none": 7.0, "token": 9.8, "sequence": 9.6}}
+# The default recipe's fine-tuned EM x100 on the same questions, as BENCHMARKS.md "Answer quality:
+# the fine-tuned default" reports them (2026-11-28): what a rerun of `make finetune` evaluated
+# alone is held against, to say whether it reproduced.
+DEFAULT_RECIPE_EM = {"NQ-open": {"none": 2.2, "token": 4.6, "sequence": 4.4},
+                     "TriviaQA": {"none": 7.8, "token": 11.8, "sequence": 11.2}}
+DEFAULT_RECIPE_RUN = {"first_loss": 7.04, "last_loss": 6.19, "wall_min": 46.7}
 OBJECTIVES = {"token": "RAG-Token objective", "sequence": "RAG-Sequence objective",
               "both": "the mean of the RAG-Token and RAG-Sequence objectives"}
 
@@ -331,6 +337,10 @@ def render_tuned_only(rows, timing, args, load_start, load_end) -> str:
                                 for name, v in ZERO_SHOT_EM.items())
         + "), an earlier session's greedy run of the same questions, quoted, not re-run here; "
         "for closed book the difference is against the default model's closed book.", "",
+    ]
+    if not options:
+        lines += [reproduction(rows, timing), ""]
+    lines += [
         "- command: `MARGIN_HOME=/tmp/mh nice -n 5 .venv/bin/python benchmarks/finetuned.py "
         + " ".join(["finetune", *options, "--model", args.model, "--out", str(args.out)]) + "`, "
         f"then `... eval --tuned-only --model {args.model} --out {args.out}` with `--datasets "
@@ -341,6 +351,24 @@ def render_tuned_only(rows, timing, args, load_start, load_end) -> str:
         f"- date: {datetime.date.today().isoformat()}",
     ]
     return "\n".join(lines) + "\n"
+
+
+def reproduction(rows, timing) -> str:
+    """The default recipe run again, against its documented run (``DEFAULT_RECIPE_EM``,
+    ``DEFAULT_RECIPE_RUN``): its training loss and wall time, the EM of every row beside the
+    documented one, and whether all of them are the same."""
+    pairs = [(name, r, DEFAULT_RECIPE_EM[name][r["mode"]])
+             for name, by_model in rows.items() for r in by_model["fine-tuned"]]
+    same = all(round(100 * r["exact_match"], 1) == documented for _, r, documented in pairs)
+    return ("Beside the documented run of the same recipe (section \"Answer quality: the "
+            "fine-tuned default\", 2026-11-28), now / then: training loss over the first steps "
+            f"{timing['first_loss']:.2f} / {DEFAULT_RECIPE_RUN['first_loss']}, over the last "
+            f"{timing['last_loss']:.2f} / {DEFAULT_RECIPE_RUN['last_loss']}; wall time "
+            f"{timing['wall_s'] / 60:.1f} / {DEFAULT_RECIPE_RUN['wall_min']} min; EM "
+            + "; ".join(f"{name} {'closed book' if r['k'] == 0 else r['mode']} "
+                        f"{_pct(r['exact_match'])} / {documented}" for name, r, documented in pairs)
+            + (". Every row is the same: the recipe reproduced." if same else
+               ". Not every row is the same: the recipe did not reproduce exactly."))
 
 
 def render(rows, timing, args, load_start, load_end) -> str:
