@@ -30,6 +30,7 @@ from margin.train import (
     lr_factor,
     pick_target,
     select_questions,
+    steps_within,
     train,
     training_slice,
 )
@@ -309,6 +310,104 @@ def test_finetune_installs_a_model_usable_by_name(make_rag, index, tmp_path, mon
     assert fingerprint(loaded.generator.model) != fingerprint(make_rag().generator.model)
     with pytest.raises(MarginError, match="none after the 8 held out"):
         training_slice(data, heldout=8)
+
+
+@pytest.fixture
+def fake_clock(monkeypatch):
+    """Training time that passes only in the loss: each micro-batch takes ``clock.tick`` s."""
+    import margin.train as train_module
+
+    class Clock:
+        now, tick = 0.0, 30.0
+
+    clock, real = Clock(), train_module._batch_loss
+
+    def timed(*args, **kwargs):
+        clock.now += clock.tick
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "_clock", lambda: clock.now)
+    monkeypatch.setattr(train_module, "_batch_loss", timed)
+    return clock
+
+
+def test_a_time_budget_cuts_the_run_and_its_learning_rate_still_ends_at_zero(
+    make_rag, tmp_path, fake_clock, capsys
+):
+    # 30 s a step, 2 minutes: timed after step 3 (90 s), one more step fits (120 s), not 10
+    config = TrainConfig(steps=10, warmup=1, max_minutes=2, save_every=1, **FAST)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_3(record):
+        if record["step"] == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(make_rag(), EXAMPLES, tmp_path / "cut", config, progress=False, on_step=stop_at_3)
+    assert "10 steps would not end within 2 minutes" in capsys.readouterr().err
+    state = json.loads((tmp_path / "cut" / "state" / "state.json").read_text())
+    assert state["step"] == 3 and state["total"] == 4
+    # resumed without a budget, the run keeps the length it was cut to
+    result = train(make_rag(), EXAMPLES, tmp_path / "cut", replace(config, max_minutes=None),
+                   resume=True, progress=False)
+    records = log(tmp_path / "cut")
+    assert result.steps == 4
+    assert [r for r in records if "cut_to" in r] == [
+        {"cut_to": 4, "planned": 10, "s_per_step": 30.0, "max_minutes": 2}]
+    # lr factor after each step: 9/9 and 8/9 of the 10-step decay, then 1/3 and 0 of the 4-step one
+    lrs = [r["lr"] for r in records if "lr" in r]
+    assert lrs == pytest.approx([3e-3, 3e-3 * 8 / 9, 1e-3, 0.0])
+    assert (tmp_path / "cut" / "last" / "margin_model.json").is_file()
+
+
+def test_a_fresh_start_after_a_run_stopped_before_its_first_save_starts_a_fresh_log(
+    make_rag, tmp_path
+):
+    config = TrainConfig(steps=3, save_every=3, **FAST)
+
+    def stop_at_1(record):
+        if record["step"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(make_rag(), EXAMPLES, tmp_path / "run", config, progress=False, on_step=stop_at_1)
+    assert not (tmp_path / "run" / "state").exists() and len(log(tmp_path / "run")) == 1
+    train(make_rag(), EXAMPLES, tmp_path / "run", config, progress=False)
+    assert [r["step"] for r in log(tmp_path / "run") if "loss" in r] == [1, 2, 3]
+
+
+def test_a_budget_that_fits_changes_nothing(make_rag, tmp_path, fake_clock):
+    config = TrainConfig(steps=4, max_minutes=2, **FAST)  # 4 x 30 s = 2 minutes
+    result = train(make_rag(), EXAMPLES, tmp_path / "run", config, progress=False)
+    assert result.steps == 4 and not [r for r in log(tmp_path / "run") if "cut_to" in r]
+
+
+def test_steps_within_a_budget():
+    assert steps_within(120, elapsed_s=90, step=3, step_s=30, total=10) == 4
+    assert steps_within(1000, elapsed_s=90, step=3, step_s=30, total=10) == 10  # fits: as asked
+    assert steps_within(60, elapsed_s=90, step=3, step_s=30, total=10) == 3  # over: stop now
+    with pytest.raises(MarginError, match="max_minutes must be positive"):
+        TrainConfig(max_minutes=0)
+
+
+def test_finetune_says_when_its_budget_cut_the_steps(
+    make_rag, index, tmp_path, monkeypatch, capsys, fake_clock
+):
+    monkeypatch.setenv("MARGIN_HOME", str(tmp_path / "home"))
+    model_dir = save_model(make_rag(), tmp_path / "model")
+    data = tmp_path / "dev.tsv"
+    data.write_text("".join(f"{q}\t{[a, *(t for t, _ in DOCS)]}\n" for q, a in TASK))
+    args = ["finetune", str(data), "--model", str(model_dir), "--index", str(index),
+            "--heldout", "5", "--steps", "6"]
+    assert main([*args, "--max-minutes", "-1"]) == 2
+    assert "max_minutes must be positive" in capsys.readouterr().err
+    fake_clock.tick = 15.0  # 2 micro-batches a step: 30 s; 2.25 minutes hold 4 steps
+    assert main([*args, "--max-minutes", "2.25"]) == 0
+    out = capsys.readouterr().out
+    assert "4 of the 6 steps asked for (the rest did not fit --max-minutes 2.25)" in out
+    assert load_model("finetuned", index).default_k == 2
 
 
 def test_question_selection_puts_the_answer_the_passages_hold_first(make_rag):

@@ -262,6 +262,9 @@ def train(
     eval_every: Annotated[int, typer.Option(help="Steps between dev evaluations (0: end).")] = 0,
     save_every: Annotated[int, typer.Option(help="Steps between checkpoints (0: end).")] = 0,
     seed: Annotated[int, typer.Option(help="Seed for data order, sampling and init.")] = 0,
+    max_minutes: Annotated[float | None, typer.Option(
+        help="Time budget: fewer steps if --steps / --epochs would not fit (default none).")
+    ] = None,
     ray_retrieval: Annotated[bool, typer.Option(
         help="Search one shared index per machine, a Ray actor (needs margin[ray]).")] = False,
     ray_address: Annotated[str | None, typer.Option(
@@ -277,6 +280,7 @@ def train(
         freeze_generator=freeze_generator, target=target, lora=lora, lora_r=lora_r,
         gradient_checkpointing=gradient_checkpointing, precision=precision,
         eval_every=eval_every, save_every=save_every, seed=seed, device=device,
+        max_minutes=max_minutes,
     )
     result, skipped = run(
         train_file, out, config, model=model, index=index, dev_path=dev, retriever=retriever,
@@ -412,6 +416,9 @@ def finetune(
         help="Share of questions with no answer in their passages (recipe: 0.125).")] = None,
     precision: Annotated[str | None, typer.Option(
         help="auto, fp32, bf16 (CPU too) or fp16 (GPU) (recipe: auto).")] = None,
+    max_minutes: Annotated[float | None, typer.Option(
+        help="Time budget of the whole run: fewer steps if the recipe's would not fit "
+             "(recipe: 55; 0: none).")] = None,
     device: Device = "auto",
 ) -> None:
     """Fine-tune the default model on training slices and install it as --name (`make finetune`)."""
@@ -436,6 +443,8 @@ def finetune(
         config = replace(config, mode=mode)
     if precision is not None:
         config = replace(config, precision=precision)
+    if max_minutes is not None:
+        config = replace(config, max_minutes=max_minutes or None)
     done = run_finetune(data, name=name, config=config, model=model, index=index,
                         heldout=heldout, limit=limit, all_questions=all_questions,
                         ungrounded=FINETUNE_UNGROUNDED if ungrounded is None else ungrounded)
@@ -444,6 +453,9 @@ def finetune(
     else:
         chosen = (f"{done.grounded} questions with a gold answer in their passages and "
                   f"{done.ungrounded} without")
+    if done.steps < done.planned:
+        chosen += (f", {done.steps} of the {done.planned} steps asked for (the rest did not fit "
+                   f"--max-minutes {config.max_minutes:g})")
     typer.echo(f"trained on {chosen} (the training slices hold {done.total}); "
                f"installed {done.path}; use it with --model {name}")
 

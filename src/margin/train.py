@@ -33,6 +33,7 @@ import hashlib
 import json
 import math
 import random
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -69,7 +70,8 @@ TARGETS = ("first", "sample")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # Settings that may change between an interrupted run and its --resume (the rest must not).
 _RESUMABLE_CHANGES = ("eval_every", "save_every", "log_every", "eval_limit", "eval_batch_size",
-                      "device")
+                      "device", "max_minutes")
+_clock = time.perf_counter  # the training's clock (a test drives its own)
 
 
 @dataclass
@@ -106,6 +108,9 @@ class TrainConfig:
     eval_batch_size: int = 8  # questions per batch when answering dev questions
     save_every: int = 0  # optimizer steps between checkpoints (0: only at the end)
     log_every: int = 1  # optimizer steps between log.jsonl lines and progress updates
+    max_minutes: float | None = None  # a time budget for this call of train(): once a few steps
+    # are timed, the run is cut to the steps that fit (never lengthened), its learning rate
+    # decaying to 0 at the new end; None: no budget
     retrieval_batch_size: int = 64  # questions per batched retrieval when caching the top-k
     seed: int = 0  # seeds data order, target sampling, dropout and LoRA initialisation
 
@@ -130,6 +135,9 @@ class TrainConfig:
             raise MarginError(f"steps must be at least 1, got {self.steps}")
         if self.lr <= 0:
             raise MarginError(f"lr must be positive, got {self.lr}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise MarginError(f"max_minutes must be positive, got {self.max_minutes}; leave it "
+                              "unset for no time budget")
         if self.freeze_generator and self.lora:
             raise MarginError("--lora trains the generator; drop it or drop --freeze-generator")
 
@@ -154,6 +162,14 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     if step < warmup:
         return (step + 1) / (warmup + 1)
     return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def steps_within(budget_s: float, elapsed_s: float, step: int, step_s: float, total: int) -> int:
+    """The run's length in optimizer steps under a time budget: ``step`` steps are done after
+    ``elapsed_s`` of ``budget_s`` seconds and a step takes ``step_s``; ``total`` if the rest
+    fits, else the steps that do (never fewer than ``step``: a run stops, it is not undone)."""
+    fit = step + int(max(0.0, budget_s - elapsed_s) // max(step_s, 1e-9))
+    return max(step, min(total, fit))
 
 
 def pick_target(answers: Sequence[str], choice: str, rng: random.Random) -> str:
@@ -420,14 +436,15 @@ def train(
             f"--device {config.device} would put all {world.size} processes on one GPU; each "
             "takes its own (LOCAL_RANK) with --device auto or cuda"
         )
-    start_time = time.perf_counter()
+    start_time = _clock()
     parts = prepare(rag, config)
     n, total = len(examples), total_steps(len(examples), config)
+    planned = total  # the length asked for; `total` is cut to fit config.max_minutes
     data_id = _data_fingerprint(examples)
     optimizer = torch.optim.AdamW(param_groups(parts.params, config),
                                   weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, config.warmup, total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(  # reads `total` when it steps: a cut run
+        optimizer, lambda s: lr_factor(s, config.warmup, total)  # decays to 0 at its new end
     )
     scaler = torch.amp.GradScaler("cuda") if parts.dtype == torch.float16 else None
     step, epoch, position = 0, 0, 0
@@ -439,9 +456,12 @@ def train(
         _check_resumable(read_state_record(state_dir), config, model_name, data_id)
         record = load_state(state_dir, parts.params, optimizer, scheduler)
         step, epoch, position = record["step"], record["epoch"], record["position"]
+        total = record.get("total", total)  # a run cut to a time budget keeps its length
         best = tuple(record["best"]) if record.get("best") else None  # type: ignore[assignment]
     elif state_dir.exists():
         raise MarginError(f"{out} already holds a training run; pass --resume or a new --out")
+    elif world.main and (out / "log.jsonl").exists():  # a run stopped before its first save:
+        (out / "log.jsonl").unlink()  # nothing to resume, so its log would only mislead
     out.mkdir(parents=True, exist_ok=True)
     learn_q = "question_encoder" in parts.modules and any(
         p.requires_grad for p in parts.modules["question_encoder"].parameters()
@@ -453,6 +473,7 @@ def train(
     bar = _progress(total, step, progress and world.main)
     window: list[float] = []
     seen, tick = 0, time.perf_counter()
+    timed_from: tuple[int, float] | None = None  # (step, elapsed s) after this call's first step
     loss_value = float("nan")
     while step < total:
         optimizer.zero_grad(set_to_none=True)
@@ -482,16 +503,28 @@ def train(
             scaler.update()
         else:
             optimizer.step()
-        scheduler.step()
         step += 1
         window.append(step_loss)
+        if config.max_minutes is not None:  # before the scheduler's step: the next lr sees a cut
+            # every process reads the same clock (the mean of theirs), so they agree on the cut
+            elapsed = sum_value(_clock() - start_time, world) / world.size
+            if timed_from is None:  # the first step pays one-off costs: time from its end
+                timed_from = (step, elapsed)
+            elif step - timed_from[0] >= 2:
+                step_s = (elapsed - timed_from[1]) / (step - timed_from[0])
+                fit = steps_within(60 * config.max_minutes, elapsed, step, step_s, total)
+                if fit < total:
+                    _cut_to_budget(out, world, bar, config.max_minutes, step_s, planned, fit,
+                                   first=total == planned)
+                    total = fit
+        scheduler.step()
         record: dict[str, Any] = {"step": step, "epoch": epoch, "loss": step_loss,
                                   "lr": scheduler.get_last_lr()[0], "grad_norm": float(norm)}
         if step % config.log_every == 0 or step == total:
             elapsed = time.perf_counter() - tick
             loss_value = sum(window) / len(window)
             record.update(mean_loss=loss_value, examples_per_s=seen / max(elapsed, 1e-9),
-                          elapsed_s=time.perf_counter() - start_time)
+                          elapsed_s=_clock() - start_time)
             if world.main:
                 _append(out / "log.jsonl", record)
             if bar is not None:
@@ -513,7 +546,7 @@ def train(
         if saving and world.main:
             save_checkpoint(rag, out / "last", parts.peft_model, decode_mode, config.k)
             save_state(state_dir, parts.params, optimizer, scheduler, {
-                "step": step, "epoch": epoch, "position": position,
+                "step": step, "epoch": epoch, "position": position, "total": total,
                 "best": list(best) if best else None, "config": asdict(config),
                 "model": model_name, "data": data_id,
             })
@@ -523,13 +556,31 @@ def train(
         bar.close()
     for module in parts.modules.values():
         module.eval()
-    wall = time.perf_counter() - start_time
+    wall = _clock() - start_time
     if world.main:
         _append(out / "log.jsonl", {"done": True, "steps": step, "wall_s": wall,
                                     "best_dev_em": best[0] if best else None})
     barrier(world)  # the others return once rank 0's checkpoint is on disk
     return TrainResult(step, loss_value, best[0] if best else None, best[1] if best else None,
                        wall, out)
+
+
+def _cut_to_budget(out: Path, world: World, bar, minutes: float, step_s: float, planned: int,
+                   fit: int, first: bool) -> None:
+    """Say (once) and log (every time) that the run was cut to ``fit`` steps to end in time."""
+    if bar is not None:
+        bar.total = fit
+        bar.refresh()
+    if not world.main:
+        return
+    _append(out / "log.jsonl", {"cut_to": fit, "planned": planned, "s_per_step": step_s,
+                                "max_minutes": minutes})
+    if first:
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"margin: a step takes {step_s:.0f} s here, so {planned} steps would not end "
+                   f"within {minutes:.0f} minutes (--max-minutes): training {fit} steps, the "
+                   "learning rate decaying to 0 at the last", file=sys.stderr)
 
 
 def _batch_loss(
@@ -687,10 +738,12 @@ FINETUNE_RECIPE = TrainConfig(  # sized for <= 60 minutes on a 2-core CPU (BENCH
     # 96 steps (768 questions) took 47 to 54 min on the 2-core CPU (26 to 32 s a step, BENCHMARKS.md
     # "Answer quality"): under the 60-minute budget with a little room.
     # A checkpoint every 16 steps: an interrupted `make finetune` resumes from the last one.
+    # A slower CPU (AVX2 only: about 65 s a step, 2026-12-04) would need 100 minutes: the
+    # budget cuts the steps so the whole command, loading included, ends within 55 minutes.
     # The question encoder trains in full, at the paper's rate (3e-5); the generator's LoRA
     # adapters at 5e-4.
     k=2, steps=96, batch_size=4, grad_accum=2, lr=5e-4, retriever_lr=3e-5, warmup=4, lora=True,
-    lora_r=16, lora_alpha=32, save_every=16,
+    lora_r=16, lora_alpha=32, save_every=16, max_minutes=55,
 )
 FINETUNE_UNGROUNDED = 0.125  # share of questions without a gold answer in their passages
 HELDOUT = 500  # the first lines of each development file are held out for reporting
@@ -771,9 +824,11 @@ class Finetuned:
     """What :func:`finetune` installed and what it trained on."""
 
     path: Path  # the installed model: $MARGIN_HOME/models/<name>
-    grounded: int  # questions trained on with a gold answer in their passages
+    grounded: int  # questions selected with a gold answer in their passages
     ungrounded: int  # ... without one (all of them with ``all_questions``)
     total: int  # questions in the training slices
+    steps: int  # optimizer steps trained
+    planned: int  # optimizer steps asked for (more than ``steps`` when the time budget cut them)
 
 
 def finetune(
@@ -796,6 +851,7 @@ def finetune(
     The result lands in ``$MARGIN_HOME/models/<name>``, where ``RAG.load(name)`` and
     ``--model <name>`` find it; the run itself (log, state) stays in
     ``$MARGIN_HOME/runs/<name>`` so an interrupted fine-tune resumes when run again.
+    ``config.max_minutes`` bounds the whole call: loading and question selection count.
     """
     import shutil
 
@@ -804,6 +860,7 @@ def finetune(
 
     if not 0.0 <= ungrounded < 1.0:
         raise MarginError(f"the ungrounded share must be in [0, 1), got {ungrounded}")
+    began = time.perf_counter()
     config = config or FINETUNE_RECIPE
     examples = interleave(*(training_slice(p, heldout, limit) for p in data))
     run_dir = margin_home() / "runs" / name
@@ -826,9 +883,17 @@ def finetune(
                 f"{config.k} passages; use a corpus that holds the answers, or --all-questions"
             )
         examples, counts = [*kept, *others], (len(kept), len(others))  # train() shuffles
+    if config.max_minutes is not None:  # what loading and selecting took counts too
+        left = config.max_minutes - (time.perf_counter() - began) / 60
+        if left <= 0:
+            raise MarginError(f"loading the model and selecting questions took the whole "
+                              f"{config.max_minutes:g}-minute budget; give a larger --max-minutes "
+                              "or 0 for none")
+        config = replace(config, max_minutes=left)
     result = train(rag, examples, run_dir, config, resume=(run_dir / "state").exists(),
                    progress=progress, model_name=f"{model}|{index}")
     target = margin_home() / "models" / name
     with atomic_path(target) as tmp:
         shutil.copytree(result.out / "last", tmp)
-    return Finetuned(target, *counts, total)
+    return Finetuned(target, *counts, total, result.steps,
+                     total_steps(len(examples), replace(config, max_minutes=None)))
