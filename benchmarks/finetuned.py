@@ -268,6 +268,10 @@ def describe(timing, args, heading: str) -> list[str]:
         length = (f"{options[options.index('--epochs') + 1]} pass(es) (`--epochs`) over every "
                   f"training question with a gold answer in its top {r.k} passages, and questions "
                   f"without in proportion ({timing['steps']} optimizer steps of {per_step})")
+    elif timing["steps"] < r.steps:  # the time budget cut the run on this machine
+        length = (f"{r.steps} optimizer steps of {per_step} asked for, cut to {timing['steps']} "
+                  f"by the recipe's time budget (`--max-minutes {r.max_minutes:g}`) on this CPU, "
+                  f"so {timing['steps'] * r.batch_size * r.grad_accum} training questions")
     else:
         length = (f"{r.steps} optimizer steps of {per_step}, so "
                   f"{r.steps * r.batch_size * r.grad_accum} training questions")
@@ -314,8 +318,13 @@ def render_tuned_only(rows, timing, args, load_start, load_end) -> str:
     """A section for a recipe evaluated alone: its rows, and its EM against the zero-shot EM
     quoted from BENCHMARKS.md "Evaluation" (``ZERO_SHOT_EM``, not measured by this run)."""
     options = timing.get("options", [])
-    lines = describe(timing, args, f"## Answer quality: `{' '.join(['margin finetune', *options])}`"
-                     if options else "## Answer quality: `make finetune` again, evaluated alone")
+    if options:
+        heading = f"## Answer quality: `{' '.join(['margin finetune', *options])}`"
+    elif timing["steps"] < FINETUNE_RECIPE.steps:
+        heading = "## Answer quality: `make finetune` cut by its time budget on a slower CPU"
+    else:
+        heading = "## Answer quality: `make finetune` again, evaluated alone"
+    lines = describe(timing, args, heading)
     lines += ["| data set | model | retrieval | mode | n | EM | F1 | EM, answer in top 5 (n) | "
               "s/question | minus zero-shot EM |",
               "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -324,11 +333,12 @@ def render_tuned_only(rows, timing, args, load_start, load_end) -> str:
             closed = r["k"] == 0
             subset = "-" if closed else (f"{_pct(r['exact_match_answer_retrieved'])} "
                                          f"({r['n_answer_retrieved']})")
-            gain = 100 * r["exact_match"] - ZERO_SHOT_EM[name][r["mode"]]
+            gain = 100 * r["exact_match"] - ZERO_SHOT_EM[name][r["mode"]]  # of 500 questions
+            gain_text = f"{gain:+.1f}" if r["n"] == HELDOUT else "-"
             lines.append(
                 f"| {name} | {args.model} | {'closed book' if closed else 'dense k=5'} | "
                 f"{'-' if closed else r['mode']} | {r['n']} | {_pct(r['exact_match'])} | "
-                f"{_pct(r['f1'])} | {subset} | {r['seconds_per_example']:.2f} | {gain:+.1f} |")
+                f"{_pct(r['f1'])} | {subset} | {r['seconds_per_example']:.2f} | {gain_text} |")
     lines += [
         "",
         "Minus zero-shot: against the default model's EM in section 'Evaluation' (closed book "
@@ -336,7 +346,9 @@ def render_tuned_only(rows, timing, args, load_start, load_end) -> str:
         "sequence " + ", ".join(f"{name} {v['token']} / {v['sequence']}"
                                 for name, v in ZERO_SHOT_EM.items())
         + "), an earlier session's greedy run of the same questions, quoted, not re-run here; "
-        "for closed book the difference is against the default model's closed book.", "",
+        "for closed book the difference is against the default model's closed book"
+        + ("" if args.n == HELDOUT else f"; not given for the first {args.n}, which those "
+           "figures do not cover") + ".", "",
     ]
     if not options:
         lines += [reproduction(rows, timing), ""]
@@ -360,6 +372,11 @@ def reproduction(rows, timing) -> str:
     pairs = [(name, r, DEFAULT_RECIPE_EM[name][r["mode"]])
              for name, by_model in rows.items() for r in by_model["fine-tuned"]]
     same = all(round(100 * r["exact_match"], 1) == documented for _, r, documented in pairs)
+    if timing["steps"] < FINETUNE_RECIPE.steps:
+        return (f"The time budget cut this run to {timing['steps']} of the recipe's "
+                f"{FINETUNE_RECIPE.steps} steps, so it is not a rerun of the documented one "
+                "(section \"Answer quality: the fine-tuned default\"): a shorter training on a "
+                "slower CPU.")
     return ("Beside the documented run of the same recipe (section \"Answer quality: the "
             "fine-tuned default\", 2026-11-28), now / then: training loss over the first steps "
             f"{timing['first_loss']:.2f} / {DEFAULT_RECIPE_RUN['first_loss']}, over the last "
