@@ -109,7 +109,8 @@ def prepare(device: str) -> None:
 def evaluate(datasets: dict[str, Path], n: int, out: Path, zero_shot_out: Path,
              batch_size: int, device: str = "cpu",
              tuned: str = "finetuned",
-             zero_shot: bool = True) -> dict[str, dict[str, list[dict]]]:
+             zero_shot: bool = True,
+             modes: tuple[str, ...] = MAIN["modes"]) -> dict[str, dict[str, list[dict]]]:
     """Every row of the table, per data set: fine-tuned (closed book and RAG) and zero-shot
     (unless ``zero_shot`` is false). The fine-tuned model answers every data set first: a run
     cut short keeps its rows."""
@@ -121,7 +122,8 @@ def evaluate(datasets: dict[str, Path], n: int, out: Path, zero_shot_out: Path,
         rag = load_model(model, "default", progress=False, device=device)
         for name, path in datasets.items():
             cfg = EvalConfig(data=str(path), out=str(where(name)), limit=n, batch_size=batch_size,
-                             progress=False, retrievers=("none", "dense"), **MAIN)
+                             progress=False, retrievers=("none", "dense"),
+                             **dict(MAIN, modes=modes))
             rows[name][kind] = results = run_eval(cfg, {"dense": rag, "none": rag})
             print(name, kind, ", ".join(f"{r['retriever']}/{r['mode']} EM "
                                         f"{100 * r['exact_match']:.1f}" for r in results),
@@ -206,6 +208,12 @@ def main() -> None:
     ap.add_argument("--mode", choices=LOSS_MODES,
                     help="finetune: the objective (margin finetune --mode)")
     ap.add_argument("--device", default="cpu", help="eval: where the models answer (cpu, cuda)")
+    ap.add_argument("--modes", default="token,sequence",
+                    help="eval: the RAG modes answered (closed book is always)")
+    ap.add_argument("--against", type=Path,
+                    help="eval --tuned-only --write: another model's --out on the same questions "
+                         "(e.g. `eval --tuned-only --model default --out DIR`), compared with, "
+                         "question by question")
     ap.add_argument("--tuned-only", action="store_true",
                     help="eval: the fine-tuned model alone; --write compares it with the zero-shot "
                     "EM that BENCHMARKS.md \"Evaluation\" reports (ZERO_SHOT_EM)")
@@ -233,7 +241,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     load_start = load_average()
     rows = evaluate(datasets, args.n, args.out, args.zero_shot_out, args.batch_size, args.device,
-                    args.model, zero_shot=not args.tuned_only)
+                    args.model, zero_shot=not args.tuned_only,
+                    modes=tuple(args.modes.split(",")))
     if args.write:
         timing = json.loads((args.out / "finetune.json").read_text())
         section = (render_tuned_only if args.tuned_only else render)(
@@ -352,17 +361,42 @@ def render_tuned_only(rows, timing, args, load_start, load_end) -> str:
     ]
     if not options:
         lines += [reproduction(rows, timing), ""]
+    eval_options = ("" if args.n == HELDOUT else f" --n {args.n}") + (
+        "" if args.modes == "token,sequence" else f" --modes {args.modes}")
+    if args.against:
+        lines += [against(rows, args), ""]
     lines += [
         "- command: `MARGIN_HOME=/tmp/mh nice -n 5 .venv/bin/python benchmarks/finetuned.py "
         + " ".join(["finetune", *options, "--model", args.model, "--out", str(args.out)]) + "`, "
-        f"then `... eval --tuned-only --model {args.model} --out {args.out}` with `--datasets "
-        "NQ-open` and `--datasets TriviaQA` side by side (one process each), then `... eval "
-        "--tuned-only --write` (resumes, aggregates)",
+        f"then `... eval --tuned-only --model {args.model} --out {args.out}{eval_options}` with "
+        "`--datasets NQ-open` and `--datasets TriviaQA` side by side (one process each)"
+        + (f", each followed by the same with `--model default --out {args.against}`"
+           if args.against else "")
+        + f", then `... eval --tuned-only{eval_options}"
+        + (f" --against {args.against}" if args.against else "")
+        + " --write` (resumes, aggregates)",
         f"- machine: {machine()}; load average for the final invocation {load_start} at the "
         f"start, {load_end} at the end (shared machine)",
         f"- date: {datetime.date.today().isoformat()}",
     ]
     return "\n".join(lines) + "\n"
+
+
+def against(rows, args) -> str:
+    """This model beside another one's run of the same questions (``args.against``): that
+    model's EM, and the questions only this one / only that one got right, with the sign test."""
+    parts = []
+    for name, by_model in rows.items():
+        for r in by_model["fine-tuned"]:
+            run = RunSpec(r["retriever"], r["k"], r["mode"], r["decoding"])
+            other = first_questions(args.against / name / run.name, args.n)
+            em = sum(p["metrics"]["exact_match"] for p in other.values()) / len(other)
+            t, z, p = paired(args.out / name / run.name, args.against / name / run.name, args.n)
+            parts.append(f"{name} {'closed book' if r['k'] == 0 else r['mode']}: EM "
+                         f"{_pct(r['exact_match'])} against {_pct(em)}, right only here {t}, "
+                         f"only there {z} (p = {p:.2f})")
+    return (f"Beside `{args.against}` (another model's run of the same {args.n} questions per "
+            "set, the same settings): " + "; ".join(parts) + ".")
 
 
 def reproduction(rows, timing) -> str:

@@ -105,6 +105,19 @@ def log(out) -> list[dict]:
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
+class Stop(Exception):
+    """Raised by a :func:`stop_at` callback: a run cut short, as by Ctrl-C."""
+
+
+def stop_at(step: int):
+    """An ``on_step`` callback that stops the run after optimizer step ``step``."""
+    def stop(record):
+        if record["step"] == step:
+            raise Stop
+
+    return stop
+
+
 # ----------------------------------------------------------------------------- the recipe
 
 
@@ -144,16 +157,8 @@ def test_question_encoder_learns_through_the_prior_passage_encoder_and_index_do_
 
 def test_resume_gives_the_same_next_step_loss(make_rag, tmp_path):
     config = TrainConfig(steps=4, save_every=2, lora=True, lora_r=4, **FAST)
-
-    class Stop(Exception):
-        pass
-
-    def stop_at_2(record):
-        if record["step"] == 2:
-            raise Stop
-
     with pytest.raises(Stop):
-        train(make_rag(), EXAMPLES, tmp_path / "cut", config, progress=False, on_step=stop_at_2)
+        train(make_rag(), EXAMPLES, tmp_path / "cut", config, progress=False, on_step=stop_at(2))
     result = train(make_rag(), EXAMPLES, tmp_path / "cut", config, resume=True, progress=False)
     train(make_rag(), EXAMPLES, tmp_path / "whole", config, progress=False)
     cut = [r["loss"] for r in log(tmp_path / "cut") if "loss" in r]
@@ -336,17 +341,9 @@ def test_a_time_budget_cuts_the_run_and_its_learning_rate_still_ends_at_zero(
 ):
     # 30 s a step, 2 minutes: timed after step 3 (90 s), one more step fits (120 s), not 10
     config = TrainConfig(steps=10, warmup=1, max_minutes=2, save_every=1, **FAST)
-
-    class Stop(Exception):
-        pass
-
-    def stop_at_3(record):
-        if record["step"] == 3:
-            raise Stop
-
     with pytest.raises(Stop):
-        train(make_rag(), EXAMPLES, tmp_path / "cut", config, progress=False, on_step=stop_at_3)
-    assert "10 steps would not end within 2 minutes" in capsys.readouterr().err
+        train(make_rag(), EXAMPLES, tmp_path / "cut", config, progress=False, on_step=stop_at(3))
+    assert "10 steps would not end within the 2 minutes left" in capsys.readouterr().err
     state = json.loads((tmp_path / "cut" / "state" / "state.json").read_text())
     assert state["step"] == 3 and state["total"] == 4
     # resumed without a budget, the run keeps the length it was cut to
@@ -366,13 +363,8 @@ def test_a_fresh_start_after_a_run_stopped_before_its_first_save_starts_a_fresh_
     make_rag, tmp_path
 ):
     config = TrainConfig(steps=3, save_every=3, **FAST)
-
-    def stop_at_1(record):
-        if record["step"] == 1:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train(make_rag(), EXAMPLES, tmp_path / "run", config, progress=False, on_step=stop_at_1)
+    with pytest.raises(Stop):
+        train(make_rag(), EXAMPLES, tmp_path / "run", config, progress=False, on_step=stop_at(1))
     assert not (tmp_path / "run" / "state").exists() and len(log(tmp_path / "run")) == 1
     train(make_rag(), EXAMPLES, tmp_path / "run", config, progress=False)
     assert [r["step"] for r in log(tmp_path / "run") if "loss" in r] == [1, 2, 3]
@@ -406,7 +398,8 @@ def test_finetune_says_when_its_budget_cut_the_steps(
     fake_clock.tick = 15.0  # 2 micro-batches a step: 30 s; 2.25 minutes hold 4 steps
     assert main([*args, "--max-minutes", "2.25"]) == 0
     out = capsys.readouterr().out
-    assert "4 of the 6 steps asked for (the rest did not fit --max-minutes 2.25)" in out
+    assert ("trained 4 of the 6 steps asked for (the rest did not fit --max-minutes 2.25) of 8 "
+            "questions, drawn from 3 questions with a gold answer in their passages") in out
     assert load_model("finetuned", index).default_k == 2
 
 

@@ -453,10 +453,14 @@ def finetune(
     else:
         chosen = (f"{done.grounded} questions with a gold answer in their passages and "
                   f"{done.ungrounded} without")
-    if done.steps < done.planned:
-        chosen += (f", {done.steps} of the {done.planned} steps asked for (the rest did not fit "
-                   f"--max-minutes {config.max_minutes:g})")
-    typer.echo(f"trained on {chosen} (the training slices hold {done.total}); "
+    if done.steps < done.planned:  # each step draws a batch of the chosen questions at random
+        per_step = config.batch_size * config.grad_accum
+        chosen = (f"{done.steps} of the {done.planned} steps asked for (the rest did not fit "
+                  f"--max-minutes {config.max_minutes:g}) of {per_step} questions, drawn from "
+                  f"{chosen}")
+    else:
+        chosen = f"on {chosen}"
+    typer.echo(f"trained {chosen} (the training slices hold {done.total}); "
                f"installed {done.path}; use it with --model {name}")
 
 

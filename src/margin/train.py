@@ -579,8 +579,8 @@ def _cut_to_budget(out: Path, world: World, bar, minutes: float, step_s: float, 
         from tqdm.auto import tqdm
 
         tqdm.write(f"margin: a step takes {step_s:.0f} s here, so {planned} steps would not end "
-                   f"within {minutes:.0f} minutes (--max-minutes): training {fit} steps, the "
-                   "learning rate decaying to 0 at the last", file=sys.stderr)
+                   f"within the {minutes:.0f} minutes left (--max-minutes): training {fit} steps, "
+                   "the learning rate decaying to 0 at the last", file=sys.stderr)
 
 
 def _batch_loss(
@@ -738,7 +738,7 @@ FINETUNE_RECIPE = TrainConfig(  # sized for <= 60 minutes on a 2-core CPU (BENCH
     # 96 steps (768 questions) took 47 to 54 min on the 2-core CPU (26 to 32 s a step, BENCHMARKS.md
     # "Answer quality"): under the 60-minute budget with a little room.
     # A checkpoint every 16 steps: an interrupted `make finetune` resumes from the last one.
-    # A slower CPU (AVX2 only: about 65 s a step, 2026-12-04) would need 100 minutes: the
+    # A slower CPU (AVX2 only: about 67 s a step, 2026-12-04) would need 110 minutes: the
     # budget cuts the steps so the whole command, loading included, ends within 55 minutes.
     # The question encoder trains in full, at the paper's rate (3e-5); the generator's LoRA
     # adapters at 5e-4.
