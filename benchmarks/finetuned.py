@@ -390,11 +390,12 @@ def against(rows, args) -> str:
         for r in by_model["fine-tuned"]:
             run = RunSpec(r["retriever"], r["k"], r["mode"], r["decoding"])
             other = first_questions(args.against / name / run.name, args.n)
-            em = sum(p["metrics"]["exact_match"] for p in other.values()) / len(other)
-            t, z, p = paired(args.out / name / run.name, args.against / name / run.name, args.n)
+            em = sum(q["metrics"]["exact_match"] for q in other.values()) / len(other)
+            t, z, pval = paired(args.out / name / run.name, args.against / name / run.name,
+                                args.n)
             parts.append(f"{name} {'closed book' if r['k'] == 0 else r['mode']}: EM "
                          f"{_pct(r['exact_match'])} against {_pct(em)}, right only here {t}, "
-                         f"only there {z} (p = {p:.2f})")
+                         f"only there {z} (p = {pval:.2f})")
     return (f"Beside `{args.against}` (another model's run of the same {args.n} questions per "
             "set, the same settings): " + "; ".join(parts) + ".")
 

@@ -895,5 +895,4 @@ def finetune(
     target = margin_home() / "models" / name
     with atomic_path(target) as tmp:
         shutil.copytree(result.out / "last", tmp)
-    return Finetuned(target, *counts, total, result.steps,
-                     total_steps(len(examples), replace(config, max_minutes=None)))
+    return Finetuned(target, *counts, total, result.steps, total_steps(len(examples), config))
