@@ -735,14 +735,15 @@ def default_bm25_index(progress: bool = True) -> Path:
 
 FINETUNE_RECIPE = TrainConfig(  # sized for <= 60 minutes on a 2-core CPU (BENCHMARKS.md)
     # 4 x 2 micro-batches: a batch of 8 questions x k=2 holds ~9.5 GB of activations in fp32.
-    # 96 steps (768 questions) took 47 to 54 min on the 2-core CPU (26 to 32 s a step, BENCHMARKS.md
-    # "Answer quality"): under the 60-minute budget with a little room.
+    # 192 steps (1536 questions) took 48.3 min on a 2-core Xeon with AMX (about 15 s a step,
+    # BENCHMARKS.md "Answer quality: `margin finetune --steps 192`"). The budget cuts the steps
+    # so that the whole command, loading included, ends within 55 minutes on a slower CPU: about
+    # 105 steps on the AVX-512 EPYCs (26 to 32 s a step), about 45 on an AVX2-only one (67 s)
+    # (extrapolated from those step times).
     # A checkpoint every 16 steps: an interrupted `make finetune` resumes from the last one.
-    # A slower CPU (AVX2 only: about 67 s a step, 2026-12-04) would need 110 minutes: the
-    # budget cuts the steps so the whole command, loading included, ends within 55 minutes.
     # The question encoder trains in full, at the paper's rate (3e-5); the generator's LoRA
     # adapters at 5e-4.
-    k=2, steps=96, batch_size=4, grad_accum=2, lr=5e-4, retriever_lr=3e-5, warmup=4, lora=True,
+    k=2, steps=192, batch_size=4, grad_accum=2, lr=5e-4, retriever_lr=3e-5, warmup=4, lora=True,
     lora_r=16, lora_alpha=32, save_every=16, max_minutes=55,
 )
 FINETUNE_UNGROUNDED = 0.125  # share of questions without a gold answer in their passages
