@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from margin import metrics as M
-from margin.evaluate import bm25_retriever
+from margin.evaluate import bm25_retriever, retrieval_recall
 from margin.examples import Example, read_examples
 from margin.retriever import Retriever
 
@@ -73,25 +73,23 @@ def measure(name, label, examples, dense, bm25, corpus) -> dict:
     """Every recall of one slice, as percentages."""
     questions = [ex.input for ex in examples]
     row = {"data": name, "slice": label, "n": len(examples)}
-    found = {}
     for key, retriever in dense.items():
-        found[key] = retriever.retrieve(questions, k=max(DEPTHS))
-        for k in DEPTHS:
-            row[f"{key}@{k}"] = _recall(examples, [[p.text for p in ps[:k]]
-                                                   for ps in found[key].passages])
+        recall = retrieval_recall(retriever, examples, DEPTHS)
+        row.update({f"{key}@{k}": _pct(recall[f"answer_recall@{k}"]) for k in DEPTHS})
     row["corpus"] = _pct(np.mean([_in_corpus(ex, corpus) for ex in examples]))
     sparse = bm25.retrieve(questions, k=FUSION_DEPTH)
     row["bm25@5"] = _recall(examples, [[p.text for p in ps[:5]] for ps in sparse.passages])
-    d = found["dense (default)"]
-    lists = [(d.passages[i][:FUSION_DEPTH], np.asarray(d.scores[i][:FUSION_DEPTH]),
-              sparse.passages[i], np.asarray(sparse.scores[i])) for i in range(len(examples))]
-    row["rrf@5"] = _recall(examples, [rrf(*lst)[:5] for lst in lists])
+    d = dense["dense (default)"].retrieve(questions, k=FUSION_DEPTH)
+    pairs = list(zip(d.passages, sparse.passages, strict=True))
+    row["rrf@5"] = _recall(examples, [rrf(dp, bp)[:5] for dp, bp in pairs])
+    lists = [(d.passages[i], np.asarray(d.scores[i]), sparse.passages[i],
+              np.asarray(sparse.scores[i])) for i in range(len(examples))]
     for w in Z_WEIGHTS:
         row[f"z{w}@5"] = _recall(examples, [z_fusion(*lst, w)[:5] for lst in lists])
     return row
 
 
-def rrf(dense_passages, dense_scores, bm25_passages, bm25_scores) -> list[str]:
+def rrf(dense_passages, bm25_passages) -> list[str]:
     """Texts of the union of two ranked lists, by summed 1 / (RRF_C + rank)."""
     fused: dict[str, float] = {}
     texts: dict[str, str] = {}
