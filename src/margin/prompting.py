@@ -1,7 +1,7 @@
 """Prompts for decoder-only generators: how (question, passage) becomes text, and answers come back.
 
 Why: the paper's generator is BART, a seq2seq model that reads ``title / text // question``
-(Sec. 2.2) and was fine-tuned to answer. A small decoder (the default SmolLM2-135M-Instruct) was
+(Sec. 2.3) and was fine-tuned to answer. A small decoder (the default SmolLM2-135M-Instruct) was
 never fine-tuned on that format; it answers best when told to copy a short span and shown a few
 worked examples. Everything about that prompt lives in one typed, documented
 :class:`PromptTemplate` so it can be changed without touching the generator.

@@ -1,4 +1,4 @@
-"""The retriever p_eta(z|x) of RAG (Sec. 2.1): a question encoder over an index of passages.
+"""The retriever p_eta(z|x) of RAG (Sec. 2.2): a question encoder over an index of passages.
 
 Retrieval is maximum inner product search outside autograd. The hits' stored passage vectors come
 back with them so that a RAG model can recompute the document scores d(z)ᵀq(x) in torch and the
