@@ -736,7 +736,7 @@ def default_bm25_index(progress: bool = True) -> Path:
 FINETUNE_RECIPE = TrainConfig(  # sized for <= 60 minutes on a 2-core CPU (BENCHMARKS.md)
     # 4 x 2 micro-batches: a batch of 8 questions x k=2 holds ~9.5 GB of activations in fp32.
     # 192 steps (1536 questions) took 48.3 min on a 2-core Xeon with AMX (about 15 s a step,
-    # BENCHMARKS.md "Answer quality: `margin finetune --steps 192`"). The budget cuts the steps
+    # BENCHMARKS.md "Answer quality: the fine-tuned default"). The budget cuts the steps
     # so that the whole command, loading included, ends within 55 minutes on a slower CPU: about
     # 105 steps on the AVX-512 EPYCs (26 to 32 s a step), about 45 on an AVX2-only one (67 s)
     # (extrapolated from those step times).
