@@ -12,6 +12,7 @@ import pytest
 import margin.assets
 from margin.errors import MarginError
 from margin.passages import (
+    MAX_CHARS,
     Passage,
     chunk_words,
     document_id,
@@ -39,6 +40,53 @@ def test_chunk_words_paper_default_is_disjoint_100_word_chunks():
     assert [len(c.split()) for c in chunks] == [100, 100, 50]
     assert chunks[1].split()[0] == "w100" and chunks[2].split()[-1] == "w249"
     assert " ".join(chunks) == words(250)  # disjoint and complete
+
+
+def test_chunk_words_bounds_characters_for_text_without_spaces():
+    # Chinese, a URL or a base64 blob has no spaces: one "word", once kept whole as one passage
+    text = "汉字" * 1300  # 2600 characters, no space
+    chunks = chunk_words(text)
+    assert [len(c) for c in chunks] == [MAX_CHARS, MAX_CHARS, 2600 - 2 * MAX_CHARS]
+    assert "".join(chunks) == text  # disjoint and complete
+
+
+def test_chunk_words_cuts_at_spaces_and_inside_a_word_only_when_it_is_too_long():
+    assert chunk_words("aaa bbb ccc", max_chars=7) == ["aaa bbb", "ccc"]
+    assert chunk_words("aaa bbb ccc", max_chars=8) == ["aaa bbb", "ccc"]  # never "aaa bbb c"
+    # a word over the bound is cut into bound-sized pieces; its tail goes on with what follows
+    assert chunk_words("x abcdefghij y z", max_chars=4) == ["x", "abcd", "efgh", "ij y", "z"]
+    assert chunk_words("a b c d e", max_words=2, max_chars=100) == ["a b", "c d", "e"]
+    with pytest.raises(ValueError, match="max_chars"):
+        chunk_words("a", max_chars=0)
+
+
+def test_chunk_words_on_ordinary_text_is_the_100_word_chunker():
+    """The character bound never binds on 100 words of ordinary text: chunks are as before."""
+    text = " ".join(["The quick brown fox jumps over the lazy dog near riverbanks."] * 40)
+    old = text.split()
+    assert chunk_words(text) == [" ".join(old[i : i + 100]) for i in range(0, len(old), 100)]
+
+
+@pytest.mark.slow
+def test_default_corpus_chunks_are_unchanged_by_the_character_bound():
+    """Every passage of the default corpus is what the words-only chunker made (index unchanged)."""
+    import json as _json
+
+    data = _json.loads(margin.assets.DEFAULT_CORPUS.path().read_text(encoding="utf-8"))
+    for doc in data.values():
+        w = str(doc.get("extract") or "").split()
+        old = [" ".join(w[i : i + 100]) for i in range(0, len(w), 100)]
+        assert chunk_words(str(doc.get("extract") or "")) == old
+
+
+def test_a_huge_passage_without_spaces_is_stored_in_bounded_passages(tmp_path):
+    path = tmp_path / "c.jsonl"
+    blob = "QUJD" * 50_000  # 200k characters of base64, no space
+    path.write_text(json.dumps({"id": "b", "title": "Blob", "text": blob}) + "\n", "utf-8")
+    passages = list(read_corpus(path))
+    assert max(len(p.text) for p in passages) == MAX_CHARS
+    assert "".join(p.text for p in passages) == blob
+    assert passages[0].id == "b-1" and len(passages) == 200
 
 
 def test_split_document_keeps_id_and_suffixes_only_on_split():
@@ -170,6 +218,34 @@ def test_dpr_tsv_bad_input(tmp_path, content, message):
     path.write_text(content, encoding="utf-8")
     with pytest.raises(MarginError, match=message):
         list(read_corpus(path))
+
+
+def test_dpr_tsv_field_over_128_kib_is_read_and_bounded(tmp_path):
+    """csv's default field limit (128 KiB) once gave a raw _csv.Error traceback."""
+    path = tmp_path / "psgs.tsv"
+    big = "x" * 200_000
+    path.write_text(f"id\ttext\ttitle\n1\tshort\tT\n2\t{big}\tBig\n", encoding="utf-8")
+    passages = list(read_corpus(path))
+    assert passages[0] == Passage("1", "T", "short", "")  # ordinary rows are kept as they are
+    assert [p.id for p in passages[1:3]] == ["2-1", "2-2"]
+    assert max(len(p.text) for p in passages) == MAX_CHARS
+    assert "".join(p.text for p in passages[1:]) == big
+
+
+def test_dpr_tsv_field_over_the_limit_is_one_line_with_file_and_line(tmp_path, monkeypatch):
+    import csv
+
+    import margin.passages
+
+    monkeypatch.setattr(margin.passages, "CSV_FIELD_LIMIT", 1000)
+    before = csv.field_size_limit(1000)  # the limit is process-wide: restore it after
+    try:
+        path = tmp_path / "psgs.tsv"
+        path.write_text(f"id\ttext\ttitle\n1\tok\tT\n2\t{'y' * 1001}\tT\n", encoding="utf-8")
+        with pytest.raises(MarginError, match=r"psgs\.tsv:3: a field is over 1000 characters"):
+            list(read_corpus(path))
+    finally:
+        csv.field_size_limit(before)
 
 
 def test_dpr_tsv_non_utf8(tmp_path):

@@ -11,8 +11,14 @@ sha256(title + NUL + text): stable across runs, orderings and corpora, so append
 corpus to an index does not clash with the first (two identical documents do clash; the index
 builder reports that).
 
+Passages are bounded in characters as well as words (``MAX_CHARS``), so text with no spaces
+(Chinese, Japanese, a long URL or a base64 blob) is cut too; the bound never binds on 100 words
+of ordinary text, so such text chunks exactly as by words alone.
+
 >>> chunk_words("a  b\\nc d e", max_words=2)
 ['a b', 'c d', 'e']
+>>> chunk_words("see abcdefghij now", max_chars=4)
+['see', 'abcd', 'efgh', 'ij', 'now']
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from pathlib import Path
 from margin.errors import MarginError
 
 MAX_WORDS = 100  # the paper's passage length (Sec. 3)
+MAX_CHARS = 1000  # and characters: 100 English words are ~600 (the default corpus's longest: 774)
+CSV_FIELD_LIMIT = 64 * 2**20  # longest DPR TSV field, in characters (csv's default: 128 KiB)
 WIKIPEDIA_LICENSE = "CC BY-SA 4.0"  # licence of the default corpus's text
 
 
@@ -40,15 +48,36 @@ class Passage:
     source: str = ""  # where the text comes from (URL or corpus name and licence)
 
 
-def chunk_words(text: str, max_words: int = MAX_WORDS) -> list[str]:
-    """Split ``text`` into disjoint chunks of at most ``max_words`` whitespace-separated words.
+def chunk_words(text: str, max_words: int = MAX_WORDS, max_chars: int = MAX_CHARS) -> list[str]:
+    """Split ``text`` into disjoint chunks of at most ``max_words`` whitespace-separated words
+    and at most ``max_chars`` characters.
 
+    A chunk ends at a space: a word is cut only when it alone is longer than ``max_chars`` (text
+    without spaces), into ``max_chars``-long pieces, its last piece going on with the next words.
     Whitespace is normalised to single spaces; empty or blank text gives no chunks.
     """
     if max_words < 1:
         raise ValueError(f"max_words must be >= 1, got {max_words}")
-    words = text.split()
-    return [" ".join(words[i : i + max_words]) for i in range(0, len(words), max_words)]
+    if max_chars < 1:
+        raise ValueError(f"max_chars must be >= 1, got {max_chars}")
+    chunks: list[str] = []
+    words: list[str] = []  # the chunk being filled
+    size = 0  # its length in characters, spaces included
+    for word in text.split():
+        while len(word) > max_chars:  # no space to cut at: a piece of exactly max_chars
+            if words:
+                chunks.append(" ".join(words))
+                words, size = [], 0
+            chunks.append(word[:max_chars])
+            word = word[max_chars:]
+        if words and (len(words) == max_words or size + 1 + len(word) > max_chars):
+            chunks.append(" ".join(words))
+            words, size = [], 0
+        size += len(word) + (1 if words else 0)
+        words.append(word)
+    if words:
+        chunks.append(" ".join(words))
+    return chunks
 
 
 def document_id(title: str, text: str) -> str:
@@ -63,9 +92,10 @@ def split_document(
     id: str | None = None,
     source: str = "",
     max_words: int = MAX_WORDS,
+    max_chars: int = MAX_CHARS,
 ) -> list[Passage]:
     """Chunk one document into passages (see the module docstring for the id rule)."""
-    chunks = chunk_words(text, max_words)
+    chunks = chunk_words(text, max_words, max_chars)
     base = id if id else document_id(title, text)
     if len(chunks) == 1:
         return [Passage(base, title, chunks[0], source)]
@@ -126,7 +156,9 @@ def _jsonl_passages(path: Path) -> Iterator[Passage]:
 def read_dpr_tsv(path: str | Path) -> Iterator[Passage]:
     """DPR's ``psgs_w100.tsv`` (header ``id<TAB>text<TAB>title``); rows are kept as they are.
 
-    DPR's passages are already the paper's 100-word chunks, so they are not re-chunked.
+    DPR's passages are already the paper's 100-word chunks, so they are not re-chunked, except a
+    row over ``MAX_CHARS`` characters, which is cut at spaces like a document (ids ``-1``, ``-2``).
+    A field may be up to ``CSV_FIELD_LIMIT`` characters long.
     """
     path = Path(path)
     return _nonempty(path, _dpr_passages(path))
@@ -134,15 +166,16 @@ def read_dpr_tsv(path: str | Path) -> Iterator[Passage]:
 
 def _dpr_passages(path: Path) -> Iterator[Passage]:
     lines = _utf8_lines(path)
+    csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))  # process-wide setting
     rows = csv.reader((line for _, line in lines), delimiter="\t")
     expected = ["id", "text", "title"]
-    header = next(rows, None)
+    header = _next_row(rows, path)
     if header is None or [h.strip().lower() for h in header] != expected:
         raise MarginError(
             f"{path}:1: a DPR passage file starts with the header 'id<TAB>text<TAB>title', "
             f"got {header!r}; add that header or convert the file to JSONL"
         )
-    for row in rows:
+    while (row := _next_row(rows, path)) is not None:
         if not row:
             continue
         if len(row) != 3:
@@ -151,7 +184,23 @@ def _dpr_passages(path: Path) -> Iterator[Passage]:
                 f"got {len(row)}; fix that line or remove it"
             )
         pid, text, title = row
-        yield Passage(pid, title, text, "")
+        if len(text) <= MAX_CHARS:
+            yield Passage(pid, title, text, "")
+        else:
+            yield from split_document(title, text, pid, "", max_words=len(text))  # chars only
+
+
+def _next_row(rows, path: Path) -> list[str] | None:
+    """The next row of a csv reader, a malformed one (a field over the limit) as one line."""
+    try:
+        return next(rows, None)
+    except csv.Error as exc:
+        problem = str(exc)
+        if "field limit" in problem:
+            problem = f"a field is over {CSV_FIELD_LIMIT} characters"
+        raise MarginError(
+            f"{path}:{rows.line_num}: {problem}; is this a DPR passage file? fix that line"
+        ) from None
 
 
 def read_parquet(path: str | Path, batch_size: int = 10_000) -> Iterator[Passage]:
