@@ -5,7 +5,12 @@ import json
 import pytest
 
 from margin.errors import MarginError
-from margin.examples import detect_format, read_examples, read_examples_counted
+from margin.examples import (
+    MAX_INPUT_CHARS,
+    detect_format,
+    read_examples,
+    read_examples_counted,
+)
 
 
 def write(tmp_path, name, text):
@@ -118,3 +123,30 @@ def test_bad_input_is_one_line(tmp_path, name, text, kwargs, message):
 def test_missing_file(tmp_path):
     with pytest.raises(MarginError, match="no such file"):
         read_examples(tmp_path / "nope.tsv")
+
+
+@pytest.mark.parametrize("name", ["qa.tsv", "qa.jsonl"])
+def test_non_utf8_byte_names_file_and_line(tmp_path, name):
+    lines = ["a\t['1']", "b\t['2']", "caf\xe9\t['3']"]
+    if name.endswith(".jsonl"):
+        lines = [json.dumps({"question": q.split("\t")[0], "answers": ["x"]}) for q in lines]
+        lines[2] = lines[2].replace("\\u00e9", "\xe9")
+    path = tmp_path / name
+    path.write_bytes("\n".join(lines).encode("latin-1") + b"\n")  # one byte 0xe9 on line 3
+    with pytest.raises(MarginError, match=rf"{name}:3: not UTF-8 \(byte 0xe9 at column \d+\)"):
+        read_examples(path)
+
+
+def test_a_huge_question_is_refused_before_anything_runs(tmp_path):
+    """A 200k-character input is no question (a misformatted line): refused with file:line,
+    or skipped with skip_bad_lines; never cut, which would score or train another question."""
+    huge = "x" * 200_000
+    path = write(tmp_path, "qa.tsv", f"a\t['1']\n{huge}\t['2']\nc\t['3']\n")
+    with pytest.raises(MarginError, match=r"qa.tsv:2: the input is 200000 characters") as err:
+        read_examples(path)
+    assert "remove that line" in str(err.value) and len(str(err.value)) < 300
+    examples, skipped = read_examples_counted(path, skip_bad_lines=True)
+    assert [e.input for e in examples] == ["a", "c"] and skipped == 1
+    # the longest input still read is MAX_INPUT_CHARS
+    ok = write(tmp_path, "ok.tsv", f"{'y' * MAX_INPUT_CHARS}\t['1']\n")
+    assert len(read_examples(ok)[0].input) == MAX_INPUT_CHARS

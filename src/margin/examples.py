@@ -16,7 +16,11 @@ Answers written as regular expressions (CuratedTrec's convention) are kept as te
 ("SUPPORTS"/"REFUTES", "NOT ENOUGH INFO" for the 3-way task).
 
 Every reader raises a one-line :class:`MarginError` naming ``file:line`` and the fix, and reads
-nothing lazily: a malformed line is reported before any work starts.
+nothing lazily: a malformed line is reported before any work starts. An input over
+``MAX_INPUT_CHARS`` characters is such a line: refused rather than cut, because a cut question
+is another question (its score, or what training learns from it, would not be the data set's);
+``skip_bad_lines`` drops it. Inputs under the bound but too long for the generator are cut, with
+a warning, by :class:`margin.rag.RAG` (``MAX_QUESTION_WORDS``, ``MAX_QUESTION_CHARS``).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from margin.errors import MarginError
 FORMATS = ("auto", "dpr-tsv", "dpr-jsonl", "kilt", "jsonl")
 TASKS = ("qa", "generation", "fever")
 FEVER_LABELS = ("SUPPORTS", "REFUTES", "NOT ENOUGH INFO")
+MAX_INPUT_CHARS = 10_000  # a longer input is no question but a misformatted line: refused
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,7 @@ def read_examples_counted(
         try:
             ex = _parse(fmt, line, f"{path.name}:{lineno}", regex)
             _check_task(ex, task)
+            _check_length(ex)
         except _BadLine as bad:
             if not skip_bad_lines:
                 raise MarginError(f"{path}:{lineno}: {bad}") from None
@@ -146,8 +152,26 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
                 line = raw.rstrip("\r\n")
                 if line.strip():
                     yield lineno, line
-    except UnicodeDecodeError as exc:
-        raise MarginError(f"{path}: not UTF-8 text ({exc.reason}); convert it to UTF-8") from None
+    except UnicodeDecodeError:
+        raise MarginError(_not_utf8(path)) from None
+
+
+def _not_utf8(path: Path) -> str:
+    """The one-line error for a file that is not UTF-8, naming its first bad line and byte.
+
+    The text reader decodes in blocks, so its error has no line: the file is read again, by
+    lines (a newline byte is never inside a UTF-8 sequence, so each line decodes on its own).
+    """
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                return (
+                    f"{path}:{lineno}: not UTF-8 (byte {raw[exc.start]:#04x} at column "
+                    f"{exc.start + 1}); re-encode the file as UTF-8"
+                )
+    return f"{path}: not UTF-8 text; re-encode the file as UTF-8"
 
 
 def _parse(fmt: str, line: str, where: str, regex: bool) -> Example:
@@ -234,6 +258,14 @@ def _check_task(ex: Example, task: str) -> None:
         )
     if task != "fever" and labels:
         raise _BadLine(f"answers are FEVER labels ({ex.answers[0]}); use --task fever")
+
+
+def _check_length(ex: Example) -> None:
+    if len(ex.input) > MAX_INPUT_CHARS:
+        raise _BadLine(
+            f"the input is {len(ex.input)} characters, over {MAX_INPUT_CHARS}: not a question "
+            f"(a misformatted line?); shorten it or remove that line"
+        )
 
 
 def _clip(text: str, n: int = 40) -> str:
