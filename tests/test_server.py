@@ -23,6 +23,7 @@ from margin.batching import BatchConfig, BatcherBusy, MicroBatcher
 from margin.build import build_index, open_index
 from margin.decoding import DecodeConfig
 from margin.errors import MarginError
+from margin.generator import CausalFormat, CausalGenerator
 from margin.passages import Passage
 from margin.rag import RAG
 from margin.retriever import Retriever
@@ -257,7 +258,14 @@ def test_a_request_in_flight_finishes_on_the_index_it_started_with(world, monkey
     assert after["index"]["id"] == "2018" and top(after) == "Bonn"
 
 
-def test_concurrent_requests_during_hot_swaps_never_fail_and_stay_consistent(client):
+def test_concurrent_requests_during_hot_swaps_never_fail_and_stay_consistent(world):
+    with TestClient(make_app(world, batch=BatchConfig(max_batch=8, max_wait_ms=5))) as client:
+        hammer_during_hot_swaps(client)
+
+
+def hammer_during_hot_swaps(client) -> None:
+    """Six clients ask while the index is switched six times (a fresh app: its counters are
+    this test's own)."""
     versions = {e["id"]: e["version"] for e in client.get("/v1/indexes").json()["indexes"]}
     stop = threading.Event()
 
@@ -286,7 +294,109 @@ def test_concurrent_requests_during_hot_swaps_never_fail_and_stay_consistent(cli
         assert answer["passages"][0]["title"] in TOP[year]
         seen.add(year)
     assert seen == {"2016", "2018"}
-    assert client.app.state.batcher.batches_run < client.app.state.batcher.items_run  # batched
+    batcher = client.app.state.batcher
+    assert batcher.items_run == len(results)  # every model call counted was one of these
+    assert batcher.batches_run < batcher.items_run  # some requests shared a model call
+
+
+# ------------------------------------------------------------------------- one request's failure
+
+POISON = "capital of nowhere?"  # the question the patched model cannot answer
+
+
+def poison(app, monkeypatch, error: Exception, after_decoding: bool = False) -> list[list[str]]:
+    """Make every model call holding POISON raise ``error`` (before decoding, or after it, once
+    tokens have been streamed); returns the questions of each model call, in order."""
+    rag = app.state.registry.active.rag
+    original, calls = rag.ask, []
+
+    def ask(questions, **options):
+        calls.append(list(questions))
+        if POISON in questions and not after_decoding:
+            raise error
+        answers = original(questions, **options)
+        if POISON in questions:
+            raise error
+        return answers
+
+    monkeypatch.setattr(rag, "ask", ask)
+    return calls
+
+
+def post_together(client, *bodies: dict) -> list:
+    """POST /v1/ask bodies at once (with max_batch = len(bodies) they share one model call);
+    a streamed body gives its events, the others their responses."""
+
+    def post(body):
+        if not body.get("stream"):
+            return client.post("/v1/ask", json=body)
+        with client.stream("POST", "/v1/ask", json=body) as r:
+            return sse(r.read().decode())
+
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        return [f.result(30) for f in [pool.submit(post, b) for b in bodies]]
+
+
+BATCH_OF_TWO = BatchConfig(max_batch=2, max_wait_ms=3000)  # the first waits for the second
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "message"),
+    [(MarginError("cannot answer this one"), 400, "cannot answer this one"),
+     (RuntimeError("the model broke on this one"), 500, "internal error")],
+)
+def test_a_request_that_fails_does_not_fail_the_others_in_its_batch(
+    world, monkeypatch, error, status, message
+):
+    _, refs = world
+    app = make_app(world, batch=BATCH_OF_TWO)
+    calls = poison(app, monkeypatch, error)
+    with TestClient(app) as c:
+        good, bad = post_together(c, {"question": QUESTIONS[0]}, {"question": POISON})
+    assert sorted(calls[0]) == sorted([QUESTIONS[0], POISON])  # they shared a model call
+    assert good.status_code == 200, good.text
+    [want] = refs["2016"].ask(QUESTIONS[:1])
+    assert good.json()["answers"][0]["answer"] == want.answer
+    assert top(good.json()) == "Berlin"
+    assert bad.status_code == status and bad.json()["error"] == message
+
+
+def test_a_streamed_answer_survives_a_failure_in_its_batch_without_repeating_tokens(
+    world, monkeypatch
+):
+    app = make_app(world, batch=BATCH_OF_TWO)
+    calls = poison(app, monkeypatch, MarginError("cannot answer this one"), after_decoding=True)
+    with TestClient(app) as c:
+        plain = c.post("/v1/ask", json={"question": QUESTIONS[0]}).json()
+        calls.clear()
+        good, bad = post_together(c, {"question": QUESTIONS[0], "stream": True},
+                                  {"question": POISON, "stream": True})
+    assert sorted(calls[0]) == sorted([QUESTIONS[0], POISON])  # decoded together, then failed
+    assert good[-1] == ("answer", plain)
+    streamed = "".join(data["text"] for name, data in good if name == "token")
+    assert streamed.strip() == plain["answers"][0]["answer"].strip() != ""  # each token once
+    assert bad[-1] == ("error", {"error": "cannot answer this one", "field": None, "status": 400})
+
+
+def test_a_prompt_too_long_for_the_generator_fails_only_its_own_request(world, llama):
+    """A realistic failure: a causal generator with a short context and a long question. Each
+    request gets, batched, exactly what it gets alone."""
+    root, _ = world
+    generator = CausalGenerator(llama.model, llama.tokenizer, CausalFormat(max_prompt_length=64))
+    rag = RAG(generator, Retriever(open_index(root / "2016"), QuestionKeywords(KEYWORDS)),
+              default_decode=DecodeConfig(max_new_tokens=3), default_k=2)
+    long_question = "capital of germany " + "where is the tower " * 20  # about 90 tokens
+    bodies = ({"question": QUESTIONS[0]}, {"question": long_question})
+    app = create_app(rag, None, ServeConfig(batch=BATCH_OF_TWO))
+    with TestClient(app) as c:
+        alone = [c.post("/v1/ask", json=b) for b in bodies]
+        batched = post_together(c, *bodies)
+    assert alone[0].status_code == 200, alone[0].text
+    if alone[1].status_code == 200:
+        pytest.skip("the generator now fits this prompt; the patched failures above still apply")
+    assert alone[1].status_code == 400 and "prompt" in alone[1].json()["error"]
+    assert [r.status_code for r in batched] == [200, 400], batched[0].text
+    assert batched[0].json() == alone[0].json() and batched[1].json() == alone[1].json()
 
 
 # ----------------------------------------------------------------------------- admin and security
@@ -509,6 +619,36 @@ def test_the_batcher_refuses_work_beyond_its_queue_and_drops_cancelled_jobs():
     finally:
         batcher.close()
     assert ran == [1, 3]
+
+
+def test_a_failing_job_fails_alone_and_the_rest_of_its_batch_is_answered():
+    calls: list[list[str]] = []
+    gate = threading.Event()
+
+    def run(key, items):
+        if key == "block":
+            assert gate.wait(10)
+        calls.append(list(items))
+        if "bad" in items:
+            raise MarginError("cannot do 'bad'")
+        return [x.upper() for x in items]
+
+    batcher = MicroBatcher(run, BatchConfig(max_batch=4, max_wait_ms=50))
+    try:
+        blocker = batcher.submit("block", ["z"])
+        time.sleep(0.05)  # the worker holds the blocker; the three jobs queue up behind it
+        a, bad, bc = (batcher.submit("k", ["a"]), batcher.submit("k", ["bad"]),
+                      batcher.submit("k", ["b", "c"]))
+        gate.set()
+        assert blocker.result(5) == ["Z"]
+        assert a.result(5) == ["A"] and bc.result(5) == ["B", "C"]
+        with pytest.raises(MarginError, match="cannot do 'bad'"):
+            bad.result(5)
+    finally:
+        batcher.close()
+    # one call for the batch, which failed, then each job on its own
+    assert calls[1:] == [["a", "bad", "b", "c"], ["a"], ["bad"], ["b", "c"]]
+    assert (batcher.batches_run, batcher.items_run) == (3, 4)
 
 
 # ----------------------------------------------------------------------------- command line

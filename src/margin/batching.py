@@ -5,7 +5,9 @@ questions x passages rows at once, margin.decoding), so a service that answers e
 its own wastes the machine under load. The batcher queues requests; its single worker takes the
 oldest one and, for up to ``max_wait_ms``, gathers the queued requests that can share its model
 call (same key: same index, mode, k, ...) until ``max_batch`` items. Only that worker touches the
-model, so the model needs no locks and is never run by two threads at once.
+model, so the model needs no locks and is never run by two threads at once. A job's failure is its
+own: when a batch's call fails, each of its jobs is run again alone, and only those that fail
+alone get the error.
 
     >>> batcher = MicroBatcher(lambda key, items: [x * 2 for x in items])
     >>> batcher.submit("double", [1, 2]).result()
@@ -15,6 +17,7 @@ model, so the model needs no locks and is never run by two threads at once.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -25,6 +28,7 @@ from typing import Any
 
 from margin.errors import MarginError
 
+log = logging.getLogger("margin.batching")
 RunBatch = Callable[[Hashable, list[Any]], Sequence[Any]]  # (key, items) -> one result per item
 
 
@@ -145,18 +149,28 @@ class MicroBatcher:
         return size
 
     def _run(self, batch: list[_Job]) -> None:
-        items = [item for job in batch for item in job.items]
+        """One model call for the batch; if it fails, each job again on its own, so that a job
+        that cannot be run (a prompt too long, say) fails alone and the others are answered."""
         try:
-            results = list(self.run(batch[0].key, items))
-            if len(results) != len(items):
-                raise RuntimeError(f"run returned {len(results)} results for {len(items)} items")
-        except Exception as exc:  # the worker survives; every caller sees the error
+            results = self._call(batch)
+        except Exception as exc:
+            if len(batch) == 1:  # the worker survives; the caller sees the error
+                batch[0].future.set_exception(exc)
+                return
+            log.info("a batch of %d jobs failed (%s); running each alone", len(batch), exc)
             for job in batch:
-                job.future.set_exception(exc)
+                self._run([job])
             return
-        self.batches_run += 1
-        self.items_run += len(items)
         start = 0
         for job in batch:
             job.future.set_result(results[start : start + len(job.items)])
             start += len(job.items)
+
+    def _call(self, batch: list[_Job]) -> list[Any]:
+        items = [item for job in batch for item in job.items]
+        results = list(self.run(batch[0].key, items))
+        if len(results) != len(items):
+            raise RuntimeError(f"run returned {len(results)} results for {len(items)} items")
+        self.batches_run += 1
+        self.items_run += len(items)
+        return results

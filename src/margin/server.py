@@ -244,6 +244,11 @@ class TokenStream:
         self.text = ""
         self.done = False
 
+    def restart(self) -> None:
+        """Decoding starts over (a batch that failed is run again without the request that
+        failed it): take the tokens anew, emitting only text beyond what was already sent."""
+        self.ids, self.done = [], False
+
     def push(self, token_id: int) -> None:
         if self.done:
             return
@@ -274,6 +279,9 @@ def run_batch(key: _AskKey | _SearchKey, items: list[_Question]) -> list[Any]:
         pairs = zip(hits.passages, hits.scores.tolist(), strict=True)
         return [list(zip(ps, ss, strict=True)) for ps, ss in pairs]
     streams = [q.stream for q in items]
+    for stream in streams:
+        if stream is not None:
+            stream.restart()
 
     def on_token(tokens: list[int]) -> None:  # one token per question, per decoding step
         for stream, token in zip(streams, tokens, strict=True):
