@@ -175,6 +175,72 @@ def test_resume_gives_the_same_next_step_loss(make_rag, tmp_path):
         train(make_rag(), EXAMPLES, tmp_path / "whole", config, progress=False)
 
 
+MID_EPOCH = dict(FAST, batch_size=2)  # 2 of the 8 examples a step: 4 steps an epoch
+TIMING = ("examples_per_s", "elapsed_s", "wall_s")  # log fields that differ between any two runs
+
+
+def test_a_crash_between_checkpoints_mid_epoch_resumes_as_if_never_stopped(make_rag, tmp_path):
+    """Saves after steps 3 (epoch 0, position 6) and 6; the run dies after step 5, inside epoch 1
+    and two steps after its last save. The resumed run redoes steps 4 and 5 from the step-3
+    state, across the epoch boundary, and its log is the uninterrupted run's: the lines of the
+    lost steps are not kept beside their redone twins."""
+    config = TrainConfig(steps=8, save_every=3, **MID_EPOCH)
+    cut, whole = tmp_path / "cut", tmp_path / "whole"
+    with pytest.raises(Stop):
+        train(make_rag(), EXAMPLES, cut, config, progress=False, on_step=stop_at(5))
+    state = json.loads((cut / "state" / "state.json").read_text())
+    assert (state["step"], state["epoch"], state["position"]) == (3, 0, 6)
+    assert [(r["step"], r["epoch"]) for r in log(cut)] == [(1, 0), (2, 0), (3, 0), (4, 0),
+                                                           (5, 1)]
+    result = train(make_rag(), EXAMPLES, cut, config, resume=True, progress=False)
+    train(make_rag(), EXAMPLES, whole, config, progress=False)
+    assert result.steps == 8
+    resumed, straight = log(cut), log(whole)
+    steps = [r["step"] for r in resumed if "loss" in r]
+    assert steps == list(range(1, 9))  # each step once
+    assert [r["loss"] for r in resumed if r.get("step") == 4] == pytest.approx(
+        [r["loss"] for r in straight if r.get("step") == 4], rel=1e-6, abs=1e-7)  # the next step
+    assert len(resumed) == len(straight)
+    for ours, want in zip(resumed, straight, strict=True):  # every record: losses, lr, norms
+        assert ours.keys() == want.keys()
+        for key in want.keys() - set(TIMING):
+            assert ours[key] == (pytest.approx(want[key], rel=1e-6, abs=1e-7)
+                                 if isinstance(want[key], float) else want[key]), key
+    assert [r["epoch"] for r in resumed if "loss" in r] == [0, 0, 0, 0, 1, 1, 1, 1]
+
+
+def test_resume_with_other_data_or_another_model_is_one_line_and_touches_nothing(
+    make_rag, index, tmp_path, capsys
+):
+    model = save_model(make_rag(), tmp_path / "model")
+    other_model = save_model(make_rag(), tmp_path / "other-model")
+    data, other_data = tmp_path / "train.tsv", tmp_path / "other.tsv"
+    data.write_text("".join(f"{q}\t['{a}']\n" for q, a in TASK))
+    other_data.write_text("".join(f"{q}\t['{a}']\n" for q, a in TASK[::-1]))  # same, reordered
+    out = tmp_path / "run"
+    base = ["train", "--index", str(index), "--out", str(out), "--k", "2", "--batch-size", "4",
+            "--steps", "4", "--save-every", "1"]
+    assert main([*base, "--model", str(model), "--train", str(data)]) == 0
+    capsys.readouterr()
+    before = files_digest(out)
+    refusals = [
+        (["--model", str(other_model), "--train", str(data)],
+         f"--resume with model '{other_model}|{index}' but the run trained '{model}|{index}'"),
+        (["--model", str(model), "--train", str(other_data)],
+         "--resume with other training data than the run used"),
+        (["--model", str(model), "--train", str(data), "--limit", "6"],
+         "--resume with other training data than the run used"),
+    ]
+    for args, message in refusals:
+        assert main([*base, *args, "--resume"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+        assert files_digest(out) == before  # nothing written: no log line, no checkpoint
+    assert main([*base, "--model", str(model), "--train", str(data), "--resume"]) == 0
+    assert [r["step"] for r in log(out) if "loss" in r] == [1, 2, 3, 4]
+    assert len([r for r in log(out) if r.get("done")]) == 1  # the finished run's end, once
+
+
 @pytest.mark.parametrize("frozen", ["retriever", "generator"])
 def test_frozen_options_freeze_what_they_say(make_rag, tmp_path, frozen):
     rag = make_rag()

@@ -458,6 +458,8 @@ def train(
         step, epoch, position = record["step"], record["epoch"], record["position"]
         total = record.get("total", total)  # a run cut to a time budget keeps its length
         best = tuple(record["best"]) if record.get("best") else None  # type: ignore[assignment]
+        if world.main and "log_bytes" in record:  # the lines of steps after the save are redone
+            _truncate(out / "log.jsonl", record["log_bytes"])
     elif state_dir.exists():
         raise MarginError(f"{out} already holds a training run; pass --resume or a new --out")
     elif world.main and (out / "log.jsonl").exists():  # a run stopped before its first save:
@@ -548,7 +550,7 @@ def train(
             save_state(state_dir, parts.params, optimizer, scheduler, {
                 "step": step, "epoch": epoch, "position": position, "total": total,
                 "best": list(best) if best else None, "config": asdict(config),
-                "model": model_name, "data": data_id,
+                "model": model_name, "data": data_id, "log_bytes": _size(out / "log.jsonl"),
             })
         if on_step is not None:
             on_step(record)
@@ -626,6 +628,17 @@ def _data_fingerprint(examples: Sequence[Example]) -> str:
     for e in examples:
         h.update(json.dumps([e.input, list(e.answers)]).encode())
     return h.hexdigest()[:16]
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
+
+
+def _truncate(path: Path, size: int) -> None:
+    """Cut ``path`` back to its first ``size`` bytes (a log back to what a checkpoint saw)."""
+    if _size(path) > size:
+        with open(path, "r+b") as f:
+            f.truncate(size)
 
 
 def _append(path: Path, record: dict[str, Any]) -> None:
