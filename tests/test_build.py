@@ -21,7 +21,9 @@ from margin.build import (
     add_to_index,
     build_index,
     ensure_encoder_matches,
+    ensure_query_encoder_matches,
     open_index,
+    verify_index,
 )
 from margin.errors import MarginError
 from margin.index import IndexConfig
@@ -324,9 +326,20 @@ def test_open_missing_and_corrupt_manifest(built, tmp_path):
 )
 def test_open_damaged_files(built, damage, message):
     damage(built)
+    with pytest.raises(MarginError, match="margin index verify") as info:  # sizes in manifest
+        open_index(built)
+    assert "\n" not in str(info.value)
+    strip_file_checksums(built)  # as written before them: the structural checks guard it
     with pytest.raises(MarginError, match=message) as info:
         open_index(built)
     assert "\n" not in str(info.value)
+
+
+def strip_file_checksums(index: Path) -> None:
+    """Make ``index``'s manifest look written by a margin without file checksums."""
+    data = json.loads((index / MANIFEST).read_text())
+    del data["files"]
+    (index / MANIFEST).write_text(json.dumps(data))
 
 
 def test_open_rejects_swapped_passages(built, corpus_jsonl, keyword_encoder, tmp_path):
@@ -341,7 +354,10 @@ def test_open_rejects_swapped_passages(built, corpus_jsonl, keyword_encoder, tmp
         progress=False,
     )
     os.replace(other / "passages" / "shard-00001.arrow", built / "passages" / "shard-00001.arrow")
-    with pytest.raises(MarginError, match="does not match the corpus checksum"):
+    with pytest.raises(MarginError, match=r"shard-00001\.arrow has \d+ bytes, manifest\.json "):
+        open_index(built)
+    strip_file_checksums(built)  # as written before file checksums: the chain catches it
+    with pytest.raises(MarginError, match="shard-00001.arrow does not match the shard checksum"):
         open_index(built)
 
 
@@ -478,3 +494,122 @@ def test_crash_during_add_leaves_the_old_index_valid(built, keyword_encoder, tmp
     manifest = add_to_index(built, extra, keyword_encoder, progress=False)  # cleans up, then adds
     assert manifest.passages == 18 and len(open_index(built).store) == 18
     assert replace(manifest, path=None) == replace(open_index(built).manifest, path=None)
+
+
+# ----------------------------------------------------------------------------- integrity
+
+
+def flip_byte(path: Path, at: float = 0.5) -> None:
+    """Invert one byte at the given fraction of the file (inside its data, not its header)."""
+    data = bytearray(path.read_bytes())
+    i = int(len(data) * at)
+    data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_overwrite_refuses_a_directory_that_is_not_an_index(corpus_jsonl, keyword_encoder,
+                                                           tmp_path):
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / "important.txt").write_text("keep me")
+    with pytest.raises(MarginError, match=r"d is not a margin index \(no manifest\.json\)") as info:
+        build_index(corpus_jsonl, keyword_encoder, out, overwrite=True, progress=False)
+    assert "\n" not in str(info.value)
+    assert (out / "important.txt").read_text() == "keep me"
+    assert not (tmp_path / ".d.building").exists()
+    (out / "important.txt").unlink()  # an empty directory may be built into
+    build_index(corpus_jsonl, keyword_encoder, out, overwrite=True, progress=False)
+    assert open_index(out).manifest.passages == len(DOCS)
+
+
+def test_a_build_that_fails_before_its_first_shard_leaves_nothing(keyword_encoder, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"title": "a",\n')
+    with pytest.raises(MarginError, match="bad.jsonl:1"):
+        build_index(bad, keyword_encoder, tmp_path / "idx", progress=False)
+    empty = write_jsonl(tmp_path / "empty.jsonl", [])
+    with pytest.raises(MarginError, match="no passages"):
+        build_index(empty, keyword_encoder, tmp_path / "idx", progress=False)
+    with pytest.raises(KeyboardInterrupt):  # killed while encoding the first shard
+        build_index(write_jsonl(tmp_path / "c.jsonl", many_docs(10)), FailingEncoder(fail_at=1),
+                    tmp_path / "idx", shard_size=5, progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["bad.jsonl", "c.jsonl", "empty.jsonl"]
+    with pytest.raises(KeyboardInterrupt):  # one finished shard: kept for the rerun to resume
+        build_index(tmp_path / "c.jsonl", FailingEncoder(fail_at=2), tmp_path / "idx",
+                    shard_size=5, progress=False)
+    assert (tmp_path / ".idx.building" / "plan.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "name", ["index.faiss", "embeddings/shard-00000.npy", "passages/shard-00001.arrow"]
+)
+def test_a_flipped_byte_is_refused_on_open(built, name):
+    flip_byte(built / name)
+    with pytest.raises(MarginError, match=rf"{name} does not match its sha256 in manifest\.json"
+                       r".*margin index verify") as info:
+        open_index(built)
+    assert "\n" not in str(info.value)
+    problems = verify_index(built, encoder=False)
+    assert any(name in p and "sha256" in p for p in problems), problems
+
+
+def test_verify_index_on_a_sound_index_and_an_old_one(built):
+    assert verify_index(built, encoder=False) == []
+    strip_file_checksums(built)
+    assert open_index(built).manifest.files is None  # still loads
+    assert verify_index(built, encoder=False) == [
+        f"{built / MANIFEST} records no file checksums (written by an older margin); rebuild "
+        "the index to make its files verifiable"
+    ]
+
+
+def corrupt_text(path: Path, word: bytes) -> None:
+    """Replace the first byte of ``word`` in an Arrow shard by 0xff: invalid UTF-8."""
+    data = path.read_bytes()
+    i = data.index(word)
+    path.write_bytes(data[:i] + b"\xff" + data[i + 1 :])
+
+
+def test_corrupt_text_at_query_time_is_one_line(built, keyword_encoder):
+    corrupt_text(built / "passages" / "shard-00001.arrow", b"Seine")
+    loaded = open_index(built, verify=False)  # the cheap checks of a large index pass
+    with pytest.raises(MarginError, match=r"passages/shard-00001\.arrow: passage text is corrupt"
+                       r".*margin index verify --index") as info:
+        loaded.passages(loaded.search(query(keyword_encoder, "river"), k=3))
+    assert "\n" not in str(info.value)
+    assert any("shard-00001.arrow" in p for p in verify_index(built, encoder=False))
+
+
+def test_manifest_paths_must_stay_inside_the_index(built, corpus_jsonl, keyword_encoder,
+                                                   tmp_path):
+    other = tmp_path / "other"
+    build_index(corpus_jsonl, keyword_encoder, other, kind="hnsw", progress=False)
+    data = json.loads((built / MANIFEST).read_text())
+    for edit in ({"index_file": "../other/index.faiss"},
+                 {"shards": [{**data["shards"][0], "name": "../../other/passages/shard-00000"},
+                             data["shards"][1]]}):
+        (built / MANIFEST).write_text(json.dumps({**data, **edit}))
+        with pytest.raises(MarginError, match=r"manifest\.json names .* outside the index "
+                           r"directory; rebuild the index"):
+            open_index(built)
+
+
+def test_hand_edited_checksum_or_kind_is_refused(built):
+    data = json.loads((built / MANIFEST).read_text())
+    shards = [{**data["shards"][0], "checksum": "0" * 64}, data["shards"][1]]
+    (built / MANIFEST).write_text(json.dumps({**data, "shards": shards}))
+    with pytest.raises(MarginError, match=r"shard-00000\.arrow does not match the shard "
+                       r"checksum in manifest\.json"):
+        open_index(built)
+    (built / MANIFEST).write_text(json.dumps({**data, "kind": "hnsw"}))
+    with pytest.raises(MarginError, match=r"index\.faiss is a flat index but manifest\.json "
+                       r"says hnsw; rebuild the index"):
+        open_index(built)
+
+
+def test_query_encoder_with_other_weights_is_refused(built):
+    manifest = open_index(built).manifest
+    ensure_query_encoder_matches(manifest, KeywordEncoder(role="question"))
+    with pytest.raises(MarginError, match=r"has other weights .* --allow-encoder-mismatch"):
+        ensure_query_encoder_matches(manifest, KeywordEncoder(keywords="abcdefgh",
+                                                              role="question"))

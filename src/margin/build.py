@@ -36,10 +36,18 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from margin import _checksums
 from margin._io import atomic_path, write_json_atomic
 from margin.bm25 import BM25Config, BM25Index
 from margin.errors import MarginError
-from margin.index import DENSE_KINDS, DenseIndex, Embeddings, IndexConfig, SearchResult
+from margin.index import (
+    DENSE_KINDS,
+    DenseIndex,
+    Embeddings,
+    IndexConfig,
+    SearchResult,
+    faiss_kind,
+)
 from margin.passages import Passage, read_corpus
 from margin.store import EMPTY_CHECKSUM, PassageStore, chain_checksum, shard_name, write_shard
 
@@ -50,6 +58,9 @@ PLAN = "plan.json"  # the build plan inside a work directory
 DEFAULT_SHARD_SIZE = 100_000  # passages per shard: the unit of resumption and of appending
 ENCODE_CHUNK = 2048  # passages per encode call: the progress bar's step (sorting by length within)
 KINDS = (*DENSE_KINDS, "bm25")
+# open_index hashes every file of an index up to this size (~0.1 s at 12k passages, 384-d;
+# ~9 s at 1M on a 2-core CPU: docs/retrieval.md); larger ones get the cheap checks only.
+VERIFY_ON_OPEN_BYTES = 512 * 2**20
 
 log = logging.getLogger("margin")
 
@@ -95,6 +106,7 @@ class Manifest:
     updated_at: str  # ISO 8601 UTC, last add_to_index
     margin_version: str  # margin version that wrote it
     generation: int = 0  # bumped by each add_to_index (names the new index file)
+    files: dict[str, dict[str, Any]] | None = None  # path -> {"bytes", "sha256"}; None: older
     metric: str = "ip"  # inner product, as MIPS in the paper
     format: str = FORMAT  # marker
     format_version: int = FORMAT_VERSION  # layout version
@@ -130,9 +142,27 @@ class Manifest:
                 s.rows for s in manifest.shards
             ):
                 raise ValueError("kind or passage count inconsistent")
+            if (manifest.kind == "bm25") != (manifest.encoder is None):
+                raise ValueError(f"kind {manifest.kind} does not fit encoder {manifest.encoder}")
         except (ValueError, TypeError, KeyError, UnicodeDecodeError) as exc:
             raise MarginError(f"{path} is corrupt ({exc}); rebuild the index") from None
+        for relative in [*manifest.own_files(), *(manifest.files or {})]:
+            _checksums.inside(directory, relative, path)
+        recorded = set(manifest.files or {})
+        missing = set(manifest.own_files()) - recorded - {n.split("/")[0] for n in recorded}
+        if manifest.files is not None and missing:
+            raise MarginError(f"{path} is corrupt (no checksum of {sorted(missing)[0]}); "
+                              "rebuild the index")
         return manifest
+
+    def own_files(self) -> list[str]:
+        """The index's files and directories, relative to it: shards, then the search structure."""
+        subs = ("passages", "embeddings") if self.kind != "bm25" else ("passages",)
+        suffix = {"passages": ".arrow", "embeddings": ".npy"}
+        return [
+            *(f"{sub}/{s.name}{suffix[sub]}" for sub in subs for s in self.shards),
+            self.index_file,
+        ]
 
 
 @dataclass
@@ -185,11 +215,15 @@ def build_index(
     kind: "flat", "hnsw", "ivfpq" or "bm25"; defaults to ``config``'s kind, else "flat".
     """
     out, config, work = prepare_build(corpus, encoder, out, kind, config, shard_size, overwrite)
-    passages = read_corpus(corpus) if isinstance(corpus, str | Path) else iter(corpus)
-    shards = _write_shards(
-        work, passages, encoder, 0, EMPTY_CHECKSUM, shard_size, batch_size, progress, resume=True
-    )
-    return finish_build(work, out, shards, config, encoder, shard_size)
+    try:
+        passages = read_corpus(corpus) if isinstance(corpus, str | Path) else iter(corpus)
+        shards = _write_shards(
+            work, passages, encoder, 0, EMPTY_CHECKSUM, shard_size, batch_size, progress, True
+        )
+        return finish_build(work, out, shards, config, encoder, shard_size)
+    except BaseException:
+        discard_if_unstarted(work)
+        raise
 
 
 def prepare_build(
@@ -215,10 +249,14 @@ def prepare_build(
         raise MarginError(f"shard_size must be >= 1, got {shard_size}")
     if out.exists() and not out.is_dir():
         raise MarginError(f"{out} is a file; give a directory path for the index")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        what = "an index" if (out / MANIFEST).exists() else "a non-empty directory"
+    if out.exists() and any(out.iterdir()) and not (out / MANIFEST).exists():
         raise MarginError(
-            f"{out} already exists ({what}); pass overwrite=True or pick another path"
+            f"{out} is not a margin index (no {MANIFEST}) and not empty: it is never overwritten; "
+            "pick another path or empty it"
+        )
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise MarginError(
+            f"{out} already exists (an index); pass overwrite=True or pick another path"
         )
     work = _work_dir(out)
     plan = {
@@ -252,8 +290,9 @@ def finish_build(
     _check_unique_ids(store)
     index_file, params = _build_search(work, store, shards, config, encoder, generation=0)
     now = _now()
+    kind = _kind_of(config)
     manifest = Manifest(
-        kind=_kind_of(config),
+        kind=kind,
         passages=len(store),
         corpus_checksum=store.checksum(),
         shards=shards,
@@ -265,10 +304,19 @@ def finish_build(
         updated_at=now,
         margin_version=_margin_version(),
     )
+    manifest = replace(manifest, files=_checksums.record(work, manifest.own_files()))
     write_json_atomic(work / MANIFEST, manifest.to_json())
     os.remove(work / PLAN)
     _move_into_place(work, out)
     return replace(manifest, path=out)
+
+
+def discard_if_unstarted(work: Path) -> None:
+    """After a failed build: remove its work directory if no shard was finished (nothing to
+    resume), so a typo in a path leaves no ``.OUT.building/`` behind."""
+    last_written = "embeddings" if (work / "embeddings").is_dir() else "passages"
+    if not any((work / last_written).glob("shard-*")):
+        _remove(work)
 
 
 def iter_shards(
@@ -393,10 +441,14 @@ def _build_search(
 # ----------------------------------------------------------------------------- open
 
 
-def open_index(directory: str | Path, mmap: bool = True) -> LoadedIndex:
+def open_index(directory: str | Path, mmap: bool = True, verify: bool | None = None) -> LoadedIndex:
     """Open and validate an index directory; every inconsistency is a MarginError naming the file.
 
     mmap: memory-map the FAISS index (read-only); pass False to load it into RAM.
+    verify: hash every file against the manifest's sha256 (True), only check that files exist
+        with their recorded sizes (False), or None: hash when the files total at most
+        VERIFY_ON_OPEN_BYTES, else leave it to :func:`verify_index` (``margin index verify``).
+        Counts, dimensions, kinds and shard checksums are checked either way.
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -407,12 +459,19 @@ def open_index(directory: str | Path, mmap: bool = True) -> LoadedIndex:
             )
         raise MarginError(f"{directory}: no such index directory; build the index first")
     manifest = Manifest.read(directory)
+    _check_files(manifest, directory, verify)
     store = PassageStore.open(directory / "passages", [f"{s.name}.arrow" for s in manifest.shards])
-    for info, table_rows in zip(manifest.shards, store.shard_rows(), strict=True):
+    for info, table_rows, checksum in zip(
+        manifest.shards, store.shard_rows(), store.shard_checksums(), strict=True
+    ):
+        where = f"{directory / 'passages' / info.name}.arrow"
         if info.rows != table_rows:
             raise MarginError(
-                f"{directory / 'passages' / info.name}.arrow has {table_rows} rows, the manifest "
-                f"says {info.rows}; rebuild the index"
+                f"{where} has {table_rows} rows, the manifest says {info.rows}; rebuild the index"
+            )
+        if info.checksum != checksum:
+            raise MarginError(
+                f"{where} does not match the shard checksum in {MANIFEST}; rebuild the index"
             )
     if store.checksum() != manifest.corpus_checksum:
         raise MarginError(
@@ -441,7 +500,80 @@ def open_index(directory: str | Path, mmap: bool = True) -> LoadedIndex:
                 )
         config = _config_of(manifest)
         dense = DenseIndex.load(directory / manifest.index_file, embeddings, config, mmap=mmap)
+        if faiss_kind(dense.index) != manifest.kind:
+            raise MarginError(
+                f"{directory / manifest.index_file} is a {faiss_kind(dense.index)} index but "
+                f"{MANIFEST} says {manifest.kind}; rebuild the index"
+            )
     return LoadedIndex(directory, manifest, store, dense, bm25)
+
+
+def _check_files(manifest: Manifest, directory: Path, verify: bool | None) -> None:
+    """The recorded files exist with their sizes and (``verify``; None: if small) checksums."""
+    if manifest.files is None:  # written before file checksums: the other checks only
+        return
+    size = _checksums.total_bytes(manifest.files)
+    contents = size <= VERIFY_ON_OPEN_BYTES if verify is None else verify
+    if verify is None and not contents:
+        log.info(
+            "%s: %.1f GB, too large to hash on every open; `margin index verify --index %s` "
+            "checks every file", directory, size / 1e9, directory,
+        )
+    problems = _checksums.problems(directory, manifest.files, contents)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise MarginError(
+            f"{problems[0]}{more}; `margin index verify --index {directory}` lists every "
+            "problem; rebuild the index (or restore the files)"
+        )
+
+
+def verify_index(directory: str | Path, encoder: bool = True) -> list[str]:
+    """Check everything about an index directory; one line per problem, [] when sound.
+
+    Every file against the manifest's sha256 and size, the passage text against its checksum
+    chain (recomputed from the text), counts, dimensions, the FAISS kind and, with ``encoder``,
+    that the passage encoder recorded in the manifest still loads with the same weights
+    (fingerprint). This is ``margin index verify``: it reads every byte of the index.
+    """
+    directory = Path(directory)
+    try:
+        manifest = Manifest.read(directory)
+    except MarginError as exc:
+        return [str(exc)]
+    if manifest.files is None:
+        problems = [
+            f"{directory / MANIFEST} records no file checksums (written by an older margin); "
+            "rebuild the index to make its files verifiable"
+        ]
+    else:
+        problems = _checksums.problems(directory, manifest.files, contents=True)
+    try:
+        open_index(directory, verify=False).store.verify()
+    except MarginError as exc:
+        problems.append(str(exc))
+    if encoder and manifest.encoder is not None:
+        problems.extend(_encoder_problems(manifest))
+    return problems
+
+
+def _encoder_problems(manifest: Manifest) -> list[str]:
+    """Does the passage encoder recorded in the manifest still load with the same weights?"""
+    from margin.encoders import load_encoder_from_spec
+
+    built = manifest.encoder
+    assert built is not None
+    try:
+        encoder = load_encoder_from_spec(built["spec"])
+    except MarginError as exc:
+        return [f"the index's encoder {_describe(built['spec'])} does not load: {exc}"]
+    if encoder.fingerprint != built["fingerprint"] or encoder.dim != int(built["dim"]):
+        return [
+            f"the index's encoder {_describe(built['spec'])} now has other weights (sha256 "
+            f"{encoder.fingerprint[:12]}, {encoder.dim}-d) than the index was built with "
+            f"({built['fingerprint'][:12]}, {built['dim']}-d); restore them or rebuild the index"
+        ]
+    return []
 
 
 def ensure_encoder_matches(manifest: Manifest, encoder: Encoder) -> None:
@@ -466,6 +598,35 @@ def ensure_encoder_matches(manifest: Manifest, encoder: Encoder) -> None:
             f"({built['dim']}-d, sha256 {built['fingerprint'][:12]}); the given encoder is "
             f"{_describe(encoder.spec)} ({encoder.dim}-d, sha256 {encoder.fingerprint[:12]}); "
             "use the index's encoder or rebuild the index with this one"
+        )
+
+
+def ensure_query_encoder_matches(manifest: Manifest, encoder: Encoder) -> None:
+    """Refuse a question encoder that was not made for the index's passages (MarginError).
+
+    For an index built with a symmetric encoder (sentence-transformers, plain HF: the same model
+    embeds questions and passages), the question encoder must have the index's weights: same
+    sha256 fingerprint. A DPR context-encoder index needs a DPR question encoder (the other tower,
+    whose weights differ by design). Callers that mean to search with other weights (a question
+    encoder being fine-tuned) skip this check (``--allow-encoder-mismatch``).
+    """
+    built = manifest.encoder
+    if built is None:
+        return ensure_encoder_matches(manifest, encoder)  # BM25: the same refusal
+    spec = encoder.spec if isinstance(encoder.spec, dict) else {}
+    if built["spec"].get("kind") == "dpr":
+        wrong = "is not a DPR question encoder" if spec.get("kind") != "dpr" else None
+    else:
+        wrong = "has other weights" if encoder.fingerprint != built["fingerprint"] else None
+    if int(built["dim"]) != encoder.dim:
+        wrong = "has another dimension"
+    if wrong:
+        raise MarginError(
+            f"index {manifest.path or 'this index'} was built with encoder "
+            f"{_describe(built['spec'])} ({built['dim']}-d, sha256 {built['fingerprint'][:12]}); "
+            f"the question encoder {_describe(spec)} {wrong} ({encoder.dim}-d, sha256 "
+            f"{encoder.fingerprint[:12]}); use the index's encoder, rebuild the index, or pass "
+            "--allow-encoder-mismatch to search anyway"
         )
 
 
@@ -538,6 +699,10 @@ def add_to_index(
         generation=generation,
         margin_version=_margin_version(),
     )
+    old_shards = set(old.own_files()[:-1])  # unchanged: their recorded checksums carry over
+    kept = {k: v for k, v in (old.files or {}).items() if k in old_shards}
+    new_files = [f for f in manifest.own_files() if f not in kept]
+    manifest = replace(manifest, files={**kept, **_checksums.record(directory, new_files)})
     write_json_atomic(directory / MANIFEST, manifest.to_json())
     _remove(directory / old.index_file)
     return manifest

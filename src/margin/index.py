@@ -292,6 +292,19 @@ class DenseIndex:
         return cls(index, embeddings, config, writable=not mmap)
 
 
+def faiss_kind(index: faiss.Index) -> str:
+    """Which of DENSE_KINDS a FAISS index is (its class), or its class name if none."""
+    if isinstance(index, faiss.IndexPreTransform):  # OPQ rotation over an IVF-PQ index
+        index = faiss.downcast_index(index.index)
+    kinds = {
+        "IndexFlatIP": "flat",
+        "IndexHNSWFlat": "hnsw",
+        "IndexIVFPQ": "ivfpq",
+        "IndexHNSWSQ": "hnswsq",
+    }
+    return kinds.get(type(index).__name__, type(index).__name__)
+
+
 def _random_access(array: np.ndarray) -> None:
     """Tell the kernel a memory-mapped shard is read at random rows (re-ranking, vectors()):
     no read-ahead, so the resident set grows by the pages of the rows read, not by the

@@ -20,7 +20,13 @@ from pathlib import Path
 import numpy as np
 
 from margin.assets import margin_home
-from margin.build import LoadedIndex, build_index, ensure_encoder_matches, open_index
+from margin.build import (
+    LoadedIndex,
+    build_index,
+    ensure_encoder_matches,
+    ensure_query_encoder_matches,
+    open_index,
+)
 from margin.devices import resolve_device
 from margin.encoders import Encoder, load_encoder, load_encoder_from_spec
 from margin.errors import MarginError
@@ -100,6 +106,7 @@ class Retriever:
         query_encoder: str | Path | Encoder | None = None,
         progress: bool = True,
         device: str = "cpu",
+        allow_encoder_mismatch: bool = False,
     ) -> Retriever:
         """Open an index and the question encoder that goes with it.
 
@@ -109,23 +116,29 @@ class Retriever:
             and passages alike; a DPR context-encoder index needs its DPR question encoder named).
         device: where a question encoder loaded here runs (margin.devices; the index stays in
             FAISS on the CPU). A given Encoder stays where it is.
+        allow_encoder_mismatch: search even with a question encoder that was not made for the
+            index (other weights than its passage encoder; see ensure_query_encoder_matches).
         """
         device = str(resolve_device(device))
         loaded = open_index(resolve_index(index, progress=progress, device=device))
         if loaded.dense is None:
             return cls(loaded, None)
         if isinstance(query_encoder, Encoder):
-            return cls(loaded, query_encoder)
-        if query_encoder is not None:
-            return cls(loaded, load_encoder(query_encoder, role="question", device=device))
-        if not _symmetric(loaded):
+            encoder = query_encoder
+        elif query_encoder is not None:
+            encoder = load_encoder(query_encoder, role="question", device=device)
+        elif not _symmetric(loaded):
             raise MarginError(
                 f"index {loaded.path} was built with a DPR context encoder; name its question "
                 "encoder (e.g. --query-encoder facebook/dpr-question_encoder-single-nq-base)"
             )
-        spec = dict(loaded.manifest.encoder["spec"])  # type: ignore[index]
-        spec["role"] = "question"
-        return cls(loaded, load_encoder_from_spec(spec, device=device))
+        else:  # the index's own model: its weights may have been replaced since the build
+            spec = dict(loaded.manifest.encoder["spec"])  # type: ignore[index]
+            spec["role"] = "question"
+            encoder = load_encoder_from_spec(spec, device=device)
+        if not allow_encoder_mismatch:
+            ensure_query_encoder_matches(loaded.manifest, encoder)
+        return cls(loaded, encoder)
 
     @property
     def kind(self) -> str:

@@ -131,6 +131,10 @@ class PassageStore:
         """Number of passages in each shard, in order."""
         return [t.num_rows for t in self._tables]
 
+    def shard_checksums(self) -> list[str]:
+        """The corpus checksum after each shard, from the shards' metadata, in order."""
+        return list(self._checksums)
+
     def checksum(self) -> str:
         """The corpus checksum (see :func:`chain_checksum`), read from the last shard's metadata."""
         return self._checksums[-1] if self._checksums else EMPTY_CHECKSUM
@@ -139,7 +143,7 @@ class PassageStore:
         """Recompute the checksum from the text itself (reads every passage); return it."""
         checksum = EMPTY_CHECKSUM
         for name, table, stored in zip(self.shards, self._tables, self._checksums, strict=True):
-            checksum = chain_checksum(_passages(table), checksum)
+            checksum = chain_checksum(_passages(table, self.root / name), checksum)
             if checksum != stored:
                 raise MarginError(
                     f"{self.root / name}: content does not match its checksum; rebuild the index"
@@ -157,7 +161,8 @@ class PassageStore:
         for s in np.unique(shard_of):
             where = np.nonzero(shard_of == s)[0]
             local = pa.array(rows[where] - self._offsets[s])
-            for i, passage in zip(where, _passages(self._tables[s].take(local)), strict=True):
+            table = self._tables[s].take(local)
+            for i, passage in zip(where, _passages(table, self.root / self.shards[s]), strict=True):
                 out[i] = passage
         return out  # type: ignore[return-value]
 
@@ -229,8 +234,16 @@ def _open_shard(path: Path) -> tuple[pa.Table, str | None, str]:
     return table, metadata.get("margin.checksum_before"), metadata["margin.checksum"]
 
 
-def _passages(table: pa.Table) -> list[Passage]:
-    columns = [table.column(name).to_pylist() for name in SCHEMA.names]
+def _passages(table: pa.Table, path: Path) -> list[Passage]:
+    """The rows of ``table`` (read from shard ``path``) as passages; corrupt text is one error."""
+    try:
+        columns = [table.column(name).to_pylist() for name in SCHEMA.names]
+    except (UnicodeDecodeError, pa.ArrowException) as exc:
+        reason = str(exc).splitlines()[0][:120]
+        raise MarginError(
+            f"{path}: passage text is corrupt ({reason}); check the whole index with "
+            f"`margin index verify --index {path.parent.parent}` and rebuild it"
+        ) from None
     return [Passage(*fields) for fields in zip(*columns, strict=True)]
 
 
