@@ -236,3 +236,41 @@ def test_generate_refuses_an_encoding_of_other_questions(rag):
     encoded = rag.encode_prompts(QUESTIONS[:1], [hits.passages[0]])
     with pytest.raises(MarginError, match="encoded prompts hold 1 questions x 2 passages, not 2"):
         rag.generate(QUESTIONS, hits.passages, scores, encoded=encoded)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda r: r.ask(["paris"], k=0), "k must be at least 1, got 0"),
+        (lambda r: r.ask(["paris"], k=-1), "k must be at least 1, got -1"),
+        (lambda r: r.ask(["paris"], k=1, decoding="beam", num_beams=0),
+         "num_beams must be at least 1, got 0"),
+        (lambda r: r.ask(["paris"], k=1, max_new_tokens=0), "max_new_tokens must be at least 1"),
+        (lambda r: r.ask_closed_book(["paris"], max_new_tokens=0), "max_new_tokens must be"),
+        (lambda r: r.generate(["paris"], [r.retrieve(["paris"], 1).passages[0]],
+                              torch.zeros(1, 1), mode="sequence", decoding="beam", num_beams=0),
+         "num_beams must be at least 1, got 0"),
+        (lambda r: r.loss(["paris"], ["a"], k=0), "k must be at least 1, got 0"),
+    ],
+    ids=["ask-k0", "ask-k-1", "ask-beams0", "ask-tokens0", "closed-book-tokens0",
+         "generate-beams0", "loss-k0"],
+)
+def test_zero_k_beams_or_tokens_are_refused_not_replaced_by_defaults(rag, call, message):
+    """0 is a value the user gave, not "unset": it must not silently become the default (None is
+    the default)."""
+    with pytest.raises(MarginError, match=message):
+        call(rag)
+
+
+def test_unset_k_and_mode_are_the_models_own_in_ask_and_loss(rag):
+    model = RAG(rag.generator, rag.retriever, doc_score_scale=5.0, default_k=2,
+                default_mode="sequence")
+    [answer] = model.ask(["paris france"], max_new_tokens=3)
+    assert (len(answer.passages), answer.mode) == (2, "sequence")
+    answers = ["a tower", "a river"]
+    with torch.no_grad():
+        default = model.loss(QUESTIONS, answers, reduction="none")
+        own = model.loss(QUESTIONS, answers, k=2, mode="sequence", reduction="none")
+        other = model.loss(QUESTIONS, answers, k=5, mode="token", reduction="none")
+    torch.testing.assert_close(default, own)
+    assert not torch.allclose(default, other)  # so the check above tells the two apart

@@ -202,8 +202,8 @@ class RAG:
         id each question took (see :func:`margin.decoding.decode_rag_token`).
         """
         questions = _check_questions(questions)
-        k = k or self.default_k
-        mode = mode or self.default_mode
+        k = _given_or_default("k", k, self.default_k)
+        mode = self.default_mode if mode is None else mode
         method = decoding_method(mode, decoding)
         hits = self.retrieve(questions, k)
         with torch.no_grad():
@@ -290,10 +290,11 @@ class RAG:
     def _decode_config(
         self, decoding: str, num_beams: int | None, max_new_tokens: int | None, n_return: int
     ) -> DecodeConfig:
-        beams = 1 if decoding == "greedy" else (num_beams or max(self.default_decode.num_beams, 1))
+        beams = _given_or_default("num_beams", num_beams, max(self.default_decode.num_beams, 1))
         return DecodeConfig(
-            num_beams=beams,
-            max_new_tokens=max_new_tokens or self.default_decode.max_new_tokens,
+            num_beams=1 if decoding == "greedy" else beams,
+            max_new_tokens=_given_or_default(
+                "max_new_tokens", max_new_tokens, self.default_decode.max_new_tokens),
             min_new_tokens=self.default_decode.min_new_tokens,
             length_penalty=self.default_decode.length_penalty,
             early_stopping=self.default_decode.early_stopping,
@@ -306,24 +307,28 @@ class RAG:
         self,
         questions: Sequence[str],
         answers: Sequence[str],
-        k: int = 5,
-        mode: str = "token",
+        k: int | None = None,
+        mode: str | None = None,
         hits: Retrieved | None = None,
         reduction: str = "mean",
     ) -> torch.Tensor:
         """Negative marginal log-likelihood −log p(y|x) of the answers (Sec. 2.4), batched.
 
-        Gradient reaches the generator and, through the document prior, the question encoder.
-        Pass ``hits`` to reuse a retrieval (e.g. cached while the question encoder is frozen).
+        ``k`` and ``mode`` default to the model's own (``default_k``, ``default_mode``), as in
+        :meth:`ask`. Gradient reaches the generator and, through the document prior, the question
+        encoder. Pass ``hits`` to reuse a retrieval (e.g. cached while the question encoder is
+        frozen).
         ``mode="both"`` is the mean of the RAG-Token and RAG-Sequence NLLs, from one forward
         (not in the paper, which trains one model per mode: for one model decoded both ways).
         """
+        mode = self.default_mode if mode is None else mode
         if mode not in LOSS_MODES:
             raise MarginError(f"unknown mode {mode!r}; use 'token', 'sequence' or 'both'")
+        k = _given_or_default("k", k, self.default_k)
         questions = _check_questions(questions)
         if len(answers) != len(questions):
             raise MarginError(f"got {len(questions)} questions but {len(answers)} answers")
-        hits = hits or self.retrieve(questions, k)
+        hits = hits if hits is not None else self.retrieve(questions, k)
         doc_logprior = torch.log_softmax(self.doc_scores(questions, hits), -1)  # (B, k)
         inputs: GenInputs = self.generator.build_inputs(list(questions), hits.passages)
         target_ids, target_mask = self.generator.build_targets(list(answers))  # (B, T)
@@ -365,6 +370,16 @@ def _answer(
         token_docs=token_docs,
         nbest=[(clean(h.text), h.logprob) for h in decoded.nbest],
     )
+
+
+def _given_or_default(name: str, value: int | None, default: int) -> int:
+    """``value`` if the caller gave one, else the model's ``default``. A given value must be at
+    least 1: 0 is the caller's mistake, not "unset" (``k=0`` is not silently ``default_k``)."""
+    if value is None:
+        return default
+    if value < 1:
+        raise MarginError(f"{name} must be at least 1, got {value}")
+    return value
 
 
 def _check_questions(questions: Sequence[str]) -> list[str]:
