@@ -117,7 +117,7 @@ def test_health_readiness_and_the_registered_indexes(client):
     activate(client, "2016")
     ready = client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["ready"] is True
-    body = client.get("/v1/indexes").json()
+    body = client.get("/v1/indexes", headers=ADMIN).json()
     assert [e["id"] for e in body["indexes"]] == ["2016", "2018"]
     assert body["active"]["id"] == "2016"
     for entry in body["indexes"]:
@@ -127,6 +127,67 @@ def test_health_readiness_and_the_registered_indexes(client):
     versions = {e["version"] for e in body["indexes"]}
     assert len(versions) == 2  # different corpora, different versions
     assert "/v1/ask" in client.get("/openapi.json").json()["paths"]
+
+
+def test_the_index_list_shows_server_paths_only_to_the_admin(client, world):
+    root, _ = world
+    public = client.get("/v1/indexes")
+    assert public.status_code == 200
+    assert [set(e) for e in public.json()["indexes"]] == [{"id", "version", "active"}] * 2
+    assert str(root) not in public.text and "manifest" not in public.text
+    admin = client.get("/v1/indexes", headers=ADMIN).json()
+    assert [e["path"] for e in admin["indexes"]] == [str(root / "2016"), str(root / "2018")]
+    assert all(e["manifest"]["passages"] == 6 for e in admin["indexes"])
+    wrong = client.get("/v1/indexes", headers={"Authorization": "Bearer wrong"})
+    assert wrong.status_code == 403 and str(root) not in wrong.text
+
+
+def schema_bounds(prop: dict) -> dict:
+    """A property's bounds, whether it is optional (anyOf [..., null]) or not."""
+    for option in [prop, *prop.get("anyOf", [])]:
+        found = {k: v for k, v in option.items()
+                 if k in ("minimum", "maximum", "minLength", "maxLength", "minItems", "maxItems")}
+        if option.get("type") == "array":
+            found["items"] = schema_bounds(option["items"])
+        if found:
+            return found
+    return {}
+
+
+def test_the_openapi_document_states_the_bounds_the_server_enforces(world):
+    limits = {"max_k": 4, "max_beams": 3, "max_new_tokens": 5, "max_questions": 3,
+              "max_question_chars": 40}
+    app = make_app(world, **limits)
+    doc = app.openapi()
+    schemas = doc["components"]["schemas"]
+    ask, search = schemas["AskRequest"]["properties"], schemas["SearchRequest"]["properties"]
+    one = {"minLength": 1, "maxLength": 40}
+    assert schema_bounds(ask["question"]) == schema_bounds(search["query"]) == one
+    many = {"minItems": 1, "maxItems": 3, "items": one}
+    assert schema_bounds(ask["questions"]) == schema_bounds(search["queries"]) == many
+    k = {"minimum": 1, "maximum": 4}
+    assert schema_bounds(ask["k"]) == schema_bounds(search["k"]) == k
+    assert schema_bounds(ask["beams"]) == {"minimum": 1, "maximum": 3}
+    assert schema_bounds(ask["max_new_tokens"]) == {"minimum": 1, "maximum": 5}
+    # the admin bearer scheme, on the admin endpoints (optional on the index list)
+    [(scheme, spec)] = doc["components"]["securitySchemes"].items()
+    assert spec["type"] == "http" and spec["scheme"] == "bearer"
+    paths = doc["paths"]
+    for path in ("/v1/indexes/active", "/v1/indexes"):
+        assert paths[path]["post"]["security"] == [{scheme: []}]
+    assert {scheme: []} in paths["/v1/indexes"]["get"]["security"]
+    assert {} in paths["/v1/indexes"]["get"]["security"]  # anyone may list the names
+    assert "security" not in paths["/v1/ask"]["post"]
+    # what the document states is what the server does: at the bounds 200, past them 422
+    with TestClient(app) as c:
+        edge = {"questions": ["capital " * 4 + "x" * 8] * 3, "k": 4, "decoding": "beam",
+                "beams": 3, "max_new_tokens": 5}
+        assert c.post("/v1/ask", json=edge).status_code == 200
+        for name, value in (("questions", ["a"] * 4), ("questions", ["x" * 41]), ("k", 5),
+                            ("k", 0), ("beams", 4), ("beams", 0), ("max_new_tokens", 6),
+                            ("max_new_tokens", 0)):
+            r = c.post("/v1/ask", json={**edge, name: value})
+            assert r.status_code == 422 and r.json()["field"].startswith(name), (name, r.text)
 
 
 def test_ask_returns_margin_ask_json_plus_the_index_that_answered(client, world):

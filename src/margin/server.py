@@ -36,11 +36,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -54,6 +55,11 @@ from margin.retriever import Retriever, resolve_index
 ADMIN_TOKEN_ENV = "MARGIN_ADMIN_TOKEN"  # environment variable holding the admin bearer token
 INDEX_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # registered index ids
 WEB_FILES = {"index.html": "text/html", "app.js": "text/javascript", "app.css": "text/css"}
+ADMIN_BEARER = HTTPBearer(  # reads the header (None if absent); _check_admin decides; in OpenAPI
+    auto_error=False, scheme_name="adminBearer",
+    description=f"the admin token the server was started with (${ADMIN_TOKEN_ENV})",
+)
+AdminCredentials = Annotated[HTTPAuthorizationCredentials | None, Security(ADMIN_BEARER)]
 log = logging.getLogger("margin.server")
 
 
@@ -319,6 +325,7 @@ def create_app(
         docs_url=None, redoc_url=None, lifespan=lifespan,  # the docs UIs load a CDN
     )
     app.state.registry, app.state.batcher, app.state.config = registry, batcher, config
+    app.openapi = _openapi_with_bounds(app, config)  # type: ignore[method-assign]
     _install_errors(app)
     app.add_middleware(_BodyLimit, max_bytes=config.max_body_bytes)
     if config.cors_origins:
@@ -329,8 +336,8 @@ def create_app(
             allow_headers=["Authorization", "Content-Type"],
         )
 
-    def admin(request: Request) -> None:
-        _check_admin(request, config.admin_token)
+    def admin(credentials: AdminCredentials) -> None:
+        _check_admin(credentials, config.admin_token)
 
     @app.get("/healthz")
     def healthz() -> dict:
@@ -344,17 +351,21 @@ def create_app(
         body = {"ready": ready, "index": registry.active.describe()}
         return JSONResponse(body, status_code=200 if ready else 503)
 
-    @app.get("/v1/indexes")
-    def list_indexes() -> dict:
-        """Registered indexes, which is active, and their manifests."""
+    @app.get("/v1/indexes", openapi_extra={"security": [{}]})  # the token is optional here
+    def list_indexes(credentials: AdminCredentials) -> dict:
+        """Registered indexes (id, version) and which is active; to the admin (bearer token)
+        also their directories and manifests, which name files on the server."""
+        if credentials is not None:
+            _check_admin(credentials, config.admin_token)  # a wrong token is refused, not ignored
         active = registry.active
-        return {
-            "active": active.describe(),
-            "indexes": [
-                {**e.describe(), "active": e is active, "manifest": e.manifest}
-                for e in registry.entries()
-            ],
-        }
+
+        def row(e: IndexEntry) -> dict[str, Any]:
+            out = {**e.describe(), "active": e is active}
+            if credentials is not None:  # the admin's
+                out |= {"path": str(e.path), "manifest": e.manifest}
+            return out
+
+        return {"active": active.describe(), "indexes": [row(e) for e in registry.entries()]}
 
     @app.post("/v1/indexes/active", dependencies=[Depends(admin)])
     def switch_index(body: SwitchRequest) -> dict:
@@ -458,6 +469,36 @@ def _encoder_fingerprint(rag: RAG) -> str | None:
 # ----------------------------------------------------------------------------- checks
 
 
+def _openapi_with_bounds(app: FastAPI, config: ServeConfig) -> Callable[[], dict[str, Any]]:
+    """``app.openapi`` with the bounds that the checks below enforce written into the request
+    schemas, so generated clients know them (tests/test_server.py probes each one)."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            _state_bounds(generate()["components"]["schemas"], config)
+        return app.openapi_schema  # type: ignore[return-value]
+
+    return openapi
+
+
+def _state_bounds(schemas: dict[str, Any], config: ServeConfig) -> None:
+    one = {"minLength": 1, "maxLength": config.max_question_chars, "pattern": r"\S"}  # not blank
+    many = {"minItems": 1, "maxItems": config.max_questions, "items": {"type": "string", **one}}
+    bounds = {
+        "question": one, "query": one, "questions": many, "queries": many,
+        "k": {"minimum": 1, "maximum": config.max_k,
+              "description": f"1 to {config.max_k}, and at most the index's passage count"},
+        "beams": {"minimum": 1, "maximum": config.max_beams},
+        "max_new_tokens": {"minimum": 1, "maximum": config.max_new_tokens},
+    }
+    for model in ("AskRequest", "SearchRequest"):
+        for name, prop in schemas[model]["properties"].items():
+            if name in bounds:  # the bound goes on the non-null choice of an optional field
+                choice = next(c for c in prop.get("anyOf", [prop]) if c.get("type") != "null")
+                choice.update(bounds[name])
+
+
 def _questions(
     one: str | None, many: list[str] | None, names: tuple[str, str], config: ServeConfig
 ) -> list[str]:
@@ -514,16 +555,18 @@ def _ask_key(body: AskRequest, entry: IndexEntry, config: ServeConfig) -> _AskKe
     return _AskKey(entry, mode, body.decoding, k, beams, max_new)
 
 
-def _check_admin(request: Request, token: str | None) -> None:
-    """Bearer-token check in constant time; admin is off when no token is configured."""
+def _check_admin(credentials: HTTPAuthorizationCredentials | None, token: str | None) -> None:
+    """Bearer-token check in constant time; admin is off when no token is configured.
+
+    ``credentials``: what ADMIN_BEARER read, None without an ``Authorization: Bearer`` header.
+    """
     if not token:
         raise ApiError(403, f"admin endpoints are off; start the server with {ADMIN_TOKEN_ENV} set",
                        "authorization")
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not given.strip():
+    if credentials is None:
         raise ApiError(401, "admin endpoint: send 'Authorization: Bearer <token>'",
                        "authorization", {"WWW-Authenticate": "Bearer"})
-    if not hmac.compare_digest(given.strip().encode(), token.encode()):
+    if not hmac.compare_digest(credentials.credentials.encode(), token.encode()):
         raise ApiError(403, "wrong admin token", "authorization")
 
 
