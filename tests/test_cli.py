@@ -145,3 +145,126 @@ def test_index_add_makes_new_passages_searchable(index, tmp_path, capsys):
     # the original index is untouched
     code, out, _ = run(["search", "--index", str(index), "-k", "4", "--json", "rome"], capsys)
     assert "it" not in [p["id"] for p in json.loads(out)["passages"]]
+
+
+# ----------------------------------------------------------------------------- index integrity
+
+
+def error_lines(err: str) -> list[str]:
+    assert "Traceback" not in err
+    return [line for line in err.strip().splitlines() if line.startswith("margin: error:")]
+
+
+def test_index_verify_names_every_corrupt_file(index, tmp_path, capsys):
+    import shutil
+
+    code, out, err = run(["index", "verify", "--index", str(index)], capsys)
+    assert code == 0 and "every check passed" in out, err
+    copy = tmp_path / "index"
+    shutil.copytree(index, copy)
+    for name in ("embeddings/shard-00000.npy", "index.faiss"):
+        data = bytearray((copy / name).read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (copy / name).write_bytes(bytes(data))
+    code, out, err = run(["index", "verify", "--index", str(copy)], capsys)
+    lines = error_lines(err)
+    assert code == 2 and len(lines) == 2, err
+    assert "embeddings/shard-00000.npy does not match its sha256" in lines[0]
+    assert "index.faiss does not match its sha256" in lines[1]
+    code, out, err = run(["search", "--index", str(copy), "paris"], capsys)
+    lines = error_lines(err)
+    assert code == 2 and len(lines) == 1, err
+    assert "shard-00000.npy does not match its sha256 in manifest.json (corrupt or changed) " \
+        "(and 1 more); `margin index verify --index" in lines[0]
+
+
+def test_overwrite_keeps_a_directory_that_is_not_an_index(st_model, tmp_path, capsys):
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / "important.txt").write_text("keep me")
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps(d) + "\n" for d in DOCS))
+    code, _, err = run(["index", "build", "--corpus", str(corpus), "--encoder", str(st_model),
+                        "--out", str(out), "--overwrite"], capsys)
+    lines = error_lines(err)
+    assert code == 2 and len(lines) == 1 and "is not a margin index" in lines[0], err
+    assert (out / "important.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl", "d"]
+
+
+def test_search_refuses_an_encoder_with_other_weights(st_model, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "st"
+    shutil.copytree(st_model, model)
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps(d) + "\n" for d in DOCS))
+    out = tmp_path / "index"
+    code, _, err = run(["index", "build", "--corpus", str(corpus), "--encoder", str(model),
+                        "--out", str(out)], capsys)
+    assert code == 0, err
+    other = tmp_path / "other"  # same architecture, other weights
+    shutil.copytree(st_model, other)
+    weights = load_file(other / "model.safetensors")
+    save_file({k: v + 0.5 for k, v in weights.items()}, other / "model.safetensors")
+
+    code, _, err = run(["search", "--index", str(out), "--query-encoder", str(other), "paris"],
+                       capsys)
+    lines = error_lines(err)
+    assert code == 2 and len(lines) == 1, err
+    assert "has other weights" in lines[0] and "--allow-encoder-mismatch" in lines[0]
+    code, outp, err = run(["search", "--index", str(out), "--query-encoder", str(other),
+                           "--allow-encoder-mismatch", "--json", "-k", "2", "paris"], capsys)
+    assert code == 0 and len(json.loads(outp)["passages"]) == 2, err
+
+    shutil.copy(other / "model.safetensors", model / "model.safetensors")  # replaced in place
+    code, _, err = run(["search", "--index", str(out), "paris"], capsys)
+    lines = error_lines(err)
+    assert code == 2 and len(lines) == 1 and "has other weights" in lines[0], err
+    code, _, err = run(["index", "verify", "--index", str(out)], capsys)
+    lines = error_lines(err)
+    assert code == 2 and len(lines) == 1 and "now has other weights" in lines[0], err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["ask", "-k", "0", "why?"], "--k must be at least 1, got 0"),
+        (["ask", "--decoding", "beam", "--beams", "0", "why?"],
+         "--beams must be at least 1, got 0"),
+        (["ask", "--beams", "0", "why?"], "--beams must be at least 1, got 0"),
+        (["ask", "--max-new-tokens", "0", "why?"], "--max-new-tokens must be at least 1, got 0"),
+        (["demo", "-k", "0"], "--k must be at least 1, got 0"),
+        (["search", "--index", "{index}", "-k", "0", "paris"], "--k must be at least 1, got 0"),
+        (["finetune", "{tmp}/dev.jsonl", "--epochs", "0"], "epochs must be at least 1, got 0"),
+        (["finetune", "{tmp}/dev.jsonl", "--k", "0"], "k must be at least 1, got 0"),
+        (["train", "--train", "{tmp}/dev.jsonl", "--out", "{tmp}/out", "--save-every", "-1"],
+         "save_every must be at least 0, got -1"),
+        (["train", "--train", "{tmp}/dev.jsonl", "--out", "{tmp}/out", "--eval-every", "-2"],
+         "eval_every must be at least 0, got -2"),
+        (["train", "--train", "{tmp}/dev.jsonl", "--out", "{tmp}/out", "--warmup", "-1"],
+         "warmup must be at least 0, got -1"),
+    ],
+)
+def test_zero_counts_are_refused_before_loading_not_replaced_by_defaults(
+    argv, message, index, tmp_path, capsys, monkeypatch
+):
+    """`-k 0` once meant the model's k (`k or default_k`) and `--epochs 0` one epoch: a number
+    the user gave is checked, in one line, before any model, index or data is loaded."""
+    import margin.models
+    import margin.train
+
+    def loaded(*args, **kwargs):
+        pytest.fail("loaded a model or ran before checking the options")
+
+    monkeypatch.setattr(margin.models, "load_model", loaded)
+    monkeypatch.setattr(margin.train, "run", loaded)
+    monkeypatch.setattr(margin.train, "finetune", loaded)
+    (tmp_path / "dev.jsonl").write_text('{"question": "why?", "answers": ["because"]}\n')
+    argv = [a.format(index=index, tmp=tmp_path) for a in argv]
+    code, _, err = run(argv, capsys)
+    assert code == 2
+    assert err.strip().splitlines() == [f"margin: error: {message}"], err
+    assert not (tmp_path / "out").exists()

@@ -103,6 +103,23 @@ def index_add(
     typer.echo(f"{index} now holds {new.passages} passages (+{new.passages - manifest.passages})")
 
 
+@index_app.command("verify")
+def index_verify(
+    index: Annotated[Path, typer.Option("--index", help="Index directory to check.")],
+    encoder: Annotated[bool, typer.Option(
+        help="Also load the index's encoder and compare its weights' fingerprint.")] = True,
+) -> None:
+    """Check every file's sha256, counts, dimensions and the encoder; one line per problem."""
+    from margin.build import verify_index
+
+    problems = verify_index(index, encoder=encoder)
+    if problems:  # one line each, the last as the command's error (and its exit code)
+        for problem in problems[:-1]:
+            typer.echo(f"margin: error: {problem}", err=True)
+        raise MarginError(problems[-1])
+    typer.echo(f"{index}: every check passed")
+
+
 # ----------------------------------------------------------------------------- search
 
 
@@ -116,14 +133,19 @@ def search(
     query_encoder: Annotated[
         str | None, typer.Option(help="Question encoder (needed for DPR context-encoder indexes).")
     ] = None,
+    allow_encoder_mismatch: Annotated[bool, typer.Option(
+        help="Search even with a question encoder whose weights differ from the index's.")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per query.")] = False,
     device: Device = "auto",
 ) -> None:
     """Top-k passages for each query, with scores."""
     from margin.retriever import Retriever
 
+    _check_at_least("--k", k)
     questions = _read_queries(queries)
-    retriever = Retriever.load(index, query_encoder=query_encoder, device=device)
+    retriever = Retriever.load(index, query_encoder=query_encoder, device=device,
+                               allow_encoder_mismatch=allow_encoder_mismatch)
     hits = retriever.retrieve(questions, k=k)
     for qi, question in enumerate(questions):
         passages = hits.passages[qi]
@@ -188,6 +210,8 @@ def ask(
     from margin.rag import RAG, decoding_method
 
     items = _read_queries(questions)
+    for name, value in (("--k", k), ("--beams", beams), ("--max-new-tokens", max_new_tokens)):
+        _check_at_least(name, value)  # 0 is the user's, not "the model's default"
     if mode is not None:
         decoding_method(mode, decoding)  # reject a bad combination before loading anything
     rag = RAG.load(model=model, index=index, device=device)
@@ -213,6 +237,7 @@ def demo(
 
     from margin.rag import RAG
 
+    _check_at_least("--k", k)
     console = Console(stderr=True)
     start = time.perf_counter()
     console.print("[dim]loading the default model and index (built on first use)...[/dim]")
@@ -436,7 +461,7 @@ def finetune(
                           "the two")
     config = replace(FINETUNE_RECIPE, device=device)
     if steps is not None or epochs is not None:  # epochs: as many steps as the questions take
-        config = replace(config, steps=steps, epochs=epochs or 1)
+        config = replace(config, steps=steps, epochs=1 if epochs is None else epochs)
     if k is not None:
         config = replace(config, k=k)
     if mode is not None:
@@ -505,6 +530,12 @@ def _read_queries(queries: list[str] | None) -> list[str]:
         if len(q) > MAX_QUERY_CHARS:
             raise MarginError(f"query {i} is {len(q)} characters; the limit is {MAX_QUERY_CHARS}")
     return items
+
+
+def _check_at_least(name: str, value: int | None, least: int = 1) -> None:
+    """Refuse a number the user gave below ``least``; None (the option unset) passes."""
+    if value is not None and value < least:
+        raise MarginError(f"{name} must be at least {least}, got {value}")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
