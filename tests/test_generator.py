@@ -188,6 +188,85 @@ def test_default_prompt_uses_chat_template_else_plain_text():
     assert plain == "Question: q?\nAnswer:"
 
 
+# -- prompts that fit the generator: the passage is cut, never the question -------------------
+
+LONG = Passage("long", "Paris", "a tower in paris and a river in france . " * 40)  # ~1700 chars
+
+
+def test_seq2seq_long_passage_is_cut_to_fit_and_the_question_kept():
+    model, tok = tiny_bart()
+    gen = Seq2SeqGenerator(model, tok, Seq2SeqFormat(max_combined_length=40))
+    inputs = gen.build_inputs(QUESTIONS, [[LONG], [PASSAGES[1][1]]])
+    ids = inputs.input_ids[0][inputs.attention_mask[0].bool()].tolist()
+    assert len(ids) <= 40 and inputs.input_ids.shape[1] <= 40
+    # the template (title, separators) and the question's tokens, intact at the row's end
+    tail = tok(" // " + QUESTIONS[0])["input_ids"][1:]  # without <s>: ends with </s>
+    assert ids[-len(tail) :] == tail
+    head = tok("Paris / a tower in paris")["input_ids"][:-1]  # <s> and the passage's start
+    assert ids[: len(head)] == head
+    # the short passage's row is exactly what it was: transformers' tokenisation, uncut
+    short = tok([rag_context_string(QUESTIONS[1], PASSAGES[1][1], gen.fmt)])["input_ids"][0]
+    assert inputs.input_ids[1][inputs.attention_mask[1].bool()].tolist() == short
+
+
+def test_seq2seq_short_passages_give_the_same_inputs_and_logits_as_before(bart):
+    """Fitting touches only rows over the limit: ids (so logits) are transformers' exactly."""
+    inputs = bart.build_inputs(QUESTIONS, PASSAGES)
+    texts = [
+        rag_context_string(q, p, bart.fmt)
+        for q, ps in zip(QUESTIONS, PASSAGES, strict=True)
+        for p in ps
+    ]
+    ref = bart.tokenizer(texts, max_length=64, padding="longest", truncation=True)
+    ref_ids, ref_mask = torch.tensor(ref["input_ids"]), torch.tensor(ref["attention_mask"])
+    assert torch.equal(inputs.input_ids, ref_ids) and torch.equal(inputs.attention_mask, ref_mask)
+    target, tmask = bart.build_targets(["paris", "a river"])
+    with torch.no_grad():
+        ours = bart.token_logprobs(inputs, target, tmask)
+        plain = bart.token_logprobs(GenInputs(ref_ids, ref_mask, 2), target, tmask)
+    assert torch.equal(ours, plain)
+
+
+def test_causal_long_passage_is_cut_to_fit_and_the_question_kept():
+    model, tok = tiny_llama()
+    gen = CausalGenerator(model, tok, CausalFormat(max_prompt_length=40))
+    question = "where is the tower ?"
+    inputs = gen.build_inputs([question, question], [[LONG], [PASSAGES[0][0]]])  # was: an error
+    rows = unpadded_rows(inputs.input_ids, inputs.attention_mask)
+    assert len(rows[0]) <= 40
+    tail = tok(f"Question: {question} </s> <|assistant|>", add_special_tokens=False)["input_ids"]
+    assert rows[0][-len(tail) :].tolist() == tail  # the question and the template, intact
+    head = tok("<|user|> Context: Paris a tower in paris", add_special_tokens=False)["input_ids"]
+    assert rows[0][: len(head)].tolist() == head  # the passage's start is what is kept
+    # the short passage's row is exactly the prompt as it was, uncut
+    short = default_prompt(tok, question, PASSAGES[0][0])
+    assert rows[1].tolist() == tok(short, add_special_tokens=False)["input_ids"]
+
+
+def test_causal_short_passages_give_the_same_logits_as_with_room_to_spare():
+    model, tok = tiny_llama()
+    questions = ["where is the tower ?", "what is the seine ?"]
+    roomy_gen = CausalGenerator(model, tok)
+    tight = CausalGenerator(model, tok, CausalFormat(max_prompt_length=40))
+    short = tight.build_inputs(questions, PASSAGES)
+    assert int(short.attention_mask.sum(-1).max()) <= 40  # every prompt fits: nothing is cut
+    roomy = roomy_gen.build_inputs(questions, PASSAGES)
+    assert torch.equal(short.input_ids, roomy.input_ids)
+    target, tmask = tight.build_targets(["paris", "a river"])
+    with torch.no_grad():
+        ours = tight.token_logprobs(short, target, tmask)
+        assert torch.equal(ours, roomy_gen.token_logprobs(roomy, target, tmask))
+
+
+def test_causal_question_too_long_for_any_passage_is_one_line():
+    model, tok = tiny_llama()
+    gen = CausalGenerator(model, tok, CausalFormat(max_prompt_length=12))
+    with pytest.raises(MarginError, match=r"the question and the prompt template alone are \d+ "
+                       r"tokens, over max_prompt_length=12; shorten the question") as err:
+        gen.build_inputs(["where is the tower in paris in france ?"], [[LONG]])
+    assert "\n" not in str(err.value)
+
+
 # -- scoring -----------------------------------------------------------------------------------
 
 

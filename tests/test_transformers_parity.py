@@ -142,7 +142,7 @@ def _padded(hyps, width, pad, start):
 @torch.no_grad()
 def test_rag_sequence_thorough_generate_parity(rag, nb, nrs, min_new, lp, es):
     seq, _, bart, tok, doc_scores = rag
-    gen = Seq2SeqGenerator(bart, tok, Seq2SeqFormat(max_combined_length=20))
+    gen = Seq2SeqGenerator(bart, tok, Seq2SeqFormat(max_combined_length=20, cut_passage=False))
     inputs = gen.build_inputs(QS, PS)
     assert bool(inputs.attention_mask.all())  # unpadded: see the module docstring
     ref = seq.generate(
@@ -176,7 +176,7 @@ def test_rag_sequence_thorough_generate_parity(rag, nb, nrs, min_new, lp, es):
 def test_parity_outputs_are_not_degenerate(rag):
     """The random model answers differently per passage, so the parity tests could fail."""
     _, _, bart, tok, doc_scores = rag
-    gen = Seq2SeqGenerator(bart, tok, Seq2SeqFormat(max_combined_length=20))
+    gen = Seq2SeqGenerator(bart, tok, Seq2SeqFormat(max_combined_length=20, cut_passage=False))
     inputs = gen.build_inputs(QS, PS)
     with torch.no_grad():
         out = bart.generate(inputs.input_ids, num_beams=2, max_new_tokens=8)

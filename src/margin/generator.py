@@ -14,13 +14,22 @@ How inputs and targets are tokenised:
 
 - Seq2seq: the input is ``prefix + title + " / " + text + " // " + question`` as transformers'
   ``RagRetriever.postprocess_docs`` builds it (title stripped of one leading and one trailing
-  double quote, then every double space replaced by one), truncated to ``max_combined_length``.
+  double quote, then every double space replaced by one), fitted to ``max_combined_length``.
   Targets are ``tokenizer(text_target=answer)`` (BART: ``<s> answer </s>``); the decoder reads
   ``[decoder_start] + target[:-1]`` as in ``BartForConditionalGeneration(labels=...)``.
 - Causal: the prompt is ``prompt_fn(tokenizer, question, passage)``, tokenised without special
   tokens when the tokenizer has a chat template (the template writes its own) and with them
   otherwise, LEFT-padded. Targets are ``tokenizer(answer, add_special_tokens=False) + [eos]``,
   read right after the prompt. Position ids count real tokens only, as ``model.generate`` does.
+
+Prompts always fit: a (question, passage) input over the limit (``max_combined_length``,
+``max_prompt_length``) has its PASSAGE cut (:func:`fit_passage`: the text's end, then the
+title's), never the question or the template, so the answer still reads the whole question. An
+input that fits is tokenised exactly as before. transformers' RAG cuts the whole string at the
+end instead, dropping the question; a seq2seq input whose question and separators alone are over
+the limit still gets that cut, and a causal one is an error (the answer would follow no question).
+``Seq2SeqFormat(cut_passage=False)`` keeps transformers' cut (checkpoints from transformers load
+with it, so margin reads their inputs token for token as transformers does).
 
 Why the causal prompt is run once, into a KV cache (:class:`PromptCache`): a decoder-only model
 reads the passage as prompt, and the prompt (~340 tokens for the default few-shot prompt) is far
@@ -36,7 +45,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +61,7 @@ TargetFn = Callable[[object, str], str]  # (tokenizer, answer) -> the text that 
 KV = tuple[torch.Tensor, torch.Tensor]  # one layer's cached (keys, values), (n, h, S, d_head)
 SCORE_CHUNK = 2**26  # logits (pairs x tokens x vocabulary) scored at once: 256 MiB of float32
 SCORE_SLACK = 0.25  # targets scored together while padding adds at most this share of tokens
+TOKEN_CHARS = 32  # no token is this long on average: text past limit x this never fits, so is cut
 
 
 @dataclass
@@ -155,7 +165,8 @@ class Seq2SeqFormat:
     prefix: str = ""  # prepended to every input (T5 task prefixes; transformers' generator prefix)
     title_sep: str = " / "  # between the passage title and its text
     doc_sep: str = " // "  # between the passage text and the question
-    max_combined_length: int = 300  # truncate each input to this many tokens
+    max_combined_length: int = 300  # fit each input to this many tokens
+    cut_passage: bool = True  # over it, cut the passage; False: the input's end, as transformers
     pad_to_max_length: bool = False  # pad every row to max_combined_length, as transformers does
 
 
@@ -166,6 +177,35 @@ def rag_context_string(question: str, passage: Passage | None, fmt: Seq2SeqForma
     title = passage.title.removeprefix('"').removesuffix('"')
     out = fmt.prefix + title + fmt.title_sep + passage.text + fmt.doc_sep + question
     return out.replace("  ", " ")
+
+
+def fit_passage(passage: Passage, length: Callable[[Passage], int], limit: int) -> Passage | None:
+    """``passage`` cut so that ``length(passage) <= limit`` tokens: its text's end first, then
+    (if even no text is over) its title's; the passage itself when it fits, None when even an
+    empty title and text are over (the question and template alone are too long).
+
+    A binary search over characters, so any tokenizer (fast or slow) and any prompt format work:
+    about log2(characters) calls of ``length`` on inputs of about ``limit`` tokens.
+    """
+    cap = limit * TOKEN_CHARS  # characters past this cannot fit: dropped before tokenising
+    if len(passage.text) > cap or len(passage.title) > cap:
+        passage = replace(passage, text=passage.text[:cap], title=passage.title[:cap])
+    if length(passage) <= limit:
+        return passage
+    for name in ("text", "title"):
+        value = getattr(passage, name)
+        if length(replace(passage, **{name: ""})) > limit:  # not enough even without it
+            passage = replace(passage, **{name: ""})
+            continue
+        lo, hi = 0, len(value)  # value[:lo] fits, value[:hi] does not
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if length(replace(passage, **{name: value[:mid]})) <= limit:
+                lo = mid
+            else:
+                hi = mid
+        return replace(passage, **{name: value[:lo]})
+    return None
 
 
 def default_prompt(tokenizer: object, question: str, passage: Passage | None) -> str:
@@ -388,9 +428,7 @@ class Seq2SeqGenerator(Generator):
         else:
             k = _check_passages(questions, passages)
             texts = [
-                rag_context_string(q, p, self.fmt)
-                for q, ps in zip(questions, passages, strict=True)
-                for p in ps
+                self._fitted(q, p) for q, ps in zip(questions, passages, strict=True) for p in ps
             ]
         enc = self.tokenizer(  # type: ignore[operator]
             texts,
@@ -400,6 +438,17 @@ class Seq2SeqGenerator(Generator):
             return_tensors="pt",
         )
         return GenInputs(enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device), k)
+
+    def _fitted(self, question: str, passage: Passage) -> str:
+        """The input string of (question, passage), its passage cut to fit max_combined_length
+        (when the question alone is too long, the tokenizer then cuts the end, as transformers)."""
+        def length(p: Passage) -> int:
+            return len(self.tokenizer(rag_context_string(question, p, self.fmt))["input_ids"])  # type: ignore[operator]
+
+        if not self.fmt.cut_passage:
+            return rag_context_string(question, passage, self.fmt)
+        fitted = fit_passage(passage, length, self.fmt.max_combined_length)
+        return rag_context_string(question, fitted or passage, self.fmt)
 
     def build_targets(self, answers: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         enc = self.tokenizer(text_target=list(answers), padding="longest", return_tensors="pt")  # type: ignore[operator]
@@ -509,7 +558,7 @@ class CausalFormat:
     prompt_fn: PromptFn = field(default=default_prompt)  # (tokenizer, question, passage) -> str
     target_fn: TargetFn | None = None  # the answer as the prompt expects it; None: as given
     end_token_id: int | None = None  # ends a scored answer (a newline); None: the first EOS
-    max_prompt_length: int = 2048  # longer prompts are a MarginError, never silently cut
+    max_prompt_length: int = 2048  # a longer prompt has its passage cut (never the question)
     share_prefix: bool = True  # run the rows' common token prefix once (batch 1), not per row
     suffix_padding: float = 0.1  # rows' own suffixes batch together while pads add <= this share
 
@@ -535,30 +584,44 @@ class CausalGenerator(Generator):
     def build_inputs(
         self, questions: Sequence[str], passages: Sequence[Sequence[Passage]] | None
     ) -> GenInputs:
-        fn = self.fmt.prompt_fn
         if passages is None:
-            texts, k = [fn(self.tokenizer, q, None) for q in questions], 1
+            pairs: list[tuple[str, Passage | None]] = [(q, None) for q in questions]
+            k = 1
         else:
             k = _check_passages(questions, passages)
-            texts = [
-                fn(self.tokenizer, q, p)
-                for q, ps in zip(questions, passages, strict=True)
-                for p in ps
-            ]
-        has_template = bool(getattr(self.tokenizer, "chat_template", None))
-        ids = self._tokenize(texts, add_special_tokens=not has_template)
+            pairs = [(q, p) for q, ps in zip(questions, passages, strict=True) for p in ps]
+        ids = [self._prompt_ids(q, p) for q, p in pairs]
         longest = max(len(r) for r in ids)
-        if longest > self.fmt.max_prompt_length:
-            raise MarginError(
-                f"a prompt is {longest} tokens, over max_prompt_length="
-                f"{self.fmt.max_prompt_length}; use shorter passages or raise max_prompt_length"
-            )
         input_ids = torch.full((len(ids), longest), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(ids), longest), dtype=torch.long)
         for i, row in enumerate(ids):  # LEFT padding: the answer follows the prompt directly
             input_ids[i, longest - len(row) :] = torch.tensor(row, dtype=torch.long)
             mask[i, longest - len(row) :] = 1
         return GenInputs(input_ids.to(self.device), mask.to(self.device), k)
+
+    def _prompt_ids(self, question: str, passage: Passage | None) -> list[int]:
+        """The prompt's token ids, its passage cut to fit max_prompt_length (see the top)."""
+        has_template = bool(getattr(self.tokenizer, "chat_template", None))
+        limit = self.fmt.max_prompt_length
+
+        def ids_of(p: Passage | None) -> list[int]:
+            text = self.fmt.prompt_fn(self.tokenizer, question, p)
+            return self._tokenize([text], add_special_tokens=not has_template)[0]
+
+        short = passage is None or len(passage.title) + len(passage.text) <= limit * TOKEN_CHARS
+        if short and len(ids := ids_of(passage)) <= limit:  # fits: as it is (most prompts)
+            return ids
+        fitted = passage
+        if passage is not None:
+            fitted = fit_passage(passage, lambda p: len(ids_of(p)), limit)
+            fitted = fitted or Passage(passage.id, "", "", passage.source)  # for the error below
+        ids = ids_of(fitted)
+        if len(ids) > limit:
+            raise MarginError(
+                f"the question and the prompt template alone are {len(ids)} tokens, over "
+                f"max_prompt_length={limit}; shorten the question or raise max_prompt_length"
+            )
+        return ids
 
     def build_targets(self, answers: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """The answers written as generation writes them: the prompt's target form (e.g. a

@@ -143,6 +143,7 @@ def seq2seq_format(config: dict[str, Any]) -> Seq2SeqFormat:
         doc_sep=config.get("doc_sep", defaults.doc_sep),
         max_combined_length=int(config.get("max_combined_length", 300)),
         pad_to_max_length=False,  # padding is masked: padding every row to 300 only costs time
+        cut_passage=False,  # an input over max_combined_length loses its end, as in transformers
     )
 
 
