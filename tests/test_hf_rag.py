@@ -272,6 +272,46 @@ def test_loss_parity(pair, mode):
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["sequence", "token"])
+def test_question_encoder_gradient_parity(pair, mode):
+    """The gradient of Σ −log p(y|x) w.r.t. every question-encoder weight equals transformers'.
+
+    The encoder's only path to the loss is the document prior p(z|x) = softmax_z d(z)ᵀq(x), which
+    margin recomputes in torch from the vectors the index returns (as RagModel.forward does from
+    the retriever's ``retrieved_doc_embeds``): this holds that path to the reference, where a
+    non-zero check would pass a wrong gradient. The generator's gradient is compared too.
+    Tolerance: 1e-5 of each tensor's largest entry (float32 sums in another order)."""
+    rag, ref, tok, _ = pair[mode]
+    pairs = [(rag.question_encoder.module, ref.rag.question_encoder),
+             (rag.generator.model, ref.rag.generator)]
+    modules = [m for two in pairs for m in two]
+    assert not any(m.training for m in modules)  # no dropout: both runs are deterministic
+    for m in modules:
+        m.zero_grad(set_to_none=True)
+    try:
+        ids, mask = _questions(tok)
+        want = ref(input_ids=ids, attention_mask=mask, labels=_labels(rag)).loss  # (B,)
+        got = rag.loss(QUESTIONS, ANSWERS, k=K, mode=mode, reduction="none")
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+        want.sum().backward()
+        got.sum().backward()
+        for ours, theirs in pairs:
+            grads = dict(ours.named_parameters())
+            ref_grads = dict(theirs.named_parameters())
+            assert grads.keys() == ref_grads.keys()
+            for name, p in grads.items():
+                r = ref_grads[name].grad
+                assert p.grad is not None and r is not None, f"no gradient reached {name}"
+                scale = max(1.0, float(r.abs().max()))
+                torch.testing.assert_close(p.grad, r, rtol=0.0, atol=1e-5 * scale, msg=name)
+        # not vacuous: the prior sends the question encoder a gradient of the loss's order
+        q_grads = [p.grad for p in rag.question_encoder.module.parameters()]
+        assert float(torch.stack([g.abs().max() for g in q_grads]).max()) > 0.5
+    finally:
+        for m in modules:
+            m.zero_grad(set_to_none=True)
+
+
 def _margin_decode(rag, method, num_beams):
     """What RAG.ask decodes, with the token ids ask does not return."""
     hits = rag.retrieve(QUESTIONS, K)
