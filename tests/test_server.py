@@ -398,7 +398,7 @@ def post_together(client, *bodies: dict) -> list:
         return [f.result(30) for f in [pool.submit(post, b) for b in bodies]]
 
 
-BATCH_OF_TWO = BatchConfig(max_batch=2, max_wait_ms=3000)  # the first waits for the second
+BATCH_OF_TWO = BatchConfig(max_batch=2, max_wait_ms=1000)  # the first waits for the second
 
 
 @pytest.mark.parametrize(
@@ -439,7 +439,7 @@ def test_a_streamed_answer_survives_a_failure_in_its_batch_without_repeating_tok
     assert bad[-1] == ("error", {"error": "cannot answer this one", "field": None, "status": 400})
 
 
-def test_a_prompt_too_long_for_the_generator_fails_only_its_own_request(world, llama):
+def test_a_prompt_too_long_for_the_generator_fails_only_its_own_request(world, llama, monkeypatch):
     """A realistic failure: a causal generator with a short context and a long question. Each
     request gets, batched, exactly what it gets alone."""
     root, _ = world
@@ -448,10 +448,13 @@ def test_a_prompt_too_long_for_the_generator_fails_only_its_own_request(world, l
               default_decode=DecodeConfig(max_new_tokens=3), default_k=2)
     long_question = "capital of germany " + "where is the tower " * 20  # about 90 tokens
     bodies = ({"question": QUESTIONS[0]}, {"question": long_question})
-    app = create_app(rag, None, ServeConfig(batch=BATCH_OF_TWO))
-    with TestClient(app) as c:
+    with TestClient(create_app(rag, None, ServeConfig())) as c:
         alone = [c.post("/v1/ask", json=b) for b in bodies]
+    app = create_app(rag, None, ServeConfig(batch=BATCH_OF_TWO))
+    calls = poison(app, monkeypatch, MarginError("unused"))  # nothing is POISON: records calls
+    with TestClient(app) as c:
         batched = post_together(c, *bodies)
+    assert sorted(calls[0]) == sorted([QUESTIONS[0], long_question])  # one model call
     assert alone[0].status_code == 200, alone[0].text
     if alone[1].status_code == 200:
         pytest.skip("the generator now fits this prompt; the patched failures above still apply")
