@@ -131,6 +131,9 @@ class TrainConfig:
                      "retrieval_batch_size", "lora_r"):
             if getattr(self, name) < 1:
                 raise MarginError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("warmup", "eval_every", "save_every"):  # 0 means none / only at the end
+            if getattr(self, name) < 0:
+                raise MarginError(f"{name} must be at least 0, got {getattr(self, name)}")
         if self.steps is not None and self.steps < 1:
             raise MarginError(f"steps must be at least 1, got {self.steps}")
         if self.lr <= 0:
