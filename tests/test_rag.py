@@ -187,6 +187,15 @@ def test_overlong_question_is_truncated_with_a_warning_not_an_error(rag):
     assert answer.passages[0].title == "Paris"
 
 
+def test_overlong_question_without_spaces_is_cut_in_characters_with_a_warning(rag):
+    from margin.rag import MAX_QUESTION_CHARS
+
+    blob = "paris" + "x" * 200_000  # one "word": the 128-word cut alone never bounded it
+    with pytest.warns(UserWarning, match=f"200005 characters; truncated to {MAX_QUESTION_CHARS}"):
+        [answer] = rag.ask([blob], k=2, max_new_tokens=3)
+    assert answer.question == blob[:MAX_QUESTION_CHARS]
+
+
 def test_bm25_retrieval_gives_the_prior_from_bm25_scores(rag, tmp_path):
     from conftest import DOCS
     from margin.passages import split_document

@@ -38,6 +38,7 @@ Decoding = Literal["greedy", "beam", "thorough", "fast"]
 MODES: tuple[str, ...] = ("token", "sequence")
 LOSS_MODES: tuple[str, ...] = (*MODES, "both")  # RAG.loss also averages the two objectives
 MAX_QUESTION_WORDS = 128  # longer questions are truncated (with a warning) to fit the context
+MAX_QUESTION_CHARS = 1000  # and so are longer ones without spaces (as the server's request bound)
 DECODINGS: tuple[str, ...] = ("greedy", "beam", "thorough", "fast")
 
 
@@ -383,7 +384,8 @@ def _given_or_default(name: str, value: int | None, default: int) -> int:
 
 
 def _check_questions(questions: Sequence[str]) -> list[str]:
-    """Non-blank questions, each cut to MAX_QUESTION_WORDS words (warning) so prompts fit."""
+    """Non-blank questions, each cut to MAX_QUESTION_WORDS words and MAX_QUESTION_CHARS
+    characters (warning) so prompts fit."""
     if isinstance(questions, str):
         raise MarginError("give a list of questions, not a single string")
     out = list(questions)
@@ -401,4 +403,19 @@ def _check_questions(questions: Sequence[str]) -> list[str]:
                 stacklevel=3,
             )
             out[i] = " ".join(words[:MAX_QUESTION_WORDS])
+        if len(out[i]) > MAX_QUESTION_CHARS:
+            warnings.warn(
+                f"question {i + 1} has {len(out[i])} characters; truncated to "
+                f"{MAX_QUESTION_CHARS} to fit the model's context",
+                UserWarning,
+                stacklevel=3,
+            )
+            out[i] = _cut(out[i], MAX_QUESTION_CHARS)
     return out
+
+
+def _cut(text: str, max_chars: int) -> str:
+    """``text``'s first ``max_chars`` characters, ending at a space when it has one."""
+    head = text[: max_chars + 1]
+    space = max(head.rfind(c) for c in " \t\n")
+    return head[:space].rstrip() if space > 0 else head[:max_chars]
