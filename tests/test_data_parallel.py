@@ -123,6 +123,12 @@ def test_two_processes_with_ray_retrieval_train_like_one(model_dir, ray_cluster,
     assert (tmp_path / "two" / "last" / "margin_model.json").is_file()
 
 
-def test_ray_retrieval_refuses_bm25(tmp_path):
-    assert main(["train", "--train", str(tmp_path / "x.tsv"), "--out", str(tmp_path / "o"),
+def test_ray_retrieval_refuses_bm25(tmp_path, capsys):
+    train = tmp_path / "x.jsonl"  # valid data: only the flags can be refused
+    train.write_text(json.dumps({"question": "who?", "answers": ["me"]}) + "\n")
+    assert main(["train", "--train", str(train), "--out", str(tmp_path / "o"),
                  "--retriever", "bm25", "--ray-retrieval"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("margin: error: --ray-retrieval serves dense indexes; drop it or "
+                   "--retriever bm25\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.jsonl"]  # nothing written

@@ -266,3 +266,12 @@ def test_streaming_ingestion_memory_is_bounded(tmp_path):
     text_growth = 40_000 * 500 / 2**20  # ~19 MiB more text
     index_growth = 40_000 * 64 * 4 / 2**20  # ~10 MiB more FAISS flat vectors
     assert large - small < index_growth + 0.5 * text_growth, (small, large)
+
+
+def test_a_ray_build_that_fails_before_its_first_shard_leaves_nothing(ray_cluster, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"title": "a",\n')
+    with pytest.raises(MarginError, match="bad.jsonl:1"):
+        build_index_ray(bad, KeywordEncoder(), tmp_path / "idx", ray_config=RayConfig(workers=1),
+                        encoder_factory=KeywordEncoder)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]

@@ -44,6 +44,7 @@ from margin.build import (
     Encoder,
     Manifest,
     ShardInfo,
+    discard_if_unstarted,
     encode_shard,
     finish_build,
     iter_shards,
@@ -123,20 +124,39 @@ def build_index_ray(
     assert isinstance(config, IndexConfig)
     if encoder_factory is None:
         encoder_factory = functools.partial(worker_encoder, dict(encoder.spec))
-    passages = read_corpus(corpus) if isinstance(corpus, str | Path) else iter(corpus)
+    try:
+        passages = read_corpus(corpus) if isinstance(corpus, str | Path) else iter(corpus)
+        shards = _encode_on_ray(
+            ray_config, encoder_factory, encoder, work, passages, shard_size, batch_size, progress
+        )
+        return finish_build(work, out, shards, config, encoder, shard_size)
+    except BaseException:
+        discard_if_unstarted(work)
+        raise
 
+
+def _encode_on_ray(
+    ray_config: RayConfig,
+    encoder_factory: Callable[[], Encoder],
+    encoder: Encoder,
+    work: Path,
+    passages: Iterable[Passage],
+    shard_size: int,
+    batch_size: int,
+    progress: bool,
+) -> list[ShardInfo]:
+    """Connect to Ray (starting it if needed), encode every shard on a pool, disconnect."""
     started = not _ray_running()
     ray = connect(ray_config.address)
     try:
         pool = _EncoderPool(ray, ray_config, encoder_factory, encoder.fingerprint, encoder.dim)
         try:
-            shards = _encode_shards(pool, work, passages, shard_size, batch_size, progress)
+            return _encode_shards(pool, work, passages, shard_size, batch_size, progress)
         finally:
             pool.close()
     finally:
         if started:
             ray.shutdown()
-    return finish_build(work, out, shards, config, encoder, shard_size)
 
 
 def _encode_shards(
