@@ -289,6 +289,8 @@ def test_generation_metrics(rags, tmp_path):
         ("claim\t['SUPPORTS']\n", [], "dev.tsv:1: answers are FEVER labels"),
         ("q\t['a']\n", ["--retriever", "sparse"], "unknown retriever 'sparse'"),
         ("q\t['a']\n", ["--k", "1,x"], "--k '1,x' is not a comma list"),
+        ("q\t['a']\n", ["--k", "5,0"], "k must be at least 1, got 0"),
+        ("q\t['a']\n", ["--max-new-tokens", "0"], "max_new_tokens must be at least 1, got 0"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(
@@ -319,3 +321,46 @@ def test_cli_prints_the_summary_table(rags, qa_file, tmp_path, capsys, monkeypat
     assert "| dense | 1 | token | greedy | 2 |" in printed
     assert "| none | - | none | greedy | 2 |" in printed
     assert json.loads((out / "dense-k1-token-greedy" / "metrics.json").read_text())["n"] == 2
+
+
+def test_k_over_the_index_size_writes_nothing_and_the_corrected_rerun_works(
+    rags, qa_file, tmp_path, capsys, monkeypatch
+):
+    """`--k 50` on a 6-passage index once failed after writing run.json, and the rerun with a
+    valid k was then refused as "holds a run with k=50": every k is checked against every
+    retriever's index before anything is written."""
+    import margin.evaluate as ev
+
+    monkeypatch.setattr(ev, "load_rags", lambda cfg, names: {n: rags[n] for n in names})
+    out = tmp_path / "out"
+    common = ["eval", "--data", str(qa_file), "--out", str(out), "--limit", "1",
+              "--max-new-tokens", "3"]
+    for extra, k, retriever in ((["--k", "50"], 50, "dense"), (["--k", "1,50"], 50, "dense"),
+                                (["--retriever", "none,bm25", "--k", "7"], 7, "bm25")):
+        code = main([*common, *extra])
+        err = capsys.readouterr().err
+        assert code == 2
+        assert err.strip().splitlines() == [
+            f"margin: error: k={k} is larger than the {retriever} index (6 passages); lower --k"
+        ], err
+        assert not out.exists()
+    assert main([*common, "--k", "2"]) == 0
+    assert len(lines(out / "predictions.jsonl")) == 1
+
+
+def test_settings_of_every_run_are_checked_before_any_run_writes(rags, qa_file, tmp_path):
+    """A grid whose second run's directory holds other settings is refused before the first
+    run predicts or writes anything."""
+    out = tmp_path / "grid"
+    run_eval(config(qa_file, out / "dense-k2-token-greedy", ks=(2,), limit=1, seed=1), rags)
+    with pytest.raises(MarginError, match="holds a run with seed=1, not 0"):
+        run_eval(config(qa_file, out, ks=(1, 2), limit=1), rags)
+    assert sorted(p.name for p in out.iterdir()) == ["dense-k2-token-greedy"]
+
+
+def test_an_out_path_that_is_a_file_is_refused(rags, qa_file, tmp_path):
+    out = tmp_path / "out"
+    out.write_text("notes")
+    with pytest.raises(MarginError, match="is a file, not a directory"):
+        run_eval(config(qa_file, out, ks=(1,), limit=1), rags)
+    assert out.read_text() == "notes"

@@ -120,11 +120,16 @@ def check_config(cfg: EvalConfig) -> None:
     _choices("decoding", cfg.decodings, DECODINGS)
     if not cfg.retrievers or not cfg.ks or not cfg.decodings:
         raise MarginError("give at least one retriever, one k and one decoding")
-    for name, value in (("k", min(cfg.ks)), ("beams", cfg.beams), ("batch size", cfg.batch_size)):
+    counts = [("k", min(cfg.ks)), ("beams", cfg.beams), ("batch size", cfg.batch_size)]
+    if cfg.max_new_tokens is not None:  # None: the model's default; 0 is a mistake, not None
+        counts.append(("max_new_tokens", cfg.max_new_tokens))
+    for name, value in counts:
         if value < 1:
             raise MarginError(f"{name} must be at least 1, got {value}")
     if not cfg.data:
         raise MarginError("no data file given; pass --data FILE")
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise MarginError(f"--out {cfg.out} is a file, not a directory; pass a directory")
     resolve_device(cfg.device)
 
 
@@ -163,8 +168,9 @@ def run_eval(cfg: EvalConfig, rags: Mapping[str, RAG] | None = None) -> list[dic
     """Evaluate every run of the grid; return each run's metrics (what its metrics.json holds).
 
     ``rags`` maps retriever names to ready RAG objects (tests pass tiny ones); missing ones are
-    loaded from ``cfg``. The examples are read, and the options checked, before anything is
-    written, so a bad file leaves ``cfg.out`` untouched.
+    loaded from ``cfg``. The examples are read, and the options checked (every k against its
+    retriever's index, every run directory's settings), before anything is written, so a
+    mistake leaves ``cfg.out`` untouched and the corrected command starts afresh.
     """
     check_config(cfg)
     examples = read_examples(cfg.data, cfg.format, cfg.task, cfg.limit, regex=cfg.regex)
@@ -175,11 +181,15 @@ def run_eval(cfg: EvalConfig, rags: Mapping[str, RAG] | None = None) -> list[dic
     if missing:
         rags.update(load_rags(cfg, missing))
     runs = plan_runs(cfg, rags[cfg.retrievers[0]].default_mode)
+    _check_ks(runs, rags)
     out = Path(cfg.out)
+    dirs = {run: out if len(runs) == 1 else out / run.name for run in runs}
+    for run in runs:  # every run's directory, before the first run writes to its own
+        _check_settings(dirs[run], run_settings(cfg, run))
     by_run: dict[RunSpec, dict[str, Any]] = {}
     for group in shared_prompt_groups(runs, cfg.task):
-        dirs = [out if len(runs) == 1 else out / run.name for run in group]
-        results = evaluate_runs(rags[group[0].retriever], examples, group, cfg, dirs)
+        results = evaluate_runs(rags[group[0].retriever], examples, group, cfg,
+                                [dirs[run] for run in group])
         by_run.update(zip(group, results, strict=True))
     results = [by_run[run] for run in runs]
     if len(runs) > 1:
@@ -259,6 +269,9 @@ def evaluate_runs(
     settings = [run_settings(cfg, run) for run in runs]
     for out, setting in zip(dirs, settings, strict=True):
         _check_settings(out, setting)
+    for out, setting in zip(dirs, settings, strict=True):
+        if not (out / SETTINGS).exists():
+            write_json_atomic(out / SETTINGS, setting)
     paths = [out / PREDICTIONS for out in dirs]
     done = [read_predictions(path) for path in paths]
     todo = [ex for ex in examples if any(ex.id not in d for d in done)]
@@ -500,18 +513,34 @@ def run_settings(cfg: EvalConfig, run: RunSpec) -> dict[str, Any]:
 
 
 def _check_settings(out: Path, settings: dict[str, Any]) -> None:
+    """Refuse to resume into ``out`` if its run.json holds other settings (reads only)."""
     path = out / SETTINGS
-    if path.exists():
-        old = json.loads(path.read_text(encoding="utf-8"))
-        diff = [key for key in settings if old.get(key) != settings[key]]
-        if diff:
-            key = diff[0]
-            raise MarginError(
-                f"{out} holds a run with {key}={old.get(key)!r}, not {settings[key]!r}; "
-                "use another --out, or delete it to start over"
-            )
+    if not path.exists():
         return
-    write_json_atomic(path, settings)
+    old = json.loads(path.read_text(encoding="utf-8"))
+    diff = [key for key in settings if old.get(key) != settings[key]]
+    if diff:
+        key = diff[0]
+        raise MarginError(
+            f"{out} holds a run with {key}={old.get(key)!r}, not {settings[key]!r}; "
+            "use another --out, or delete it to start over"
+        )
+
+
+def _check_ks(runs: Sequence[RunSpec], rags: Mapping[str, RAG]) -> None:
+    """Every run's k against its retriever's index: a k too large for one of them is refused
+    before any run writes, not after the runs before it (and their run.json) are done."""
+    for run in runs:
+        if run.retriever == "none":
+            continue
+        retriever = rags[run.retriever].retriever
+        if retriever is None:
+            raise MarginError(f"the {run.retriever} retriever has no index; pass --index DIR")
+        if run.k > len(retriever):
+            raise MarginError(
+                f"k={run.k} is larger than the {run.retriever} index ({len(retriever)} "
+                "passages); lower --k"
+            )
 
 
 def read_predictions(path: Path) -> dict[str, dict[str, Any]]:
