@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
 
 from margin.decoding import DecodeConfig, decode, decode_rag_sequence, decode_rag_token
 from margin.errors import MarginError
-from margin.generator import Seq2SeqGenerator
+from margin.generator import DecodeState, Encoded, Generator, GenInputs, Seq2SeqGenerator
 from margin.marginalize import rag_sequence_logprob
 from test_generator import (
     PASSAGES,
@@ -288,3 +289,152 @@ def test_dropping_finished_groups_changes_nothing_but_the_work(kind, method, bea
     assert len(set(steps_kept)) == 1  # without dropping, every step runs every row
     if beams == 1:  # greedy: a group is done when its answer ends (beams wait for a heuristic)
         assert rows[-1] < rows[0] and sum(rows) < sum(steps_kept[: len(rows)])
+
+
+# ----------------------------------------------------------------------------- hand-set scores
+
+PAD, EOS, A, B, C = range(5)  # a five-token vocabulary
+WORDS = {A: "A", B: "B", C: "C"}
+# after any first token: EOS with probability 0.97, each answer word 0.01 (PAD: never)
+AFTER = torch.tensor([0.0, 0.97, 0.01, 0.01, 0.01]).log()
+
+
+class TableGenerator(Generator):
+    """p(y_i|x,z,y_<i) read from a hand-set table, so that every score is worked out by hand.
+
+    The first token of row (question b, passage z) follows ``first[b][z]`` ({token: p}, the rest
+    of the mass on EOS); every later token follows AFTER. With ``max_new_tokens=2`` a beam of z
+    holds "X EOS" for z's most likely first tokens X, and p("X EOS"|x,z) = first[b][z][X] * 0.97.
+    """
+
+    eos_token_ids = (EOS,)
+    pad_token_id = PAD
+    forced_bos_token_id = None
+    forced_eos_token_id = None
+
+    def __init__(self, first: list[list[dict[int, float]]]):
+        self.k = len(first[0])
+        probs = torch.zeros(len(first) * self.k, 5)  # (B*k, V) rows question-major
+        for r, table in enumerate(p for per_question in first for p in per_question):
+            for token, p in table.items():
+                probs[r, token] = p
+            probs[r, EOS] = 1.0 - sum(table.values())
+        self.first_logprobs = probs.log()
+        self.model = torch.nn.Linear(1, 1)  # where the "model" lives: the CPU
+        self.scored_rows = 0  # (question, passage) pairs teacher-forced by score()
+
+    @property
+    def vocab_size(self) -> int:
+        return 5
+
+    def inputs(self) -> GenInputs:
+        rows = self.first_logprobs.shape[0]
+        ids = torch.arange(rows)[:, None]  # (B*k, 1): a row's id is its table row
+        return GenInputs(ids, torch.ones_like(ids), self.k)
+
+    def build_inputs(self, questions, passages):
+        raise NotImplementedError  # the table is the input
+
+    def build_targets(self, answers):
+        raise NotImplementedError
+
+    def encode(self, inputs: GenInputs) -> Encoded:
+        return Encoded(inputs)
+
+    def _logits(self, enc, rows, target_ids, target_mask):
+        self.scored_rows += rows.numel()
+        M, T = target_ids.shape
+        out = AFTER.repeat(M, T, 1)  # (M, T, V)
+        out[:, 0] = self.first_logprobs[enc.inputs.input_ids[rows, 0]]
+        return out
+
+    def start(self, enc: Encoded, expand: int) -> DecodeState:
+        rows = enc.inputs.input_ids[:, 0].repeat_interleave(expand)  # (N,) table row of each beam
+        return DecodeState(cache=None, last_tokens=torch.full_like(rows, PAD),  # type: ignore[arg-type]
+                           attention_mask=torch.ones_like(rows)[:, None], context=rows)
+
+    def _forward_step(self, state: DecodeState) -> torch.Tensor:
+        assert state.context is not None
+        if state.steps == 0:
+            return self.first_logprobs[state.context]  # (N, V)
+        return AFTER.repeat(state.context.numel(), 1)
+
+    def advance(self, state: DecodeState, next_tokens: torch.Tensor, reorder: torch.Tensor) -> None:
+        assert state.context is not None
+        state.context = state.context[reorder]
+        state.last_tokens = next_tokens
+        state.steps += 1
+
+    def decode(self, token_ids) -> str:
+        return " ".join(WORDS[t] for t in token_ids if t in WORDS)
+
+
+def _by_hand(prior, first, beams, y):
+    """p(y|x) of the answer word y (then EOS), summed over the passages z in ``beams``."""
+    return sum(prior[z] * first[z][y] * 0.97 for z in beams)
+
+
+def test_fast_decoding_scores_are_their_definition():
+    """Fast Decoding (Sec. 2.5): p(y|x) ≈ Σ_z p(z|x) p(y|x,z) over the passages z whose beam
+    produced y, p(y|x,z) taken as 0 elsewhere; no extra forward pass. Two questions, k = 3,
+    2 beams per passage, every score worked out from the table."""
+    priors = [[0.5, 0.3, 0.2], [0.2, 0.2, 0.6]]
+    first = [
+        [{A: 0.60, B: 0.30, C: 0.09}, {B: 0.50, C: 0.40, A: 0.09}, {C: 0.70, A: 0.20, B: 0.09}],
+        [{A: 0.70, B: 0.20, C: 0.09}, {A: 0.50, C: 0.30, B: 0.19}, {B: 0.45, C: 0.40, A: 0.14}],
+    ]
+    # each passage's beam: its 2 likeliest first words (each then EOS)
+    beams = [[{A, B}, {B, C}, {C, A}], [{A, B}, {A, C}, {B, C}]]
+    gen = TableGenerator(first)
+    scores = torch.tensor(priors).log()  # softmax(log p) = p
+    cfg = DecodeConfig(num_beams=2, max_new_tokens=2, num_return_sequences=2)
+    for b in range(2):  # the beams are what the table says (k = 1: one passage's own beam)
+        for z in range(3):
+            one = TableGenerator([[first[b][z]]])
+            [alone] = decode_rag_sequence(one, one.inputs(), torch.zeros(1, 1), cfg, thorough=False)
+            assert {h.token_ids for h in alone.nbest} == {(y, EOS) for y in beams[b][z]}
+    fast = decode_rag_sequence(gen, gen.inputs(), scores, cfg, thorough=False)
+    assert gen.scored_rows == 0  # Fast Decoding runs no extra forward pass
+    for b, d in enumerate(fast):
+        words = set().union(*beams[b])
+        # by hand, p(y|x) x (1/0.97): question 0: A .5x.6 + .2x.2 = .34, B .5x.3 + .3x.5 = .30,
+        # C .3x.4 + .2x.7 = .26; question 1: A .2x.7 + .2x.5 = .24, B .2x.2 + .6x.45 = .31,
+        # C .2x.3 + .6x.4 = .30
+        want = {y: _by_hand(priors[b], first[b], [z for z in range(3) if y in beams[b][z]], y)
+                for y in words}
+        ranked = sorted(words, key=want.get, reverse=True)[:2]
+        assert [h.token_ids for h in d.nbest] == [(y, EOS) for y in ranked]
+        for h in d.nbest:
+            y = h.token_ids[0]
+            assert h.logprob == pytest.approx(math.log(want[y]), abs=1e-6)
+            # p(z|x,y): only the passages whose beam produced y
+            post = [priors[b][z] * first[b][z][y] * 0.97 / want[y] if y in beams[b][z] else 0.0
+                    for z in range(3)]
+            assert h.doc_posterior == pytest.approx(post, abs=1e-6)
+    assert [d.best.text for d in fast] == ["A", "B"]
+    # Thorough Decoding scores the same hypotheses under every passage: the full sum
+    thorough = decode_rag_sequence(gen, gen.inputs(), scores, cfg, thorough=True)
+    assert gen.scored_rows == 6  # one extra pass per (question, passage) pair no beam scored
+    for b, d in enumerate(thorough):
+        for h in d.nbest:
+            y = h.token_ids[0]
+            assert h.logprob == pytest.approx(math.log(_by_hand(priors[b], first[b], range(3), y)),
+                                              abs=1e-6)
+
+
+def test_fast_and_thorough_decoding_choose_different_answers():
+    """A is passage 1's greedy answer, B passage 2's; B is also likely under passage 1, which
+    Fast Decoding does not look at. p(z|x) = (0.7, 0.3):
+    Fast:     p(A) = .7 x .5 = .35,             p(B) = .3 x .9 = .27            -> A
+    Thorough: p(A) = .35 + .3 x .05 = .365,     p(B) = .7 x .4 + .27 = .55      -> B
+    (each x 0.97, the answer's EOS)."""
+    gen = TableGenerator([[{A: 0.50, B: 0.40, C: 0.09}, {B: 0.90, A: 0.05, C: 0.04}]])
+    scores = torch.tensor([[0.7, 0.3]]).log()
+    cfg = DecodeConfig(num_beams=1, max_new_tokens=2, num_return_sequences=1)
+    [fast] = decode(gen, gen.inputs(), scores, cfg, "fast")
+    [thorough] = decode(gen, gen.inputs(), scores, cfg, "thorough")
+    assert (fast.best.text, thorough.best.text) == ("A", "B")
+    assert fast.best.logprob == pytest.approx(math.log(0.35 * 0.97), abs=1e-6)
+    assert thorough.best.logprob == pytest.approx(math.log(0.55 * 0.97), abs=1e-6)
+    assert fast.best.doc_posterior == pytest.approx((1.0, 0.0), abs=1e-6)
+    assert thorough.best.doc_posterior == pytest.approx((0.28 / 0.55, 0.27 / 0.55), abs=1e-6)
