@@ -246,6 +246,8 @@ def test_search_refuses_an_encoder_with_other_weights(st_model, tmp_path, capsys
          "eval_every must be at least 0, got -2"),
         (["train", "--train", "{tmp}/dev.jsonl", "--out", "{tmp}/out", "--warmup", "-1"],
          "warmup must be at least 0, got -1"),
+        (["index", "build", "--corpus", "{tmp}/dev.jsonl", "--ray", "--ray-workers", "0",
+          "--out", "{tmp}/out"], "--ray-workers must be at least 1, got 0"),
     ],
 )
 def test_zero_counts_are_refused_before_loading_not_replaced_by_defaults(
@@ -253,6 +255,7 @@ def test_zero_counts_are_refused_before_loading_not_replaced_by_defaults(
 ):
     """`-k 0` once meant the model's k (`k or default_k`) and `--epochs 0` one epoch: a number
     the user gave is checked, in one line, before any model, index or data is loaded."""
+    import margin.encoders
     import margin.models
     import margin.train
 
@@ -260,6 +263,7 @@ def test_zero_counts_are_refused_before_loading_not_replaced_by_defaults(
         pytest.fail("loaded a model or ran before checking the options")
 
     monkeypatch.setattr(margin.models, "load_model", loaded)
+    monkeypatch.setattr(margin.encoders, "load_encoder", loaded)
     monkeypatch.setattr(margin.train, "run", loaded)
     monkeypatch.setattr(margin.train, "finetune", loaded)
     (tmp_path / "dev.jsonl").write_text('{"question": "why?", "answers": ["because"]}\n')

@@ -65,6 +65,7 @@ def index_build(
     from margin.encoders import load_encoder
 
     _check_choice("kind", kind, KINDS)
+    _check_at_least("--ray-workers", ray_workers)  # 0 is not "one per CPU" (unset is)
     where = str(resolve_device(device))  # Ray workers pick their own (a GPU if given one)
     enc = None if kind == "bm25" else load_encoder(encoder, role="passage", device=where)
     if ray and enc is not None:
