@@ -58,8 +58,8 @@ PLAN = "plan.json"  # the build plan inside a work directory
 DEFAULT_SHARD_SIZE = 100_000  # passages per shard: the unit of resumption and of appending
 ENCODE_CHUNK = 2048  # passages per encode call: the progress bar's step (sorting by length within)
 KINDS = (*DENSE_KINDS, "bm25")
-# open_index hashes every file of an index up to this size (~0.1 s at 12k passages, 384-d;
-# ~9 s at 1M on a 2-core CPU: docs/retrieval.md); larger ones get the cheap checks only.
+# open_index hashes every file of an index up to this size (0.5-1 s; 40 ms for 12k passages of
+# 384-d, 3-6 s for 1M on a 2-core CPU: docs/retrieval.md); larger ones get the cheap checks.
 VERIFY_ON_OPEN_BYTES = 512 * 2**20
 
 log = logging.getLogger("margin")
