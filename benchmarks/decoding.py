@@ -57,8 +57,8 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput
 
 from _report import load_average, provenance, write_section
-from margin.decoding import DecodeConfig, Decoded, decode_rag_sequence, decode_rag_token
-from margin.generator import SCORE_CHUNK, GenInputs, Seq2SeqGenerator
+from margin.generation.decoding import DecodeConfig, Decoded, decode_rag_sequence, decode_rag_token
+from margin.generation.generator import SCORE_CHUNK, GenInputs, Seq2SeqGenerator
 
 SECTION = "## Decoding vs transformers"
 GPU_SECTION = "## Decoding vs transformers on a GPU"

@@ -24,8 +24,8 @@ import torch
 
 from _report import load_average, provenance, write_section
 from margin.assets import DEFAULT_CORPUS
-from margin.encoders import load_encoder
-from margin.passages import Passage
+from margin.retrieval.encoders import load_encoder
+from margin.retrieval.passages import Passage
 
 SECTION = "## Encoding throughput"
 BENCHMARKS_MD = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"

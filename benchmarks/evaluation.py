@@ -7,7 +7,8 @@ What it measures (issue "Evaluation", section "Shown on real data"):
   with the time per question and EM on the questions whose gold answer is in the top-5 passages;
 - a k sweep (dense RAG-Token, k = 1, 5, 10, 20) and its plot.
 
-Every run goes through ``margin.evaluate.run_eval`` into ``--out`` and is resumable, so the main
+Every run goes through ``margin.evaluation.evaluate.run_eval`` into ``--out`` and is resumable, so
+the main
 table grows in stages (all ten settings reach n questions before any goes further): a run cut by
 ``--budget-min`` leaves balanced, usable numbers, and running the same command again continues it.
 
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from margin.evaluate import (
+from margin.evaluation.evaluate import (
     BM25_DOC_SCORE_SCALE,
     EvalConfig,
     bm25_retriever,
@@ -34,7 +35,7 @@ from margin.evaluate import (
     run_eval,
     with_retriever,
 )
-from margin.examples import read_examples
+from margin.evaluation.examples import read_examples
 from margin.models import load_model
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -193,7 +194,7 @@ def render(recall, main_results, sweep, args, wall_min, load_start, load_end) ->
         + (f" --threads {args.threads}" if args.threads != 1 else "") + " --write`",
         "- s/question: what a setting costs alone, the batch's retrieval and prompt encoding "
         "plus its own decoding (the token and sequence runs of one retriever share the "
-        "encoding, computed once: `margin.evaluate.shared_prompt_groups`)",
+        "encoding, computed once: `margin.evaluation.evaluate.shared_prompt_groups`)",
         f"- machine: nproc 2, {cpu_model()}; torch {torch.__version__}, {args.threads} torch "
         "thread(s) per process (long runs: one process per data set, `--datasets`), "
         f"niced; load average at the start {load_start}, at the end {load_end} (shared machine)",

@@ -3,7 +3,8 @@
 What it measures (issue "Answer quality", section "A fine-tuned default, one command"):
 
 - ``finetune``: runs ``margin finetune`` on the two development files exactly as ``make finetune``
-  does (the recipe in ``margin.train.FINETUNE_RECIPE``; the first 500 lines of each file are held
+  does (the recipe in ``margin.training.train.FINETUNE_RECIPE``; the first 500 lines of each file
+  are held
   out) and records its wall time;
 - ``eval``: ``margin eval`` of ``--model finetuned`` on the held-out slices (the first 500
   questions of nq-open-dev and triviaqa-dev): closed book and dense RAG at k = 5 in both modes,
@@ -43,10 +44,10 @@ from pathlib import Path
 import torch
 
 from margin.assets import margin_home
-from margin.evaluate import EvalConfig, RunSpec, read_predictions, run_eval
+from margin.evaluation.evaluate import EvalConfig, RunSpec, read_predictions, run_eval
 from margin.models import load_model
 from margin.rag import LOSS_MODES
-from margin.train import FINETUNE_RECIPE, FINETUNE_UNGROUNDED, HELDOUT, PRECISIONS
+from margin.training.train import FINETUNE_RECIPE, FINETUNE_UNGROUNDED, HELDOUT, PRECISIONS
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _report import load_average, machine, write_section  # noqa: E402
@@ -99,8 +100,8 @@ def finetune(out: Path, datasets: dict[str, Path], extra: list[str], name: str) 
 def prepare(device: str) -> None:
     """The default model's cache, built before anything is timed: the generator converted from
     its GGUF, and the default index, its passages encoded on ``device``."""
-    from margin.default_generator import default_generator_dir
-    from margin.retriever import ensure_default_index
+    from margin.generation.default_generator import default_generator_dir
+    from margin.retrieval.retriever import ensure_default_index
 
     began = time.perf_counter()
     default_generator_dir(progress=False)
@@ -301,12 +302,13 @@ def describe(timing, args, heading: str) -> list[str]:
         ("`make finetune` (" if not options else "") + f"`{command}`" + ("" if options else ")")
         + " fine-tunes the "
         f"default model on the development files minus their first {HELDOUT} lines, which are held "
-        f"out for this report. Recipe (`margin.train.FINETUNE_RECIPE`"
+        f"out for this report. Recipe (`margin.training.train.FINETUNE_RECIPE`"
         f"{', with ' + ' '.join(options) if options else ''}): {OBJECTIVES[r.mode]}, "
         f"k = {r.k}, {length} (NQ and TriviaQA "
         f"interleaved, in file order): {1 - FINETUNE_UNGROUNDED:.1%} the first ones with a gold "
         f"answer in their top {r.k} passages, that answer the target, and "
-        f"{FINETUNE_UNGROUNDED:.1%} the first ones without (`margin.train.select_questions`); "
+        f"{FINETUNE_UNGROUNDED:.1%} the first ones without "
+        "(`margin.training.train.select_questions`); "
         f"LoRA r = {r.lora_r} on every linear layer of the generator at lr {r.lr:g}, "
         f"the question encoder trained in full at lr {r.retriever_lr:g}; the passage index fixed "
         "(the paper's setting)" + precision + ".", "",

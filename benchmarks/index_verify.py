@@ -1,6 +1,7 @@
 """What checking an index's file checksums costs: open with and without hashing, verify_index.
 
-Picks the default of ``open_index`` (margin.build.VERIFY_ON_OPEN_BYTES, docs/retrieval.md).
+Picks the default of ``open_index`` (margin.retrieval.build.VERIFY_ON_OPEN_BYTES,
+docs/retrieval.md).
 
 1. A synthetic index of ``--n`` passages (default 12,000, the default corpus's size) built by
    ``build_index``: 100-word passages of common words, random 384-d unit vectors (the default
@@ -20,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from margin import _checksums
-from margin.build import build_index, open_index, verify_index
-from margin.passages import Passage
+from margin.retrieval import _checksums
+from margin.retrieval.build import build_index, open_index, verify_index
+from margin.retrieval.passages import Passage
 
 WORDS = "the of and in to a was is for on as by with he that at from his it an were are".split()
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from margin.evaluate import read_predictions
-from margin.metrics import normalize_answer
+from margin.evaluation.evaluate import read_predictions
+from margin.evaluation.metrics import normalize_answer
 
 RUNS = {"token": "dense-k5-token-greedy", "sequence": "dense-k5-sequence-greedy"}
 

@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from margin import metrics as M
-from margin.evaluate import bm25_retriever, retrieval_recall
-from margin.examples import Example, read_examples
-from margin.retriever import Retriever
+from margin.evaluation import metrics as M
+from margin.evaluation.evaluate import bm25_retriever, retrieval_recall
+from margin.evaluation.examples import Example, read_examples
+from margin.retrieval.retriever import Retriever
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _report import load_average, provenance, write_section  # noqa: E402

@@ -38,7 +38,7 @@ import faiss
 import numpy as np
 
 from _report import cpu_model, write_section
-from margin.index import DenseIndex, Embeddings, IndexConfig
+from margin.retrieval.index import DenseIndex, Embeddings, IndexConfig
 
 SECTION = "## Index search"
 BENCHMARKS_MD = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
@@ -179,9 +179,9 @@ def verdict(rows: list[dict]) -> str:
 def default_corpus_rows(tmp: Path, runs: int, n_queries: int) -> tuple[list[dict], int] | None:
     """Encode the default corpus with the default encoder (build_index) and measure it."""
     try:
-        from margin.build import build_index, open_index
-        from margin.encoders import load_encoder
-        from margin.passages import read_corpus
+        from margin.retrieval.build import build_index, open_index
+        from margin.retrieval.encoders import load_encoder
+        from margin.retrieval.passages import read_corpus
 
         passage_encoder = load_encoder("default", role="passage")
         question_encoder = load_encoder("default", role="question")

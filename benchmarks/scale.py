@@ -4,7 +4,8 @@ RAG's memory is 21M DPR passages, 768-d (Sec. 3); its index needed ~100 GB of RA
 compressed). This measures what margin needs per passage, to extrapolate to 21M (docs/scale.md):
 
 1. Ingestion: a JSONL corpus of ``n`` passages (~100 words each) is streamed through
-   ``margin.build`` (read, chunk, checksum, Arrow store, encode, ``.npy`` embedding shards) with a
+   ``margin.retrieval.build`` (read, chunk, checksum, Arrow store, encode, ``.npy`` embedding
+   shards) with a
    fast fake encoder: each passage's vector is a random centre (1,000 centres from N(0, I)) plus
    N(0, I) noise, L2-normalised (as benchmarks/retrieval_index.py, but 768-d). The resident set
    (VmRSS) is sampled every 10% of the corpus: it must stay flat as the corpus grows.
@@ -117,8 +118,8 @@ def rss() -> dict[str, int]:
 
 def child_ingest(corpus: str, out: str, n: int) -> dict:
     """Stream the corpus into passage shards and embedding shards; sample RSS as it grows."""
-    from margin import build
-    from margin.passages import read_corpus
+    from margin.retrieval import build
+    from margin.retrieval.passages import read_corpus
 
     samples = []
 
@@ -143,13 +144,13 @@ def child_ingest(corpus: str, out: str, n: int) -> dict:
 def child_build(embeddings: str, n: int, name: str, out: str) -> dict:
     import faiss
 
-    from margin.index import DenseIndex, Embeddings, IndexConfig
+    from margin.retrieval.index import DenseIndex, Embeddings, IndexConfig
 
     faiss.omp_set_num_threads(1)
     paths = sorted(Path(embeddings).glob("shard-*.npy"))
     emb = Embeddings.open(paths, DIM)
     if n < len(emb):  # a prefix (HNSW on a subset)
-        from margin.sharded import _row_range
+        from margin.retrieval.sharded import _row_range
 
         emb = _row_range(emb, 0, n)
     start = time.perf_counter()
@@ -163,12 +164,12 @@ def child_build(embeddings: str, n: int, name: str, out: str) -> dict:
 def child_serve(embeddings: str, n: int, name: str, path: str, queries: str, truth: str) -> dict:
     import faiss
 
-    from margin.index import DenseIndex, Embeddings, IndexConfig
+    from margin.retrieval.index import DenseIndex, Embeddings, IndexConfig
 
     faiss.omp_set_num_threads(1)
     emb = Embeddings.open(sorted(Path(embeddings).glob("shard-*.npy")), DIM)
     if n < len(emb):
-        from margin.sharded import _row_range
+        from margin.retrieval.sharded import _row_range
 
         emb = _row_range(emb, 0, n)
     before = rss()

@@ -58,10 +58,10 @@ CHANGED = [
 
 def changed_index(work: Path) -> Path:
     """A copy of the default index plus the changed-fact passages (built once, cached)."""
-    from margin.build import add_to_index
-    from margin.encoders import load_encoder
-    from margin.passages import Passage
-    from margin.retriever import ensure_default_index
+    from margin.retrieval.build import add_to_index
+    from margin.retrieval.encoders import load_encoder
+    from margin.retrieval.passages import Passage
+    from margin.retrieval.retriever import ensure_default_index
 
     out = work / "default-changed"
     if (out / "manifest.json").exists():
@@ -82,9 +82,9 @@ def _serve(port: int, max_batch: int, changed: str, threads: int) -> None:
     import uvicorn
     from transformers.utils import logging as hf_logging
 
-    from margin.batching import BatchConfig
     from margin.rag import RAG
-    from margin.server import ServeConfig, create_app
+    from margin.serving.batching import BatchConfig
+    from margin.serving.server import ServeConfig, create_app
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

@@ -11,7 +11,7 @@ import faiss
 import numpy as np
 import pytest
 
-from margin.passages import Passage
+from margin.retrieval.passages import Passage
 
 # One dimension per keyword. A text's vector counts its keywords and is L2-normalised, so the
 # inner product of a one-keyword query with a passage is that keyword's share of the passage.
@@ -98,7 +98,7 @@ def clustered(n: int, dim: int, clusters: int = 20, seed: int = 0) -> np.ndarray
 @pytest.fixture(scope="module")
 def bart():
     """The tiny random BART of tests/test_generator.py behind margin's seq2seq generator."""
-    from margin.generator import Seq2SeqFormat, Seq2SeqGenerator
+    from margin.generation.generator import Seq2SeqFormat, Seq2SeqGenerator
     from test_generator import tiny_bart
 
     model, tok = tiny_bart()
@@ -108,7 +108,7 @@ def bart():
 @pytest.fixture(scope="module")
 def llama():
     """The tiny random Llama of tests/test_generator.py behind margin's causal generator."""
-    from margin.generator import CausalGenerator
+    from margin.generation.generator import CausalGenerator
     from test_generator import tiny_llama
 
     model, tok = tiny_llama()

@@ -16,7 +16,8 @@ import pytest
 
 import margin
 from conftest import DOCS, KeywordEncoder, clustered
-from margin.build import (
+from margin.errors import MarginError
+from margin.retrieval.build import (
     MANIFEST,
     add_to_index,
     build_index,
@@ -25,10 +26,9 @@ from margin.build import (
     open_index,
     verify_index,
 )
-from margin.errors import MarginError
-from margin.index import IndexConfig
-from margin.passages import Passage, read_corpus
-from margin.store import chain_checksum
+from margin.retrieval.index import IndexConfig
+from margin.retrieval.passages import Passage, read_corpus
+from margin.retrieval.store import chain_checksum
 
 TESTS = Path(__file__).parent
 
@@ -222,7 +222,7 @@ CRASH_SCRIPT = """
 import sys, time
 sys.path.insert(0, sys.argv[1])
 from conftest import KeywordEncoder
-from margin.build import build_index
+from margin.retrieval.build import build_index
 
 class SlowEncoder(KeywordEncoder):
     def encode_passages(self, passages, batch_size=64, progress=False):

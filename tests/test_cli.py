@@ -255,17 +255,17 @@ def test_zero_counts_are_refused_before_loading_not_replaced_by_defaults(
 ):
     """`-k 0` once meant the model's k (`k or default_k`) and `--epochs 0` one epoch: a number
     the user gave is checked, in one line, before any model, index or data is loaded."""
-    import margin.encoders
     import margin.models
-    import margin.train
+    import margin.retrieval.encoders
+    import margin.training.train
 
     def loaded(*args, **kwargs):
         pytest.fail("loaded a model or ran before checking the options")
 
     monkeypatch.setattr(margin.models, "load_model", loaded)
-    monkeypatch.setattr(margin.encoders, "load_encoder", loaded)
-    monkeypatch.setattr(margin.train, "run", loaded)
-    monkeypatch.setattr(margin.train, "finetune", loaded)
+    monkeypatch.setattr(margin.retrieval.encoders, "load_encoder", loaded)
+    monkeypatch.setattr(margin.training.train, "run", loaded)
+    monkeypatch.setattr(margin.training.train, "finetune", loaded)
     (tmp_path / "dev.jsonl").write_text('{"question": "why?", "answers": ["because"]}\n')
     argv = [a.format(index=index, tmp=tmp_path) for a in argv]
     code, _, err = run(argv, capsys)

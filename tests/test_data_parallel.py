@@ -20,15 +20,15 @@ import numpy as np
 import pytest
 import torch
 
-from margin.build import build_index
 from margin.cli import main
-from margin.data_parallel import SINGLE, World, sum_gradients
-from margin.decoding import DecodeConfig
-from margin.encoders import load_encoder
+from margin.generation.decoding import DecodeConfig
 from margin.models import make_generator, save_model
-from margin.passages import Passage
 from margin.rag import RAG
-from margin.retriever import Retriever
+from margin.retrieval.build import build_index
+from margin.retrieval.encoders import load_encoder
+from margin.retrieval.passages import Passage
+from margin.retrieval.retriever import Retriever
+from margin.training.data_parallel import SINGLE, World, sum_gradients
 from test_distributed import ray_cluster  # noqa: F401  (the session's one Ray cluster)
 from test_encoders import TINY, one_thread, tokenizer
 from test_generator import tiny_llama

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from margin.decoding import DecodeConfig, decode, decode_rag_sequence, decode_rag_token
 from margin.errors import MarginError
-from margin.generator import DecodeState, Encoded, Generator, GenInputs, Seq2SeqGenerator
+from margin.generation.decoding import DecodeConfig, decode, decode_rag_sequence, decode_rag_token
+from margin.generation.generator import DecodeState, Encoded, Generator, GenInputs, Seq2SeqGenerator
 from margin.marginalize import rag_sequence_logprob
 from test_generator import (
     PASSAGES,
@@ -259,7 +259,7 @@ def test_dropping_finished_groups_changes_nothing_but_the_work(kind, method, bea
                                                                request, monkeypatch):
     """Groups that can no longer improve leave the batch (from its head or its tail); every
     result stays the same."""
-    import margin.decoding as D
+    import margin.generation.decoding as D
 
     gen = request.getfixturevalue(kind)
     inputs = gen.build_inputs(QS, PS)

@@ -13,7 +13,7 @@ import math
 import pytest
 
 from margin.cli import main
-from margin.passages import read_corpus
+from margin.retrieval.passages import read_corpus
 
 pytestmark = pytest.mark.slow
 
@@ -23,8 +23,8 @@ TITLES = {"Mona Lisa", "Romeo and Juliet", "Mars", "Australia", "Leonardo da Vin
 
 @pytest.fixture(scope="module")
 def index(tmp_path_factory):
-    from margin.build import build_index
-    from margin.encoders import load_encoder
+    from margin.retrieval.build import build_index
+    from margin.retrieval.encoders import load_encoder
 
     passages = [p for i, p in enumerate(read_corpus("default")) if p.title in TITLES or i < 150]
     out = tmp_path_factory.mktemp("default-assets") / "index"

@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import margin.default_generator as dg
+import margin.generation.default_generator as dg
 from margin.errors import MarginError
 
 CHATML = (

@@ -66,8 +66,8 @@ def test_devices_margin_does_not_run_on_are_refused(name):
 
 
 def test_configs_refuse_a_missing_device_when_built(no_gpu):
-    from margin.evaluate import EvalConfig, check_config
-    from margin.train import TrainConfig
+    from margin.evaluation.evaluate import EvalConfig, check_config
+    from margin.training.train import TrainConfig
 
     with pytest.raises(MarginError, match="no CUDA GPU"):
         TrainConfig(device="cuda")
@@ -78,8 +78,8 @@ def test_configs_refuse_a_missing_device_when_built(no_gpu):
 
 def test_a_ray_worker_loads_its_encoder_where_it_can_run(no_gpu, st_model):  # noqa: F811
     """Without a GPU given to the worker, its encoder copy is on the CPU, and encodes alike."""
-    from margin.distributed import worker_encoder
-    from margin.encoders import load_encoder
+    from margin.retrieval.distributed import worker_encoder
+    from margin.retrieval.encoders import load_encoder
 
     with one_thread():
         driver = load_encoder(st_model, role="passage")
@@ -92,9 +92,9 @@ def test_a_ray_worker_loads_its_encoder_where_it_can_run(no_gpu, st_model):  # n
 
 def test_data_parallel_training_refuses_one_numbered_gpu_for_every_process(two_gpus, tmp_path):
     """Under torchrun each process takes the GPU of its LOCAL_RANK; cuda:1 would stack them."""
-    from margin.data_parallel import World
-    from margin.examples import Example
-    from margin.train import TrainConfig, train
+    from margin.evaluation.examples import Example
+    from margin.training.data_parallel import World
+    from margin.training.train import TrainConfig, train
 
     config = TrainConfig(steps=1, device="cuda:1")
     with pytest.raises(MarginError, match="all 2 processes on one GPU"):

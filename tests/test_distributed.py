@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 from conftest import KeywordEncoder
-from margin.build import build_index, open_index
-from margin.distributed import RayConfig, build_index_ray
 from margin.errors import MarginError
+from margin.retrieval.build import build_index, open_index
+from margin.retrieval.distributed import RayConfig, build_index_ray
 
 TESTS = Path(__file__).parent
 WORDS = ["paris", "france", "berlin", "germany", "rome", "italy", "river", "mountain"]
@@ -105,8 +105,8 @@ def test_ray_build_equals_local_build(ray_cluster, tmp_path):
 
 def test_a_worker_with_other_weights_is_refused():
     """What each Ray actor runs, called here directly: its encoder must be the driver's."""
-    from margin.distributed import _EncoderWorker
-    from margin.passages import Passage
+    from margin.retrieval.distributed import _EncoderWorker
+    from margin.retrieval.passages import Passage
 
     driver = KeywordEncoder()
     other = functools.partial(KeywordEncoder, keywords=("paris", "rome", "river", "alps", "a",
@@ -198,7 +198,7 @@ def test_cli_ray_build_with_a_transformer_encoder(ray_cluster, tmp_path, capsys)
     from transformers import BertConfig, BertModel
 
     from margin.cli import main
-    from margin.encoders import load_encoder
+    from margin.retrieval.encoders import load_encoder
     from test_encoders import TINY, tokenizer
 
     torch.manual_seed(0)
@@ -229,7 +229,7 @@ RSS_SCRIPT = """
 import json, resource, sys
 import numpy as np
 sys.path.insert(0, sys.argv[1])
-from margin.build import build_index
+from margin.retrieval.build import build_index
 
 class FastEncoder:  # 64-d vectors from the passage number: no model, all the cost is ingestion
     dim, fingerprint, spec = 64, "f" * 64, {"kind": "fake", "name": "fast"}

@@ -25,7 +25,8 @@ from transformers import (
     DPRQuestionEncoder,
 )
 
-from margin.encoders import (
+from margin.errors import MarginError
+from margin.retrieval.encoders import (
     DPREncoder,
     HFEncoder,
     SentenceTransformerEncoder,
@@ -33,8 +34,7 @@ from margin.encoders import (
     load_encoder_from_spec,
     passage_text,
 )
-from margin.errors import MarginError
-from margin.passages import Passage
+from margin.retrieval.passages import Passage
 
 WORDS = (
     "the a of is in and to was on for by with capital city france paris germany berlin river "

@@ -12,11 +12,10 @@ import json
 import pytest
 
 from conftest import DOCS, KeywordEncoder
-from margin import metrics as M
-from margin.build import build_index, open_index
 from margin.cli import main
 from margin.errors import MarginError
-from margin.evaluate import (
+from margin.evaluation import metrics as M
+from margin.evaluation.evaluate import (
     BM25_DOC_SCORE_SCALE,
     EvalConfig,
     RunSpec,
@@ -25,10 +24,11 @@ from margin.evaluate import (
     run_eval,
     with_retriever,
 )
-from margin.generator import Seq2SeqFormat, Seq2SeqGenerator
-from margin.passages import split_document
+from margin.generation.generator import Seq2SeqFormat, Seq2SeqGenerator
 from margin.rag import RAG
-from margin.retriever import Retriever
+from margin.retrieval.build import build_index, open_index
+from margin.retrieval.passages import split_document
+from margin.retrieval.retriever import Retriever
 from test_generator import tiny_bart
 from test_rag import TorchKeywordEncoder
 
@@ -104,7 +104,7 @@ def test_one_run_writes_predictions_metrics_and_report(rags, qa_file, tmp_path):
 
 
 def test_resuming_skips_finished_examples(rags, qa_file, tmp_path, monkeypatch):
-    import margin.evaluate as ev
+    import margin.evaluation.evaluate as ev
 
     seen: list[str] = []
     real = ev.predict_runs
@@ -296,7 +296,7 @@ def test_generation_metrics(rags, tmp_path):
 def test_bad_input_is_one_line_and_writes_nothing(
     content, argv_extra, message, tmp_path, capsys, monkeypatch
 ):
-    import margin.evaluate as ev
+    import margin.evaluation.evaluate as ev
 
     monkeypatch.setattr(ev, "load_rags", lambda *a: pytest.fail("loaded a model"))
     data = tmp_path / "dev.tsv"
@@ -310,7 +310,7 @@ def test_bad_input_is_one_line_and_writes_nothing(
 
 
 def test_cli_prints_the_summary_table(rags, qa_file, tmp_path, capsys, monkeypatch):
-    import margin.evaluate as ev
+    import margin.evaluation.evaluate as ev
 
     monkeypatch.setattr(ev, "load_rags", lambda cfg, names: {n: rags[n] for n in names})
     out = tmp_path / "cli"
@@ -329,7 +329,7 @@ def test_k_over_the_index_size_writes_nothing_and_the_corrected_rerun_works(
     """`--k 50` on a 6-passage index once failed after writing run.json, and the rerun with a
     valid k was then refused as "holds a run with k=50": every k is checked against every
     retriever's index before anything is written."""
-    import margin.evaluate as ev
+    import margin.evaluation.evaluate as ev
 
     monkeypatch.setattr(ev, "load_rags", lambda cfg, names: {n: rags[n] for n in names})
     out = tmp_path / "out"

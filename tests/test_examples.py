@@ -5,7 +5,7 @@ import json
 import pytest
 
 from margin.errors import MarginError
-from margin.examples import (
+from margin.evaluation.examples import (
     MAX_INPUT_CHARS,
     detect_format,
     read_examples,

@@ -27,7 +27,7 @@ from transformers import (
 )
 
 from margin.errors import MarginError
-from margin.generator import (
+from margin.generation.generator import (
     CausalFormat,
     CausalGenerator,
     GenInputs,
@@ -40,7 +40,7 @@ from margin.generator import (
     rag_context_string,
     unpadded_rows,
 )
-from margin.passages import Passage
+from margin.retrieval.passages import Passage
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyz0123456789"
 _MERGES = ["Ġ t", "h e", "Ġt he", "i n", "a n", "e r", "o n", "Ġ a", "Ġ w", "Ġ /"]
@@ -535,7 +535,7 @@ def test_targets_take_the_template_form_and_the_stop_token():
 def test_a_generated_answer_scores_as_it_was_generated(method):
     """Scoring (training, eval) writes an answer as decoding produced it, ending with the stop
     token that ended it ('.', which is not the first EOS id), so the two log-probs agree."""
-    from margin.decoding import DecodeConfig, decode
+    from margin.generation.decoding import DecodeConfig, decode
     from margin.marginalize import rag_sequence_logprob, rag_token_logprob
 
     model, tok = tiny_llama(seed=3)

@@ -47,12 +47,12 @@ from _tiny_rag import (
     write_corpus,
 )
 from margin import cli
-from margin.build import build_index, open_index
-from margin.decoding import DecodeConfig, decode
-from margin.encoders import DPREncoder, load_encoder
 from margin.errors import MarginError
+from margin.generation.decoding import DecodeConfig, decode
 from margin.hf_rag import RagCheckpointGenerator, load_hf_rag, seq2seq_format
 from margin.models import load_model
+from margin.retrieval.build import build_index, open_index
+from margin.retrieval.encoders import DPREncoder, load_encoder
 
 K = 3  # the checkpoints' n_docs
 MAX_NEW = 8

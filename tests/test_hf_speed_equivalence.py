@@ -25,9 +25,9 @@ from transformers import (
     RagTokenForGeneration,
 )
 
-import margin.generator as generator_module
-from margin.decoding import DecodeConfig, decode_rag_sequence, decode_rag_token
-from margin.generator import GenInputs, Seq2SeqGenerator
+import margin.generation.generator as generator_module
+from margin.generation.decoding import DecodeConfig, decode_rag_sequence, decode_rag_token
+from margin.generation.generator import GenInputs, Seq2SeqGenerator
 from margin.marginalize import doc_log_prior, nll_loss
 
 B, K, S, VOCAB, BEAMS, MAX_NEW = 4, 4, 24, 300, 4, 8

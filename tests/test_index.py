@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from conftest import clustered
-from margin.bm25 import BM25Config, BM25Index
 from margin.errors import MarginError
-from margin.index import (
+from margin.retrieval.bm25 import BM25Config, BM25Index
+from margin.retrieval.index import (
     DenseIndex,
     Embeddings,
     IndexConfig,
@@ -19,8 +19,8 @@ from margin.index import (
     pq_bits,
     pq_m,
 )
-from margin.passages import Passage
-from margin.store import EMPTY_CHECKSUM, PassageStore, shard_name, write_shard
+from margin.retrieval.passages import Passage
+from margin.retrieval.store import EMPTY_CHECKSUM, PassageStore, shard_name, write_shard
 
 N, DIM, N_QUERIES = 3000, 32, 100
 

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from margin import metrics as M
 from margin.errors import MarginError
+from margin.evaluation import metrics as M
 
 
 @pytest.mark.parametrize(

@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from conftest import DOCS
-from margin.build import build_index, open_index
-from margin.decoding import DecodeConfig
-from margin.encoders import load_encoder
 from margin.errors import MarginError
+from margin.generation.decoding import DecodeConfig
 from margin.models import MODEL_FILE, ModelConfig, load_model, make_generator, save_model
-from margin.passages import split_document
 from margin.rag import RAG
-from margin.retriever import Retriever
+from margin.retrieval.build import build_index, open_index
+from margin.retrieval.encoders import load_encoder
+from margin.retrieval.passages import split_document
+from margin.retrieval.retriever import Retriever
 from test_cli import st_model  # noqa: F401  (module fixture: a tiny sentence-transformers model)
 from test_encoders import one_thread
 from test_generator import tiny_llama
@@ -108,7 +108,7 @@ def test_a_newer_format_is_refused_in_one_line(rag, tmp_path):
 def test_to_moves_every_network_once_and_leaves_the_index(rag, monkeypatch):
     """RAG.to moves the generator and each distinct question encoder (the retriever's own, when
     it has another) to the resolved device; the FAISS index is not a torch module and stays."""
-    from margin.encoders import load_encoder_from_spec
+    from margin.retrieval.encoders import load_encoder_from_spec
 
     other = load_encoder_from_spec(dict(rag.question_encoder.spec))  # e.g. a frozen retriever's
     view = RAG(rag.generator, Retriever(rag.retriever.index, other, check=False),

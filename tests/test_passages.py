@@ -11,7 +11,7 @@ import pytest
 
 import margin.assets
 from margin.errors import MarginError
-from margin.passages import (
+from margin.retrieval.passages import (
     MAX_CHARS,
     Passage,
     chunk_words,
@@ -235,9 +235,9 @@ def test_dpr_tsv_field_over_128_kib_is_read_and_bounded(tmp_path):
 def test_dpr_tsv_field_over_the_limit_is_one_line_with_file_and_line(tmp_path, monkeypatch):
     import csv
 
-    import margin.passages
+    import margin.retrieval.passages
 
-    monkeypatch.setattr(margin.passages, "CSV_FIELD_LIMIT", 1000)
+    monkeypatch.setattr(margin.retrieval.passages, "CSV_FIELD_LIMIT", 1000)
     before = csv.field_size_limit(1000)  # the limit is process-wide: restore it after
     try:
         path = tmp_path / "psgs.tsv"

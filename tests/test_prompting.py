@@ -13,8 +13,7 @@ from tokenizers.pre_tokenizers import Whitespace
 from transformers import PreTrainedTokenizerFast
 
 from margin.errors import MarginError
-from margin.passages import Passage
-from margin.prompting import (
+from margin.generation.prompting import (
     DEFAULT_TEMPLATE,
     Demonstration,
     PromptTemplate,
@@ -22,6 +21,7 @@ from margin.prompting import (
     postprocess_answer,
     prompt_fn,
 )
+from margin.retrieval.passages import Passage
 
 CHATML = (
     "{% for message in messages %}"
@@ -195,7 +195,7 @@ def test_default_model_copies_the_answer_from_the_context() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from margin.default_generator import default_generator_dir
+    from margin.generation.default_generator import default_generator_dir
 
     path = default_generator_dir()
     tok = AutoTokenizer.from_pretrained(path)

@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from conftest import KeywordEncoder
-from margin.build import build_index, open_index
 from margin.errors import MarginError
-from margin.generator import Seq2SeqFormat, Seq2SeqGenerator
+from margin.generation.generator import Seq2SeqFormat, Seq2SeqGenerator
 from margin.marginalize import nll_loss
 from margin.rag import RAG, decoding_method
-from margin.retriever import Retriever
+from margin.retrieval.build import build_index, open_index
+from margin.retrieval.retriever import Retriever
 from test_generator import tiny_bart
 
 
@@ -43,7 +43,7 @@ class TorchKeywordEncoder(KeywordEncoder):
 @pytest.fixture(scope="module")
 def rag(tmp_path_factory):
     from conftest import DOCS
-    from margin.passages import split_document
+    from margin.retrieval.passages import split_document
 
     out = tmp_path_factory.mktemp("rag") / "index"
     encoder = TorchKeywordEncoder()
@@ -96,7 +96,7 @@ def test_ask_logprob_is_the_marginal_of_the_answer_under_the_mode(rag):
 def answer_ids(rag, answer, mode):
     """Re-decode the answer's token ids (the Answer keeps text; n-best keeps ids internally)."""
     hits = rag.retrieve([answer.question], len(answer.passages))
-    from margin.decoding import DecodeConfig, decode
+    from margin.generation.decoding import DecodeConfig, decode
 
     with torch.no_grad():
         scores = rag.doc_scores([answer.question], hits)
@@ -198,7 +198,7 @@ def test_overlong_question_without_spaces_is_cut_in_characters_with_a_warning(ra
 
 def test_bm25_retrieval_gives_the_prior_from_bm25_scores(rag, tmp_path):
     from conftest import DOCS
-    from margin.passages import split_document
+    from margin.retrieval.passages import split_document
 
     passages = [
         p for i, d in enumerate(DOCS) for p in split_document(d["title"], d["text"], str(i))

@@ -19,15 +19,15 @@ import torch
 from fastapi.testclient import TestClient
 
 from conftest import KeywordEncoder
-from margin.batching import BatchConfig, BatcherBusy, MicroBatcher
-from margin.build import build_index, open_index
-from margin.decoding import DecodeConfig
 from margin.errors import MarginError
-from margin.generator import CausalFormat, CausalGenerator
-from margin.passages import Passage
+from margin.generation.decoding import DecodeConfig
+from margin.generation.generator import CausalFormat, CausalGenerator
 from margin.rag import RAG
-from margin.retriever import Retriever
-from margin.server import ServeConfig, create_app, manifest_version, parse_index_options
+from margin.retrieval.build import build_index, open_index
+from margin.retrieval.passages import Passage
+from margin.retrieval.retriever import Retriever
+from margin.serving.batching import BatchConfig, BatcherBusy, MicroBatcher
+from margin.serving.server import ServeConfig, create_app, manifest_version, parse_index_options
 
 TOKEN = "s3cret-admin-token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from conftest import clustered
-from margin.build import add_to_index, build_index, open_index
 from margin.errors import MarginError
-from margin.index import SearchResult
-from margin.passages import Passage
-from margin.sharded import (
+from margin.retrieval.build import add_to_index, build_index, open_index
+from margin.retrieval.index import SearchResult
+from margin.retrieval.passages import Passage
+from margin.retrieval.sharded import (
     RayShardedIndex,
     RemoteRetriever,
     ShardedIndex,
@@ -128,7 +128,7 @@ def test_one_retrieval_actor_per_machine(ray_cluster, index_dir, vectors):  # no
     def from_another_process(path: str) -> tuple[str, int]:
         import os
 
-        from margin.sharded import retrieval_actor as find
+        from margin.retrieval.sharded import retrieval_actor as find
 
         return find(path)._actor_id.hex(), os.getpid()
 
@@ -163,7 +163,7 @@ def test_compressed_kinds_with_exact_reranking(settings, tmp_path):
     """HNSW over 8/4-bit scalar codes and OPQ+IVF-PQ: built, saved, reopened memory-mapped; with
     exact re-ranking from the stored vectors their top-10 matches brute force, and the scores
     are the exact inner products."""
-    from margin.index import IndexConfig
+    from margin.retrieval.index import IndexConfig
 
     vectors = clustered(3000, 32, seed=5)
     table = {f"v{i}": v for i, v in enumerate(vectors)}

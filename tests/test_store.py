@@ -8,8 +8,8 @@ import pyarrow as pa
 import pytest
 
 from margin.errors import MarginError
-from margin.passages import Passage
-from margin.store import (
+from margin.retrieval.passages import Passage
+from margin.retrieval.store import (
     EMPTY_CHECKSUM,
     SCHEMA,
     PassageStore,

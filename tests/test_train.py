@@ -1,4 +1,5 @@
-"""Fine-tuning (margin.train): the paper's recipe on a tiny random model and a synthetic task.
+"""Fine-tuning (margin.training.train): the paper's recipe on a tiny random model and a synthetic
+task.
 
 The task: 8 questions whose one-word answers are written in a 6-passage corpus. The retriever is a
 tiny random sentence-transformers model (its index built once per module), the generator a tiny
@@ -14,17 +15,17 @@ from dataclasses import replace
 import pytest
 import torch
 
-from margin.build import build_index
 from margin.cli import main
-from margin.decoding import DecodeConfig
-from margin.encoders import load_encoder, weights_fingerprint
 from margin.errors import MarginError
-from margin.examples import Example
+from margin.evaluation.examples import Example
+from margin.generation.decoding import DecodeConfig
 from margin.models import ModelConfig, load_model, make_generator, save_model
-from margin.passages import Passage
 from margin.rag import RAG
-from margin.retriever import Retriever
-from margin.train import (
+from margin.retrieval.build import build_index
+from margin.retrieval.encoders import load_encoder, weights_fingerprint
+from margin.retrieval.passages import Passage
+from margin.retrieval.retriever import Retriever
+from margin.training.train import (
     TrainConfig,
     evaluate,
     lr_factor,
@@ -386,7 +387,7 @@ def test_finetune_installs_a_model_usable_by_name(make_rag, index, tmp_path, mon
 @pytest.fixture
 def fake_clock(monkeypatch):
     """Training time that passes only in the loss: each micro-batch takes ``clock.tick`` s."""
-    import margin.train as train_module
+    import margin.training.train as train_module
 
     class Clock:
         now, tick = 0.0, 30.0

@@ -3,7 +3,7 @@
 Both implementations get the SAME context_input_ids / attention mask and doc_scores (no retriever):
 a tiny random BART generator and a tiny DPR question encoder, combined into a RagConfig.
 
-transformers quirks we match, or avoid on purpose (documented in margin.decoding):
+transformers quirks we match, or avoid on purpose (documented in margin.generation.decoding):
 - Labels double as decoder inputs: ``forward(labels=[start] + y)`` scores y; we score y with
   ``[start] + y[:-1]`` as decoder input, the same thing.
 - RAG-Sequence ``generate`` scores candidates with ``exclude_bos_score=True``: the first target
@@ -34,8 +34,8 @@ from transformers import (
     RagTokenForGeneration,
 )
 
-from margin.decoding import DecodeConfig, decode_rag_sequence, decode_rag_token
-from margin.generator import Seq2SeqFormat, Seq2SeqGenerator
+from margin.generation.decoding import DecodeConfig, decode_rag_sequence, decode_rag_token
+from margin.generation.generator import Seq2SeqFormat, Seq2SeqGenerator
 from margin.marginalize import doc_log_prior, label_smoothed_nll_loss
 from test_generator import PASSAGES, QUESTIONS, tiny_bart
 

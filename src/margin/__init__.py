@@ -13,37 +13,37 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from margin.bm25 import BM25Index
-    from margin.build import build_index, open_index
-    from margin.decoding import DecodeConfig
-    from margin.encoders import Encoder, load_encoder
     from margin.errors import MarginError
-    from margin.index import DenseIndex, IndexConfig
-    from margin.passages import Passage, read_corpus
+    from margin.generation.decoding import DecodeConfig
     from margin.rag import RAG, Answer, Provenance
-    from margin.retriever import Retrieved, Retriever
-    from margin.store import PassageStore
+    from margin.retrieval.bm25 import BM25Index
+    from margin.retrieval.build import build_index, open_index
+    from margin.retrieval.encoders import Encoder, load_encoder
+    from margin.retrieval.index import DenseIndex, IndexConfig
+    from margin.retrieval.passages import Passage, read_corpus
+    from margin.retrieval.retriever import Retrieved, Retriever
+    from margin.retrieval.store import PassageStore
 
 # Each public name and the module that defines it. They load on first use (PEP 562), so
 # ``import margin`` and ``margin --help`` do not pay for torch, faiss and transformers.
 _EXPORTS = {
-    "BM25Index": "margin.bm25",
-    "build_index": "margin.build",
-    "open_index": "margin.build",
-    "DecodeConfig": "margin.decoding",
-    "Encoder": "margin.encoders",
-    "load_encoder": "margin.encoders",
+    "BM25Index": "margin.retrieval.bm25",
+    "build_index": "margin.retrieval.build",
+    "open_index": "margin.retrieval.build",
+    "DecodeConfig": "margin.generation.decoding",
+    "Encoder": "margin.retrieval.encoders",
+    "load_encoder": "margin.retrieval.encoders",
     "MarginError": "margin.errors",
-    "DenseIndex": "margin.index",
-    "IndexConfig": "margin.index",
-    "Passage": "margin.passages",
-    "read_corpus": "margin.passages",
+    "DenseIndex": "margin.retrieval.index",
+    "IndexConfig": "margin.retrieval.index",
+    "Passage": "margin.retrieval.passages",
+    "read_corpus": "margin.retrieval.passages",
     "RAG": "margin.rag",
     "Answer": "margin.rag",
     "Provenance": "margin.rag",
-    "Retrieved": "margin.retriever",
-    "Retriever": "margin.retriever",
-    "PassageStore": "margin.store",
+    "Retrieved": "margin.retrieval.retriever",
+    "Retriever": "margin.retrieval.retriever",
+    "PassageStore": "margin.retrieval.store",
 }
 
 

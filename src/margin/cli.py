@@ -60,16 +60,16 @@ def index_build(
     device: Device = "auto",
 ) -> None:
     """Build an index; run it again after an interruption to resume."""
-    from margin.build import build_index
     from margin.devices import resolve_device
-    from margin.encoders import load_encoder
+    from margin.retrieval.build import build_index
+    from margin.retrieval.encoders import load_encoder
 
     _check_choice("kind", kind, KINDS)
     _check_at_least("--ray-workers", ray_workers)  # 0 is not "one per CPU" (unset is)
     where = str(resolve_device(device))  # Ray workers pick their own (a GPU if given one)
     enc = None if kind == "bm25" else load_encoder(encoder, role="passage", device=where)
     if ray and enc is not None:
-        from margin.distributed import RayConfig, build_index_ray
+        from margin.retrieval.distributed import RayConfig, build_index_ray
 
         manifest = build_index_ray(
             corpus, enc, out, kind=kind, shard_size=shard_size, overwrite=overwrite,
@@ -92,9 +92,9 @@ def index_add(
     device: Device = "auto",
 ) -> None:
     """Append passages to an index without re-encoding the existing ones."""
-    from margin.build import add_to_index, open_index
     from margin.devices import resolve_device
-    from margin.encoders import load_encoder_from_spec
+    from margin.retrieval.build import add_to_index, open_index
+    from margin.retrieval.encoders import load_encoder_from_spec
 
     where = str(resolve_device(device))
     manifest = open_index(index).manifest
@@ -111,7 +111,7 @@ def index_verify(
         help="Also load the index's encoder and compare its weights' fingerprint.")] = True,
 ) -> None:
     """Check every file's sha256, counts, dimensions and the encoder; one line per problem."""
-    from margin.build import verify_index
+    from margin.retrieval.build import verify_index
 
     problems = verify_index(index, encoder=encoder)
     if problems:  # one line each, the last as the command's error (and its exit code)
@@ -141,7 +141,7 @@ def search(
     device: Device = "auto",
 ) -> None:
     """Top-k passages for each query, with scores."""
-    from margin.retriever import Retriever
+    from margin.retrieval.retriever import Retriever
 
     _check_at_least("--k", k)
     questions = _read_queries(queries)
@@ -298,7 +298,7 @@ def train(
     device: Device = "auto",
 ) -> None:
     """Fine-tune RAG end to end (Sec. 2.4): question encoder and generator learn, index frozen."""
-    from margin.train import TrainConfig, run
+    from margin.training.train import TrainConfig, run
 
     config = TrainConfig(
         mode=mode, k=k, steps=steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
@@ -360,7 +360,7 @@ def eval_(
     device: Device = "auto",
 ) -> None:
     """Evaluate on a task's data: metrics.json, predictions.jsonl, report.md (resumable)."""
-    from margin.evaluate import EvalConfig, run_eval, summary_table
+    from margin.evaluation.evaluate import EvalConfig, run_eval, summary_table
 
     try:
         ks = tuple(int(x) for x in k.split(",") if x.strip())
@@ -407,8 +407,8 @@ def serve(
 
     require("fastapi", "pip install 'margin[serve]'")
     require("uvicorn", "pip install 'margin[serve]'")
-    from margin.server import ADMIN_TOKEN_ENV, ServeConfig
-    from margin.server import serve as run
+    from margin.serving.server import ADMIN_TOKEN_ENV, ServeConfig
+    from margin.serving.server import serve as run
 
     resolve_device(device)  # refused before the banner, not after it
     token = os.environ.get(ADMIN_TOKEN_ENV) or None
@@ -450,8 +450,8 @@ def finetune(
     """Fine-tune the default model on training slices and install it as --name (`make finetune`)."""
     from dataclasses import replace
 
-    from margin.train import FINETUNE_RECIPE, FINETUNE_UNGROUNDED
-    from margin.train import finetune as run_finetune
+    from margin.training.train import FINETUNE_RECIPE, FINETUNE_UNGROUNDED
+    from margin.training.train import finetune as run_finetune
 
     if all_questions and ungrounded is not None:
         raise MarginError("--ungrounded sets a share of the selected questions; --all-questions "

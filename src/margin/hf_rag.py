@@ -47,15 +47,15 @@ from typing import Any
 
 import torch
 
-from margin.build import open_index
-from margin.decoding import DecodeConfig
-from margin.encoders import DPREncoder, EncoderSpec
 from margin.errors import MarginError
-from margin.generator import GenInputs, Seq2SeqFormat, Seq2SeqGenerator
+from margin.generation.decoding import DecodeConfig
+from margin.generation.generator import GenInputs, Seq2SeqFormat, Seq2SeqGenerator
 from margin.models import ModelConfig
-from margin.passages import Passage
 from margin.rag import RAG
-from margin.retriever import Retriever, resolve_index
+from margin.retrieval.build import open_index
+from margin.retrieval.encoders import DPREncoder, EncoderSpec
+from margin.retrieval.passages import Passage
+from margin.retrieval.retriever import Retriever, resolve_index
 
 MODES = {"RagSequenceForGeneration": "sequence", "RagTokenForGeneration": "token"}
 SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")

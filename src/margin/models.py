@@ -25,12 +25,10 @@ from typing import Any
 import torch
 
 from margin._io import atomic_path
-from margin.build import open_index
-from margin.decoding import DecodeConfig
 from margin.devices import resolve_device
-from margin.encoders import Encoder, load_encoder, load_encoder_from_spec
 from margin.errors import MarginError
-from margin.generator import (
+from margin.generation.decoding import DecodeConfig
+from margin.generation.generator import (
     CausalFormat,
     CausalGenerator,
     Generator,
@@ -38,7 +36,9 @@ from margin.generator import (
     Seq2SeqGenerator,
 )
 from margin.rag import RAG
-from margin.retriever import Retriever, resolve_index
+from margin.retrieval.build import open_index
+from margin.retrieval.encoders import Encoder, load_encoder, load_encoder_from_spec
+from margin.retrieval.retriever import Retriever, resolve_index
 
 MODEL_FILE = "margin_model.json"
 MODEL_FORMAT = "margin-rag"
@@ -51,7 +51,7 @@ class ModelConfig:
     """What a margin checkpoint records besides the weights."""
 
     generator_kind: str = "causal"  # "causal" (decoder-only) or "seq2seq" (BART/T5, the paper's)
-    prompt: str = "qa-default"  # causal prompt template name (margin.prompting)
+    prompt: str = "qa-default"  # causal prompt template name (margin.generation.prompting)
     seq2seq: dict[str, Any] = field(default_factory=dict)  # Seq2SeqFormat fields (separators, ...)
     doc_score_scale: float = 1.0  # s in p(z|x) ∝ exp(s · d(z)ᵀq(x))
     decode: dict[str, Any] = field(default_factory=dict)  # DecodeConfig defaults
@@ -104,12 +104,12 @@ _NEWLINE = "Ċ"  # a byte-level BPE's line break: what ends a plain-format answe
 
 def _prompt_fns(name: str):
     """(prompt_fn, target_fn) of a named template; scoring and decoding share both."""
-    from margin import prompting
+    from margin.generation import prompting
 
     if name == "qa-default":
         return prompting.prompt_fn, prompting.target_fn
     if name == "chat":
-        from margin.generator import default_prompt
+        from margin.generation.generator import default_prompt
 
         return default_prompt, None
     raise MarginError(f"unknown prompt template {name!r}; use 'qa-default' or 'chat'")
@@ -117,7 +117,7 @@ def _prompt_fns(name: str):
 
 def _postprocess(config: ModelConfig):
     if config.generator_kind == "causal":
-        from margin.prompting import postprocess_answer
+        from margin.generation.prompting import postprocess_answer
 
         return postprocess_answer
     return None
@@ -162,7 +162,7 @@ def _installed(name: str) -> Path | None:
 
 
 def _load_default(index: str | Path | None, progress: bool, device: str = "cpu") -> RAG:
-    from margin.default_generator import default_generator_dir
+    from margin.generation.default_generator import default_generator_dir
 
     config = ModelConfig(doc_score_scale=DEFAULT_COSINE_SCALE, decode={"max_new_tokens": 16})
     generator = make_generator(default_generator_dir(progress=progress), "causal", config)

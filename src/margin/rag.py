@@ -1,8 +1,9 @@
 """RAG: a retriever and a generator, with the latent passage summed out (Lewis et al., 2020).
 
-This is the object users hold. It ties together the retriever p_eta(z|x) (margin.retriever), the
-generator p_theta(y_i|x,z,y_<i) (margin.generator), the two marginalisations (margin.marginalize)
-and the decoding procedures of Sec. 2.5 (margin.decoding), and gives answers with provenance.
+This is the object users hold. It ties together the retriever p_eta(z|x)
+(margin.retrieval.retriever), the generator p_theta(y_i|x,z,y_<i) (margin.generation.generator),
+the two marginalisations (margin.marginalize) and the decoding procedures of Sec. 2.5
+(margin.generation.decoding), and gives answers with provenance.
 
     >>> import margin
     >>> rag = margin.RAG.load(model="default", index="default")       # doctest: +SKIP
@@ -25,13 +26,13 @@ from typing import Literal
 
 import torch
 
-from margin.decoding import DecodeConfig, Decoded, decode
-from margin.encoders import Encoder
 from margin.errors import MarginError
-from margin.generator import Encoded, Generator, GenInputs
+from margin.generation.decoding import DecodeConfig, Decoded, decode
+from margin.generation.generator import Encoded, Generator, GenInputs
 from margin.marginalize import nll_loss
-from margin.passages import Passage
-from margin.retriever import Retrieved, Retriever
+from margin.retrieval.encoders import Encoder
+from margin.retrieval.passages import Passage
+from margin.retrieval.retriever import Retrieved, Retriever
 
 Mode = Literal["token", "sequence"]
 Decoding = Literal["greedy", "beam", "thorough", "fast"]
@@ -200,7 +201,7 @@ class RAG:
 
         ``k`` and ``mode`` default to the model's own (``default_k``, ``default_mode``).
         ``on_token`` streams RAG-Token greedy decoding: called after every step with the token
-        id each question took (see :func:`margin.decoding.decode_rag_token`).
+        id each question took (see :func:`margin.generation.decoding.decode_rag_token`).
         """
         questions = _check_questions(questions)
         k = _given_or_default("k", k, self.default_k)

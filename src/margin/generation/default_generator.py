@@ -25,7 +25,7 @@ attention mask, not by ``pad_token_id``, or it would also drop the eos that ends
 Example::
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from margin.default_generator import resolve_generator
+    from margin.generation.default_generator import resolve_generator
 
     path = resolve_generator("default")  # converts on first use, then returns the cached dir
     model = AutoModelForCausalLM.from_pretrained(path)

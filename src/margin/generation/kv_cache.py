@@ -1,7 +1,8 @@
 """A KV cache that is copied once and grows in place: for scoring and decoding on cached prompts.
 
 Why: RAG scores and decodes B questions x k passages (x hypotheses, x beams) rows on top of the
-cached prompts (margin.generator.PromptCache). transformers' ``DynamicCache`` built from given
+cached prompts (margin.generation.generator.PromptCache). transformers' ``DynamicCache`` built from
+given
 keys/values copies them (``torch.cat`` onto an empty tensor), and then copies the whole cache
 again at every step to append one position. Each copy lands in freshly allocated memory. On
 the default model, Thorough Decoding's scoring pass at batch 8 spent about half its time in

@@ -36,11 +36,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from margin import _checksums
+from margin.retrieval import _checksums
 from margin._io import atomic_path, write_json_atomic
-from margin.bm25 import BM25Config, BM25Index
 from margin.errors import MarginError
-from margin.index import (
+from margin.retrieval.bm25 import BM25Config, BM25Index
+from margin.retrieval.index import (
     DENSE_KINDS,
     DenseIndex,
     Embeddings,
@@ -48,8 +48,14 @@ from margin.index import (
     SearchResult,
     faiss_kind,
 )
-from margin.passages import Passage, read_corpus
-from margin.store import EMPTY_CHECKSUM, PassageStore, chain_checksum, shard_name, write_shard
+from margin.retrieval.passages import Passage, read_corpus
+from margin.retrieval.store import (
+    EMPTY_CHECKSUM,
+    PassageStore,
+    chain_checksum,
+    shard_name,
+    write_shard,
+)
 
 FORMAT = "margin-index"  # manifest "format" marker
 FORMAT_VERSION = 1  # bumped when the directory layout changes incompatibly
@@ -66,7 +72,8 @@ log = logging.getLogger("margin")
 
 
 class Encoder(Protocol):
-    """What the index needs from a passage/question encoder (margin.encoders provides them)."""
+    """What the index needs from a passage/question encoder (margin.retrieval.encoders provides
+    them)."""
 
     dim: int  # embedding dimension
     fingerprint: str  # sha256 hex of the weights; recorded in the manifest
@@ -210,7 +217,8 @@ def build_index(
 ) -> Manifest:
     """Build an index directory ``out`` from ``corpus``; resume an interrupted build of it.
 
-    corpus: a path for :func:`margin.passages.read_corpus` (or ``"default"``), or passages.
+    corpus: a path for :func:`margin.retrieval.passages.read_corpus` (or ``"default"``), or
+    passages.
     encoder: encodes passages for dense kinds; None for ``kind="bm25"``.
     kind: "flat", "hnsw", "ivfpq" or "bm25"; defaults to ``config``'s kind, else "flat".
     """
@@ -237,7 +245,8 @@ def prepare_build(
 ) -> tuple[Path, IndexConfig | BM25Config, Path]:
     """Check a build request and create (or resume) its work directory: (out, config, work).
 
-    Shared by :func:`build_index` and the Ray build (margin.distributed): the same plan, so either
+    Shared by :func:`build_index` and the Ray build (margin.retrieval.distributed): the same plan,
+    so either
     can resume a build the other started.
     """
     out = Path(out)
@@ -559,7 +568,7 @@ def verify_index(directory: str | Path, encoder: bool = True) -> list[str]:
 
 def _encoder_problems(manifest: Manifest) -> list[str]:
     """Does the passage encoder recorded in the manifest still load with the same weights?"""
-    from margin.encoders import load_encoder_from_spec
+    from margin.retrieval.encoders import load_encoder_from_spec
 
     built = manifest.encoder
     assert built is not None

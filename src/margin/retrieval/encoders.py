@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from margin.errors import MarginError
-from margin.passages import Passage
+from margin.retrieval.passages import Passage
 
 KINDS = ("sentence-transformers", "dpr", "hf")
 ROLES = ("question", "passage")

@@ -2,7 +2,8 @@
 
 Why one harness: the paper's numbers are comparisons (RAG-Token vs RAG-Sequence, dense vs BM25
 vs closed book, k = 1..50, Thorough vs Fast), so every variant must read the same examples, score
-them with the same metrics (margin.metrics) and write the same files. ``margin eval`` is a thin
+them with the same metrics (margin.evaluation.metrics) and write the same files. ``margin eval`` is
+a thin
 shell over :func:`run_eval`.
 
 What a run writes into its directory:
@@ -32,7 +33,7 @@ default corpus), which gives a peaked but not one-hot prior.
 FEVER is classification: each claim's three labels are scored as targets, log p(label|x)
 marginalised under the mode, and the argmax taken (over SUPPORTS/REFUTES for the 2-way figure).
 
-    >>> from margin.evaluate import EvalConfig, run_eval
+    >>> from margin.evaluation.evaluate import EvalConfig, run_eval
     >>> run_eval(EvalConfig(data="nq-dev.tsv", ks=(1, 5, 10), out="eval-nq"))  # doctest: +SKIP
 """
 
@@ -51,13 +52,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from margin import metrics as M
 from margin._io import atomic_path, write_json_atomic
 from margin.devices import resolve_device
 from margin.errors import MarginError
-from margin.examples import FEVER_LABELS, FORMATS, TASKS, Example, read_examples
+from margin.evaluation import metrics as M
+from margin.evaluation.examples import FEVER_LABELS, FORMATS, TASKS, Example, read_examples
 from margin.rag import DECODINGS, MODES, RAG
-from margin.retriever import Retriever
+from margin.retrieval.retriever import Retriever
 
 RETRIEVERS = ("dense", "dense-frozen", "bm25", "none")
 BM25_DOC_SCORE_SCALE = 1.0  # BM25 scores are the prior's logits as they are (see above)
@@ -221,7 +222,7 @@ def load_rags(cfg: EvalConfig, retrievers: set[str]) -> dict[str, RAG]:
 
 def bm25_retriever(index: str, progress: bool = True) -> Retriever:
     """A BM25 retriever: the default corpus's cached BM25 index, or a BM25 index directory."""
-    from margin.retriever import ensure_default_bm25_index
+    from margin.retrieval.retriever import ensure_default_bm25_index
 
     path = ensure_default_bm25_index(progress) if index == "default" else Path(index)
     retriever = Retriever.load(path, progress=progress)

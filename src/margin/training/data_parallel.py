@@ -1,11 +1,13 @@
 """Data-parallel fine-tuning over several processes (torch.distributed), started by ``torchrun``.
 
-Why: fine-tuning (Sec. 2.4, margin.train) is one model replica per process; with W processes each
+Why: fine-tuning (Sec. 2.4, margin.training.train) is one model replica per process; with W
+processes each
 takes 1/W of every micro-batch, and the gradients are summed across processes before the
 optimizer step, so every replica takes the step one process would take on the whole micro-batch
-(the data order comes from the seed alone, margin.train.epoch_order). The retrieval index is the
+(the data order comes from the seed alone, margin.training.train.epoch_order). The retrieval index
+is the
 large part: with ``--ray-retrieval`` every process searches one shared copy per machine, a Ray
-actor (margin.sharded.retrieval_actor), as transformers' Ray retriever does.
+actor (margin.retrieval.sharded.retrieval_actor), as transformers' Ray retriever does.
 
 Why not ``torch.nn.parallel.DistributedDataParallel``: DDP wraps one ``forward`` per backward,
 but a RAG loss runs the generator several times (the prompts once into a KV cache, then the

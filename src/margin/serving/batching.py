@@ -1,7 +1,8 @@
 """Micro-batching: concurrent requests share one model call, run by one worker thread.
 
 A RAG forward pass on a batch of questions costs little more than on one (the generator runs
-questions x passages rows at once, margin.decoding), so a service that answers each request on
+questions x passages rows at once, margin.generation.decoding), so a service that answers each
+request on
 its own wastes the machine under load. The batcher queues requests; its single worker takes the
 oldest one and, for up to ``max_wait_ms``, gathers the queued requests that can share its model
 call (same key: same index, mode, k, ...) until ``max_batch`` items. Only that worker touches the
@@ -28,7 +29,7 @@ from typing import Any
 
 from margin.errors import MarginError
 
-log = logging.getLogger("margin.batching")
+log = logging.getLogger("margin.serving.batching")
 RunBatch = Callable[[Hashable, list[Any]], Sequence[Any]]  # (key, items) -> one result per item
 
 

@@ -23,8 +23,8 @@ import numpy as np
 
 from margin._io import atomic_path
 from margin.errors import MarginError
-from margin.index import SearchResult, _check_k
-from margin.store import PassageStore
+from margin.retrieval.index import SearchResult, _check_k
+from margin.retrieval.store import PassageStore
 
 _READ_ROWS = 10_000  # passages tokenised per batch while indexing
 

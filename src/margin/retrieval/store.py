@@ -27,7 +27,7 @@ import pyarrow.ipc as ipc
 
 from margin._io import atomic_path
 from margin.errors import MarginError
-from margin.passages import Passage
+from margin.retrieval.passages import Passage
 
 SCHEMA = pa.schema([(name, pa.string()) for name in ("id", "title", "text", "source")])
 EMPTY_CHECKSUM = hashlib.sha256(b"margin passages v1").hexdigest()  # checksum of no passages

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from margin.errors import MarginError
-from margin.generator import Encoded, Generator, GenInputs
+from margin.generation.generator import Encoded, Generator, GenInputs
 from margin.marginalize import (
     rag_sequence_logprob,
     rag_token_logprob,

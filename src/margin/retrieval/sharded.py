@@ -13,7 +13,7 @@ one part, on as many machines as the cluster has (:class:`RayShardedIndex`). And
 several training or serving processes of one machine do not each load their own copy of the
 index, :func:`retrieval_actor` gives them one shared Ray actor per machine that holds the index
 and the passage store and answers their searches (:class:`RemoteRetriever` wraps it with the
-interface of :class:`margin.retriever.Retriever`).
+interface of :class:`margin.retrieval.retriever.Retriever`).
 
 >>> split_index("wiki-index", parts=4)                              # doctest: +SKIP
 >>> ShardedIndex.open("wiki-index", parts=4).search(vectors, k=5)    # doctest: +SKIP
@@ -31,11 +31,11 @@ from typing import Any
 import numpy as np
 
 from margin._io import atomic_path, write_json_atomic
-from margin.build import LoadedIndex, open_index
 from margin.errors import MarginError
-from margin.index import DenseIndex, Embeddings, IndexConfig, SearchResult
-from margin.passages import Passage
-from margin.retriever import Retrieved
+from margin.retrieval.build import LoadedIndex, open_index
+from margin.retrieval.index import DenseIndex, Embeddings, IndexConfig, SearchResult
+from margin.retrieval.passages import Passage
+from margin.retrieval.retriever import Retrieved
 
 PARTS_FORMAT = "margin-parts"  # parts.json "format" marker
 PARTS_FILE = "parts.json"
@@ -106,7 +106,7 @@ def split_index(
 class ShardedIndex:
     """The S parts of an index, searched one after the other in this process, merged exactly.
 
-    Same ``search``/``vectors`` interface as :class:`margin.index.DenseIndex`.
+    Same ``search``/``vectors`` interface as :class:`margin.retrieval.index.DenseIndex`.
     """
 
     def __init__(self, parts: list[DenseIndex], starts: list[int], embeddings: Embeddings):
@@ -163,7 +163,7 @@ class RayShardedIndex:
         cls, directory: str | Path, parts: int, address: str | None = None, num_cpus: float = 0
     ) -> RayShardedIndex:
         """Start one actor per part; each opens its own part (memory-mapped) on its node."""
-        from margin.distributed import connect
+        from margin.retrieval.distributed import connect
 
         ray = connect(address)
         path = str(Path(directory).resolve())
@@ -240,7 +240,7 @@ def retrieval_actor(
     """
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from margin.distributed import connect
+    from margin.retrieval.distributed import connect
 
     ray = connect(address)
     path = str(Path(directory).resolve())
@@ -258,7 +258,8 @@ def retrieval_actor(
 
 
 class RemoteRetriever:
-    """:class:`margin.retriever.Retriever`'s search side, answered by a :func:`retrieval_actor`.
+    """:class:`margin.retrieval.retriever.Retriever`'s search side, answered by a
+    :func:`retrieval_actor`.
 
     >>> retriever = RemoteRetriever(retrieval_actor("wiki-index"), encoder)  # doctest: +SKIP
     >>> retriever.retrieve(["who wrote hamlet?"], k=5)  # doctest: +SKIP

@@ -51,7 +51,13 @@ from margin.checkpoint import (
     save_state,
     trainable_tensors,
 )
-from margin.data_parallel import (
+from margin.devices import resolve_device
+from margin.errors import MarginError, require
+from margin.evaluation.examples import Example
+from margin.evaluation.metrics import exact_match, has_answer
+from margin.rag import LOSS_MODES, RAG
+from margin.retrieval.retriever import Retrieved
+from margin.training.data_parallel import (
     SINGLE,
     World,
     barrier,
@@ -59,12 +65,6 @@ from margin.data_parallel import (
     sum_gradients,
     sum_value,
 )
-from margin.devices import resolve_device
-from margin.errors import MarginError, require
-from margin.examples import Example
-from margin.metrics import exact_match, has_answer
-from margin.rag import LOSS_MODES, RAG
-from margin.retriever import Retrieved
 
 TARGETS = ("first", "sample")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -363,7 +363,7 @@ def param_groups(params: dict[str, torch.nn.Parameter], config: TrainConfig) -> 
 
 
 def _enable_checkpointing(rag: RAG, learn_g: bool, learn_q: bool) -> None:
-    from margin.generator import CausalGenerator
+    from margin.generation.generator import CausalGenerator
 
     if learn_g:
         if isinstance(rag.generator, CausalGenerator):
@@ -427,7 +427,8 @@ def train(
     ``resume`` continues from ``out/state`` (same model, data and settings); ``model_name``
     records what was loaded so a resume with another model is refused. ``on_step`` receives each
     step's log record (after any save), e.g. to stop a run early. ``world``: this process's
-    place among data-parallel processes (margin.data_parallel); each takes its share of every
+    place among data-parallel processes (margin.training.data_parallel); each takes its share of
+    every
     micro-batch, the gradients are summed, and rank 0 alone writes and evaluates.
     """
     config = config or TrainConfig()
@@ -680,12 +681,13 @@ def run(
     """``margin train``: read data, load the model and index, train. Returns the result and
     the number of malformed lines skipped (``skip_bad_lines``).
 
-    Started by torchrun, each process trains its share (margin.data_parallel). ``ray_retrieval``:
+    Started by torchrun, each process trains its share (margin.training.data_parallel).
+    ``ray_retrieval``:
     search one shared copy of the index per machine, a Ray actor, instead of one per process
     (``ray_address``: the cluster to join; several processes default to ``"auto"``, the one
     ``ray start --head`` started).
     """
-    from margin.examples import read_examples_counted
+    from margin.evaluation.examples import read_examples_counted
 
     config = config or TrainConfig()
     if retriever not in ("dense", "bm25"):
@@ -717,10 +719,11 @@ def with_ray_retrieval(
     model: str, index: str, address: str | None, world: World = SINGLE, progress: bool = True
 ) -> RAG:
     """``model`` with its retrieval served by the machine's shared Ray actor over ``index``
-    (margin.sharded.retrieval_actor): the index is loaded once per machine, not per process."""
+    (margin.retrieval.sharded.retrieval_actor): the index is loaded once per machine, not per
+    process."""
     from margin.models import check_index_encoder
-    from margin.retriever import resolve_index
-    from margin.sharded import RemoteRetriever, retrieval_actor
+    from margin.retrieval.retriever import resolve_index
+    from margin.retrieval.sharded import RemoteRetriever, retrieval_actor
 
     if world.main:  # the default index is built (once) before any process opens it
         resolve_index(index, progress=progress)
@@ -739,7 +742,7 @@ def with_ray_retrieval(
 def default_bm25_index(progress: bool = True) -> Path:
     """A BM25 index of the default corpus, built once under $MARGIN_HOME (the Table 6 ablation)."""
     from margin.assets import margin_home
-    from margin.build import build_index
+    from margin.retrieval.build import build_index
 
     path = margin_home() / "indexes" / "default-bm25"
     if not (path / "manifest.json").exists():
@@ -770,7 +773,7 @@ def training_slice(path: str | Path, heldout: int = HELDOUT, limit: int | None =
                    skip_bad_lines: bool = False) -> list[Example]:
     """The examples of ``path`` after its first ``heldout`` (kept for evaluation), at most
     ``limit`` of them."""
-    from margin.examples import read_examples
+    from margin.evaluation.examples import read_examples
 
     rows = read_examples(path, limit=None if limit is None else heldout + limit,
                          skip_bad_lines=skip_bad_lines)
@@ -805,7 +808,7 @@ def select_questions(
     habit. Listing the found answers first makes the "first" target one the passages hold
     (TriviaQA's first alias is often odd: "🚁" for helicopters). Retrieval is the model's own at
     the start, so the selection is the same when a run resumes. DPR's ``has_answer`` decides
-    (margin.metrics).
+    (margin.evaluation.metrics).
     """
     from tqdm.auto import tqdm
 

@@ -7,12 +7,13 @@ single reference swap. A request reads the active index once, when it arrives, a
 the end, so requests in flight finish on the index they started with and new ones use the new one;
 every response names the index id and version (a hash of its manifest) that answered it.
 
-One worker thread runs the model (margin.batching), so concurrent requests are micro-batched and
+One worker thread runs the model (margin.serving.batching), so concurrent requests are
+micro-batched and
 the model is never run by two threads at once. Inputs are bounded (body size, questions, their
 length, k, beams, answer length) with a 4xx JSON error naming the field; a request that runs past
 ``timeout_s`` gets a 504; nothing returns a stack trace.
 
-    >>> from margin.server import ServeConfig, create_app, run_server    # doctest: +SKIP
+    >>> from margin.serving.server import ServeConfig, create_app, run_server    # doctest: +SKIP
     >>> rag = margin.RAG.load("default", "default")                      # doctest: +SKIP
     >>> run_server(create_app(rag, {"2018": "default"}), ServeConfig())  # doctest: +SKIP
 
@@ -45,12 +46,12 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from margin.batching import BatchConfig, BatcherBusy, MicroBatcher
-from margin.build import open_index
 from margin.errors import MarginError
-from margin.generator import Generator
+from margin.generation.generator import Generator
 from margin.rag import RAG, Answer, Decoding, Mode, decoding_method
-from margin.retriever import Retriever, resolve_index
+from margin.retrieval.build import open_index
+from margin.retrieval.retriever import Retriever, resolve_index
+from margin.serving.batching import BatchConfig, BatcherBusy, MicroBatcher
 
 ADMIN_TOKEN_ENV = "MARGIN_ADMIN_TOKEN"  # environment variable holding the admin bearer token
 INDEX_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # registered index ids
@@ -60,7 +61,7 @@ ADMIN_BEARER = HTTPBearer(  # reads the header (None if absent); _check_admin de
     description=f"the admin token the server was started with (${ADMIN_TOKEN_ENV})",
 )
 AdminCredentials = Annotated[HTTPAuthorizationCredentials | None, Security(ADMIN_BEARER)]
-log = logging.getLogger("margin.server")
+log = logging.getLogger("margin.serving.server")
 
 
 @dataclass(frozen=True)

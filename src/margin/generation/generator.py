@@ -4,7 +4,7 @@ RAG's generator p_theta(y_i | x, z, y_<i) only needs three things from a languag
 turn each (question, passage) pair into model inputs, score given target tokens under every pair
 in one batched forward, and extend hypotheses one token at a time with a KV cache for the paper's
 decoding (Sec. 2.5). Both kinds of model sit behind that one surface, so the marginalisation
-(margin.marginalize) and the decoding (margin.decoding) never ask which kind they drive.
+(margin.marginalize) and the decoding (margin.generation.decoding) never ask which kind they drive.
 
 Rows are question-major: row ``b * k + z`` holds question b with its z-th passage, exactly like
 transformers' RAG ``context_input_ids``. Passages and document scores are given by the caller;
@@ -53,8 +53,8 @@ from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput
 
 from margin.errors import MarginError
-from margin.kv_cache import DEFAULT_ROOM, GrowingCache
-from margin.passages import Passage
+from margin.generation.kv_cache import DEFAULT_ROOM, GrowingCache
+from margin.retrieval.passages import Passage
 
 PromptFn = Callable[[object, str, Passage | None], str]
 TargetFn = Callable[[object, str], str]  # (tokenizer, answer) -> the text that follows the prompt

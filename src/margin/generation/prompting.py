@@ -34,11 +34,11 @@ and without one, the same turns as plain text::
 ``passage=None`` is the closed-book prompt (the paper's "BART" baseline): the same template with
 every passage removed, the demonstrations' included, and the closed-book system instruction.
 A rendered chat prompt already holds its special tokens; tokenise it with
-``add_special_tokens=False`` (``margin.generator.CausalGenerator`` does).
+``add_special_tokens=False`` (``margin.generation.generator.CausalGenerator`` does).
 
 Example::
 
-    from margin.prompting import DEFAULT_TEMPLATE, postprocess_answer
+    from margin.generation.prompting import DEFAULT_TEMPLATE, postprocess_answer
     prompt = DEFAULT_TEMPLATE.render(tokenizer, "What is the capital of Australia?", passage)
     answer = postprocess_answer(tokenizer.decode(generated_ids))
 """
@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from margin.errors import MarginError
-from margin.passages import Passage
+from margin.retrieval.passages import Passage
 
 PromptFn = Callable[[Any, str, Passage | None], str]  # (tokenizer, question, passage) -> prompt
 
@@ -214,7 +214,8 @@ DEFAULT_TEMPLATE = PromptTemplate(demonstrations=load_demonstrations(), use_chat
 
 
 def prompt_fn(tokenizer: Any, question: str, passage: Passage | None) -> str:
-    """The default causal prompt (``DEFAULT_TEMPLATE``), as ``margin.generator`` expects it."""
+    """The default causal prompt (``DEFAULT_TEMPLATE``), as ``margin.generation.generator`` expects
+    it."""
     return DEFAULT_TEMPLATE.render(tokenizer, question, passage)
 
 

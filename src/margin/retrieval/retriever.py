@@ -20,17 +20,17 @@ from pathlib import Path
 import numpy as np
 
 from margin.assets import margin_home
-from margin.build import (
+from margin.devices import resolve_device
+from margin.errors import MarginError
+from margin.retrieval.build import (
     LoadedIndex,
     build_index,
     ensure_encoder_matches,
     ensure_query_encoder_matches,
     open_index,
 )
-from margin.devices import resolve_device
-from margin.encoders import Encoder, load_encoder, load_encoder_from_spec
-from margin.errors import MarginError
-from margin.passages import Passage
+from margin.retrieval.encoders import Encoder, load_encoder, load_encoder_from_spec
+from margin.retrieval.passages import Passage
 
 DEFAULT_INDEX_NAME = "default-minilm-flat"  # cache folder of the default index under $MARGIN_HOME
 DEFAULT_BM25_NAME = "default-bm25"  # cache folder of the default corpus's BM25 index, beside it

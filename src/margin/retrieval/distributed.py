@@ -3,7 +3,7 @@
 Encoding is the slow part of building RAG's memory: DPR's 21M passages took hours on 8 GPUs
 (Sec. 3 of the paper; App. C). This module spreads the encoding of an index build over the
 workers of a Ray cluster (``ray.init()`` on this machine, or an existing cluster's address) and
-keeps everything else exactly as :func:`margin.build.build_index` does it:
+keeps everything else exactly as :func:`margin.retrieval.build.build_index` does it:
 
 1. The driver streams the corpus into shards of ``shard_size`` passages (one shard in memory at
    a time per queued task) and writes each shard's passages (Arrow) into the same work
@@ -13,7 +13,7 @@ keeps everything else exactly as :func:`margin.build.build_index` does it:
    fingerprint differs is refused) and returns the shard's vectors; the driver writes them as
    ``embeddings/shard-*.npy``, atomically, as they arrive (in any order).
 3. When every shard is there, the search structure, the manifest and the final rename are those
-   of the local build (:func:`margin.build.finish_build`).
+   of the local build (:func:`margin.retrieval.build.finish_build`).
 
 So a Ray build and a local build of the same corpus give the same directory (same ids and
 checksums; vectors equal up to float rounding of the encoder), and either one resumes the other:
@@ -38,8 +38,9 @@ from typing import Any
 
 import numpy as np
 
-from margin.bm25 import BM25Config
-from margin.build import (
+from margin.errors import MarginError, require
+from margin.retrieval.bm25 import BM25Config
+from margin.retrieval.build import (
     DEFAULT_SHARD_SIZE,
     Encoder,
     Manifest,
@@ -53,10 +54,9 @@ from margin.build import (
     shard_done,
     shard_paths,
 )
-from margin.errors import MarginError, require
-from margin.index import IndexConfig
-from margin.passages import Passage, read_corpus
-from margin.store import EMPTY_CHECKSUM, shard_name, write_shard
+from margin.retrieval.index import IndexConfig
+from margin.retrieval.passages import Passage, read_corpus
+from margin.retrieval.store import EMPTY_CHECKSUM, shard_name, write_shard
 
 INSTALL = "pip install 'margin[ray]'"
 
@@ -106,7 +106,8 @@ def build_index_ray(
     ray_config: RayConfig | None = None,
     encoder_factory: Callable[[], Encoder] | None = None,
 ) -> Manifest:
-    """Build (or resume) the index ``out`` as :func:`margin.build.build_index` does, encoding
+    """Build (or resume) the index ``out`` as :func:`margin.retrieval.build.build_index` does,
+    encoding
     the shards on Ray workers.
 
     encoder: the passage encoder, on the driver: its fingerprint, spec and dim go into the plan
@@ -276,7 +277,7 @@ def worker_encoder(spec: dict[str, Any]) -> Encoder:
     without ``gpus_per_worker`` sees no GPU even on a GPU node.
     """
     from margin.devices import resolve_device
-    from margin.encoders import load_encoder_from_spec
+    from margin.retrieval.encoders import load_encoder_from_spec
 
     return load_encoder_from_spec(spec, device=str(resolve_device("auto")))
 
