@@ -1,6 +1,6 @@
 """What checking an index's file checksums costs: open with and without hashing, verify_index.
 
-Picks the default of ``open_index`` (margin.retrieval.build.VERIFY_ON_OPEN_BYTES,
+Picks the default of ``open_index`` (margin.retrieval.reader.VERIFY_ON_OPEN_BYTES,
 docs/retrieval.md).
 
 1. A synthetic index of ``--n`` passages (default 12,000, the default corpus's size) built by
@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from margin.retrieval import _checksums
-from margin.retrieval.build import build_index, open_index, verify_index
+from margin.retrieval.build import build_index
 from margin.retrieval.passages import Passage
+from margin.retrieval.reader import open_index, verify_index
 
 WORDS = "the of and in to a was is for on as by with he that at from his it an were are".split()
 

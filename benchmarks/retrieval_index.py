@@ -179,9 +179,10 @@ def verdict(rows: list[dict]) -> str:
 def default_corpus_rows(tmp: Path, runs: int, n_queries: int) -> tuple[list[dict], int] | None:
     """Encode the default corpus with the default encoder (build_index) and measure it."""
     try:
-        from margin.retrieval.build import build_index, open_index
+        from margin.retrieval.build import build_index
         from margin.retrieval.encoders import load_encoder
         from margin.retrieval.passages import read_corpus
+        from margin.retrieval.reader import open_index
 
         passage_encoder = load_encoder("default", role="passage")
         question_encoder = load_encoder("default", role="question")

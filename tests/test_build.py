@@ -17,17 +17,16 @@ import pytest
 import margin
 from conftest import DOCS, KeywordEncoder, clustered
 from margin.errors import MarginError
-from margin.retrieval.build import (
-    MANIFEST,
-    add_to_index,
-    build_index,
+from margin.retrieval.build import add_to_index, build_index
+from margin.retrieval.index import IndexConfig
+from margin.retrieval.manifest import MANIFEST
+from margin.retrieval.passages import Passage, read_corpus
+from margin.retrieval.reader import (
     ensure_encoder_matches,
     ensure_query_encoder_matches,
     open_index,
     verify_index,
 )
-from margin.retrieval.index import IndexConfig
-from margin.retrieval.passages import Passage, read_corpus
 from margin.retrieval.store import chain_checksum
 
 TESTS = Path(__file__).parent

@@ -19,8 +19,9 @@ import pytest
 
 from conftest import KeywordEncoder
 from margin.errors import MarginError
-from margin.retrieval.build import build_index, open_index
+from margin.retrieval.build import build_index
 from margin.retrieval.distributed import RayConfig, build_index_ray
+from margin.retrieval.reader import open_index
 
 TESTS = Path(__file__).parent
 WORDS = ["paris", "france", "berlin", "germany", "rome", "italy", "river", "mountain"]

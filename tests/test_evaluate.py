@@ -26,8 +26,9 @@ from margin.evaluation.evaluate import (
 )
 from margin.generation.generator import Seq2SeqFormat, Seq2SeqGenerator
 from margin.rag import RAG
-from margin.retrieval.build import build_index, open_index
+from margin.retrieval.build import build_index
 from margin.retrieval.passages import split_document
+from margin.retrieval.reader import open_index
 from margin.retrieval.retriever import Retriever
 from test_generator import tiny_bart
 from test_rag import TorchKeywordEncoder

@@ -51,8 +51,9 @@ from margin.errors import MarginError
 from margin.generation.decoding import DecodeConfig, decode
 from margin.hf_rag import RagCheckpointGenerator, load_hf_rag, seq2seq_format
 from margin.models import load_model
-from margin.retrieval.build import build_index, open_index
+from margin.retrieval.build import build_index
 from margin.retrieval.encoders import DPREncoder, load_encoder
+from margin.retrieval.reader import open_index
 
 K = 3  # the checkpoints' n_docs
 MAX_NEW = 8

@@ -12,9 +12,10 @@ from margin.errors import MarginError
 from margin.generation.decoding import DecodeConfig
 from margin.models import MODEL_FILE, ModelConfig, load_model, make_generator, save_model
 from margin.rag import RAG
-from margin.retrieval.build import build_index, open_index
+from margin.retrieval.build import build_index
 from margin.retrieval.encoders import load_encoder
 from margin.retrieval.passages import split_document
+from margin.retrieval.reader import open_index
 from margin.retrieval.retriever import Retriever
 from test_cli import st_model  # noqa: F401  (module fixture: a tiny sentence-transformers model)
 from test_encoders import one_thread

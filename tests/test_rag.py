@@ -18,7 +18,8 @@ from margin.errors import MarginError
 from margin.generation.generator import Seq2SeqFormat, Seq2SeqGenerator
 from margin.marginalize import nll_loss
 from margin.rag import RAG, decoding_method
-from margin.retrieval.build import build_index, open_index
+from margin.retrieval.build import build_index
+from margin.retrieval.reader import open_index
 from margin.retrieval.retriever import Retriever
 from test_generator import tiny_bart
 

@@ -23,8 +23,9 @@ from margin.errors import MarginError
 from margin.generation.decoding import DecodeConfig
 from margin.generation.generator import CausalFormat, CausalGenerator
 from margin.rag import RAG
-from margin.retrieval.build import build_index, open_index
+from margin.retrieval.build import build_index
 from margin.retrieval.passages import Passage
+from margin.retrieval.reader import open_index
 from margin.retrieval.retriever import Retriever
 from margin.serving.batching import BatchConfig, BatcherBusy, MicroBatcher
 from margin.serving.server import ServeConfig, create_app, manifest_version, parse_index_options

@@ -8,9 +8,10 @@ import pytest
 
 from conftest import clustered
 from margin.errors import MarginError
-from margin.retrieval.build import add_to_index, build_index, open_index
+from margin.retrieval.build import add_to_index, build_index
 from margin.retrieval.index import SearchResult
 from margin.retrieval.passages import Passage
+from margin.retrieval.reader import open_index
 from margin.retrieval.sharded import (
     RayShardedIndex,
     RemoteRetriever,

@@ -17,10 +17,11 @@ if TYPE_CHECKING:
     from margin.generation.decoding import DecodeConfig
     from margin.rag import RAG, Answer, Provenance
     from margin.retrieval.bm25 import BM25Index
-    from margin.retrieval.build import build_index, open_index
+    from margin.retrieval.build import build_index
     from margin.retrieval.encoders import Encoder, load_encoder
     from margin.retrieval.index import DenseIndex, IndexConfig
     from margin.retrieval.passages import Passage, read_corpus
+    from margin.retrieval.reader import open_index
     from margin.retrieval.retriever import Retrieved, Retriever
     from margin.retrieval.store import PassageStore
 
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 _EXPORTS = {
     "BM25Index": "margin.retrieval.bm25",
     "build_index": "margin.retrieval.build",
-    "open_index": "margin.retrieval.build",
+    "open_index": "margin.retrieval.reader",
     "DecodeConfig": "margin.generation.decoding",
     "Encoder": "margin.retrieval.encoders",
     "load_encoder": "margin.retrieval.encoders",

@@ -93,8 +93,9 @@ def index_add(
 ) -> None:
     """Append passages to an index without re-encoding the existing ones."""
     from margin.devices import resolve_device
-    from margin.retrieval.build import add_to_index, open_index
+    from margin.retrieval.build import add_to_index
     from margin.retrieval.encoders import load_encoder_from_spec
+    from margin.retrieval.reader import open_index
 
     where = str(resolve_device(device))
     manifest = open_index(index).manifest
@@ -111,7 +112,7 @@ def index_verify(
         help="Also load the index's encoder and compare its weights' fingerprint.")] = True,
 ) -> None:
     """Check every file's sha256, counts, dimensions and the encoder; one line per problem."""
-    from margin.retrieval.build import verify_index
+    from margin.retrieval.reader import verify_index
 
     problems = verify_index(index, encoder=encoder)
     if problems:  # one line each, the last as the command's error (and its exit code)

@@ -52,9 +52,9 @@ from margin.generation.decoding import DecodeConfig
 from margin.generation.generator import GenInputs, Seq2SeqFormat, Seq2SeqGenerator
 from margin.models import ModelConfig
 from margin.rag import RAG
-from margin.retrieval.build import open_index
 from margin.retrieval.encoders import DPREncoder, EncoderSpec
 from margin.retrieval.passages import Passage
+from margin.retrieval.reader import open_index
 from margin.retrieval.retriever import Retriever, resolve_index
 
 MODES = {"RagSequenceForGeneration": "sequence", "RagTokenForGeneration": "token"}

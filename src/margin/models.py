@@ -36,8 +36,8 @@ from margin.generation.generator import (
     Seq2SeqGenerator,
 )
 from margin.rag import RAG
-from margin.retrieval.build import open_index
 from margin.retrieval.encoders import Encoder, load_encoder, load_encoder_from_spec
+from margin.retrieval.reader import open_index
 from margin.retrieval.retriever import Retriever, resolve_index
 
 MODEL_FILE = "margin_model.json"

@@ -1,4 +1,5 @@
-"""The index directory and its lifecycle: build (resumable), open (validated), append.
+"""Writing an index directory: build (resumable) and append; :mod:`margin.retrieval.reader`
+opens (validated) and verifies one.
 
 Encoding 21M passages takes hours (Sec. 3), so a build must survive being killed. The corpus is
 streamed in shards of ``shard_size`` passages; each shard's passages (Arrow) and embeddings
@@ -17,8 +18,6 @@ The encoder is frozen with the index (Sec. 2.4: "we keep the document encoder fi
 manifest records its fingerprint so a query encoder from another model is refused.
 
 >>> build_index("corpus.jsonl", encoder, "wiki-index", kind="hnsw")  # doctest: +SKIP
->>> index = open_index("wiki-index")  # doctest: +SKIP
->>> index.search(encoder.encode_queries(["who wrote hamlet?"]), k=5)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -30,25 +29,29 @@ import logging
 import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
-from margin.retrieval import _checksums
 from margin._io import atomic_path, write_json_atomic
 from margin.errors import MarginError
+from margin.retrieval import _checksums
 from margin.retrieval.bm25 import BM25Config, BM25Index
-from margin.retrieval.index import (
-    DENSE_KINDS,
-    DenseIndex,
-    Embeddings,
-    IndexConfig,
-    SearchResult,
-    faiss_kind,
+from margin.retrieval.index import DenseIndex, Embeddings, IndexConfig
+from margin.retrieval.manifest import (
+    FORMAT_VERSION,
+    KINDS,
+    MANIFEST,
+    Encoder,
+    Manifest,
+    ShardInfo,
+    config_of,
+    work_dir,
 )
 from margin.retrieval.passages import Passage, read_corpus
+from margin.retrieval.reader import ensure_encoder_matches, open_index
 from margin.retrieval.store import (
     EMPTY_CHECKSUM,
     PassageStore,
@@ -57,148 +60,11 @@ from margin.retrieval.store import (
     write_shard,
 )
 
-FORMAT = "margin-index"  # manifest "format" marker
-FORMAT_VERSION = 1  # bumped when the directory layout changes incompatibly
-MANIFEST = "manifest.json"
 PLAN = "plan.json"  # the build plan inside a work directory
 DEFAULT_SHARD_SIZE = 100_000  # passages per shard: the unit of resumption and of appending
 ENCODE_CHUNK = 2048  # passages per encode call: the progress bar's step (sorting by length within)
-KINDS = (*DENSE_KINDS, "bm25")
-# open_index hashes every file of an index up to this size (0.5-1 s; 40 ms for 12k passages of
-# 384-d, 3-6 s for 1M on a 2-core CPU: docs/retrieval.md); larger ones get the cheap checks.
-VERIFY_ON_OPEN_BYTES = 512 * 2**20
 
 log = logging.getLogger("margin")
-
-
-class Encoder(Protocol):
-    """What the index needs from a passage/question encoder (margin.retrieval.encoders provides
-    them)."""
-
-    dim: int  # embedding dimension
-    fingerprint: str  # sha256 hex of the weights; recorded in the manifest
-    spec: dict  # JSON-able recipe to reload the encoder, e.g. {"kind": ..., "name": ...}
-
-    def encode_passages(
-        self, passages: Sequence[Passage], batch_size: int = 64, progress: bool = False
-    ) -> np.ndarray: ...  # (n, dim) float32
-
-    def encode_queries(
-        self, texts: Sequence[str], batch_size: int = 64, progress: bool = False
-    ) -> np.ndarray: ...  # (n, dim) float32
-
-
-@dataclass(frozen=True)
-class ShardInfo:
-    """One shard: files ``passages/<name>.arrow`` and (dense) ``embeddings/<name>.npy``."""
-
-    name: str  # "shard-00000"
-    rows: int  # passages in the shard
-    checksum: str  # corpus checksum after the shard's last passage (store.chain_checksum)
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """``manifest.json``: everything needed to trust and reload an index directory."""
-
-    kind: str  # "flat", "hnsw", "ivfpq" or "bm25"
-    passages: int  # number of passages (rows)
-    corpus_checksum: str  # sha256 chain over (id, title, text) of every passage, in row order
-    shards: list[ShardInfo]  # shard files in row order
-    index_params: dict[str, Any]  # resolved IndexConfig or BM25Config fields
-    index_file: str  # the FAISS file or BM25 directory, relative to the index directory
-    encoder: dict[str, Any] | None  # {"spec", "fingerprint", "dim"}; None for BM25
-    shard_size: int  # passages per shard when built
-    created_at: str  # ISO 8601 UTC
-    updated_at: str  # ISO 8601 UTC, last add_to_index
-    margin_version: str  # margin version that wrote it
-    generation: int = 0  # bumped by each add_to_index (names the new index file)
-    files: dict[str, dict[str, Any]] | None = None  # path -> {"bytes", "sha256"}; None: older
-    metric: str = "ip"  # inner product, as MIPS in the paper
-    format: str = FORMAT  # marker
-    format_version: int = FORMAT_VERSION  # layout version
-    path: Path | None = field(default=None, compare=False)  # directory it was read from
-
-    def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data.pop("path")
-        return data
-
-    @classmethod
-    def read(cls, directory: Path) -> Manifest:
-        """Read and check ``directory/manifest.json``; MarginError if missing or corrupt."""
-        path = directory / MANIFEST
-        if not path.is_file():
-            building = _work_dir(directory)
-            hint = (
-                f"a build was interrupted ({building.name} exists); run the same build again "
-                "to resume it"
-                if building.exists()
-                else "build the index first"
-            )
-            raise MarginError(f"{directory} is not a margin index (no {MANIFEST}); {hint}")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if data.get("format") != FORMAT:
-                raise ValueError(f"format is {data.get('format')!r}, not {FORMAT!r}")
-            if data.get("format_version") != FORMAT_VERSION:
-                raise ValueError(f"format_version {data.get('format_version')} is not supported")
-            data["shards"] = [ShardInfo(**s) for s in data["shards"]]
-            manifest = cls(**data, path=directory)
-            if manifest.kind not in KINDS or manifest.passages != sum(
-                s.rows for s in manifest.shards
-            ):
-                raise ValueError("kind or passage count inconsistent")
-            if (manifest.kind == "bm25") != (manifest.encoder is None):
-                raise ValueError(f"kind {manifest.kind} does not fit encoder {manifest.encoder}")
-        except (ValueError, TypeError, KeyError, UnicodeDecodeError) as exc:
-            raise MarginError(f"{path} is corrupt ({exc}); rebuild the index") from None
-        for relative in [*manifest.own_files(), *(manifest.files or {})]:
-            _checksums.inside(directory, relative, path)
-        recorded = set(manifest.files or {})
-        missing = set(manifest.own_files()) - recorded - {n.split("/")[0] for n in recorded}
-        if manifest.files is not None and missing:
-            raise MarginError(f"{path} is corrupt (no checksum of {sorted(missing)[0]}); "
-                              "rebuild the index")
-        return manifest
-
-    def own_files(self) -> list[str]:
-        """The index's files and directories, relative to it: shards, then the search structure."""
-        subs = ("passages", "embeddings") if self.kind != "bm25" else ("passages",)
-        suffix = {"passages": ".arrow", "embeddings": ".npy"}
-        return [
-            *(f"{sub}/{s.name}{suffix[sub]}" for sub in subs for s in self.shards),
-            self.index_file,
-        ]
-
-
-@dataclass
-class LoadedIndex:
-    """An opened index directory: its manifest, passages and search structure."""
-
-    path: Path  # the index directory
-    manifest: Manifest  # what it is
-    store: PassageStore  # the passages, memory-mapped
-    dense: DenseIndex | None  # for flat/hnsw/ivfpq
-    bm25: BM25Index | None  # for bm25
-
-    def search(self, queries: np.ndarray | Sequence[str], k: int) -> SearchResult:
-        """Dense: query vectors (n, dim) from the index's encoder; BM25: query strings."""
-        if self.dense is not None:
-            if not isinstance(queries, np.ndarray):
-                raise MarginError(
-                    f"{self.path} is a dense index: encode the queries with its encoder "
-                    "(encoder.encode_queries) and search with the vectors"
-                )
-            return self.dense.search(queries, k)
-        assert self.bm25 is not None
-        if isinstance(queries, np.ndarray):
-            raise MarginError(f"{self.path} is a BM25 index: search it with query strings")
-        return self.bm25.search(queries, k)
-
-    def passages(self, result: SearchResult) -> list[list[Passage]]:
-        """The passages of a search result, one list per query, best first (row -1 dropped)."""
-        return [self.store.get(rows[rows >= 0]) for rows in result.rows]
 
 
 # ----------------------------------------------------------------------------- build
@@ -267,7 +133,7 @@ def prepare_build(
         raise MarginError(
             f"{out} already exists (an index); pass overwrite=True or pick another path"
         )
-    work = _work_dir(out)
+    work = work_dir(out)
     plan = {
         "corpus": _corpus_source(corpus),
         "encoder": None if encoder is None else encoder.fingerprint,
@@ -447,198 +313,6 @@ def _build_search(
     return name, asdict(dense.config)
 
 
-# ----------------------------------------------------------------------------- open
-
-
-def open_index(directory: str | Path, mmap: bool = True, verify: bool | None = None) -> LoadedIndex:
-    """Open and validate an index directory; every inconsistency is a MarginError naming the file.
-
-    mmap: memory-map the FAISS index (read-only); pass False to load it into RAM.
-    verify: hash every file against the manifest's sha256 (True), only check that files exist
-        with their recorded sizes (False), or None: hash when the files total at most
-        VERIFY_ON_OPEN_BYTES, else leave it to :func:`verify_index` (``margin index verify``).
-        Counts, dimensions, kinds and shard checksums are checked either way.
-    """
-    directory = Path(directory)
-    if not directory.is_dir():
-        if _work_dir(directory).exists():
-            raise MarginError(
-                f"{directory} does not exist yet: its build was interrupted; run the same build "
-                "again to resume it"
-            )
-        raise MarginError(f"{directory}: no such index directory; build the index first")
-    manifest = Manifest.read(directory)
-    _check_files(manifest, directory, verify)
-    store = PassageStore.open(directory / "passages", [f"{s.name}.arrow" for s in manifest.shards])
-    for info, table_rows, checksum in zip(
-        manifest.shards, store.shard_rows(), store.shard_checksums(), strict=True
-    ):
-        where = f"{directory / 'passages' / info.name}.arrow"
-        if info.rows != table_rows:
-            raise MarginError(
-                f"{where} has {table_rows} rows, the manifest says {info.rows}; rebuild the index"
-            )
-        if info.checksum != checksum:
-            raise MarginError(
-                f"{where} does not match the shard checksum in {MANIFEST}; rebuild the index"
-            )
-    if store.checksum() != manifest.corpus_checksum:
-        raise MarginError(
-            f"{directory}/passages does not match the corpus checksum in {MANIFEST}; "
-            "rebuild the index"
-        )
-    dense = bm25 = None
-    if manifest.kind == "bm25":
-        bm25 = BM25Index.load(directory / manifest.index_file, mmap=mmap)
-        if len(bm25) != manifest.passages:
-            raise MarginError(
-                f"{directory / manifest.index_file} covers {len(bm25)} passages, the manifest "
-                f"{manifest.passages}; rebuild the index"
-            )
-    else:
-        if not manifest.encoder:
-            raise MarginError(f"{directory / MANIFEST} is corrupt (no encoder); rebuild the index")
-        dim = int(manifest.encoder["dim"])
-        paths = [directory / "embeddings" / f"{s.name}.npy" for s in manifest.shards]
-        embeddings = Embeddings.open(paths, dim)
-        for info, path, shard in zip(manifest.shards, paths, embeddings.shards, strict=True):
-            if len(shard) != info.rows:
-                raise MarginError(
-                    f"{path} has {len(shard)} rows, the manifest says {info.rows}; "
-                    "rebuild the index"
-                )
-        config = _config_of(manifest)
-        dense = DenseIndex.load(directory / manifest.index_file, embeddings, config, mmap=mmap)
-        if faiss_kind(dense.index) != manifest.kind:
-            raise MarginError(
-                f"{directory / manifest.index_file} is a {faiss_kind(dense.index)} index but "
-                f"{MANIFEST} says {manifest.kind}; rebuild the index"
-            )
-    return LoadedIndex(directory, manifest, store, dense, bm25)
-
-
-def _check_files(manifest: Manifest, directory: Path, verify: bool | None) -> None:
-    """The recorded files exist with their sizes and (``verify``; None: if small) checksums."""
-    if manifest.files is None:  # written before file checksums: the other checks only
-        return
-    size = _checksums.total_bytes(manifest.files)
-    contents = size <= VERIFY_ON_OPEN_BYTES if verify is None else verify
-    if verify is None and not contents:
-        log.info(
-            "%s: %.1f GB, too large to hash on every open; `margin index verify --index %s` "
-            "checks every file", directory, size / 1e9, directory,
-        )
-    problems = _checksums.problems(directory, manifest.files, contents)
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise MarginError(
-            f"{problems[0]}{more}; `margin index verify --index {directory}` lists every "
-            "problem; rebuild the index (or restore the files)"
-        )
-
-
-def verify_index(directory: str | Path, encoder: bool = True) -> list[str]:
-    """Check everything about an index directory; one line per problem, [] when sound.
-
-    Every file against the manifest's sha256 and size, the passage text against its checksum
-    chain (recomputed from the text), counts, dimensions, the FAISS kind and, with ``encoder``,
-    that the passage encoder recorded in the manifest still loads with the same weights
-    (fingerprint). This is ``margin index verify``: it reads every byte of the index.
-    """
-    directory = Path(directory)
-    try:
-        manifest = Manifest.read(directory)
-    except MarginError as exc:
-        return [str(exc)]
-    if manifest.files is None:
-        problems = [
-            f"{directory / MANIFEST} records no file checksums (written by an older margin); "
-            "rebuild the index to make its files verifiable"
-        ]
-    else:
-        problems = _checksums.problems(directory, manifest.files, contents=True)
-    try:
-        open_index(directory, verify=False).store.verify()
-    except MarginError as exc:
-        problems.append(str(exc))
-    if encoder and manifest.encoder is not None:
-        problems.extend(_encoder_problems(manifest))
-    return problems
-
-
-def _encoder_problems(manifest: Manifest) -> list[str]:
-    """Does the passage encoder recorded in the manifest still load with the same weights?"""
-    from margin.retrieval.encoders import load_encoder_from_spec
-
-    built = manifest.encoder
-    assert built is not None
-    try:
-        encoder = load_encoder_from_spec(built["spec"])
-    except MarginError as exc:
-        return [f"the index's encoder {_describe(built['spec'])} does not load: {exc}"]
-    if encoder.fingerprint != built["fingerprint"] or encoder.dim != int(built["dim"]):
-        return [
-            f"the index's encoder {_describe(built['spec'])} now has other weights (sha256 "
-            f"{encoder.fingerprint[:12]}, {encoder.dim}-d) than the index was built with "
-            f"({built['fingerprint'][:12]}, {built['dim']}-d); restore them or rebuild the index"
-        ]
-    return []
-
-
-def ensure_encoder_matches(manifest: Manifest, encoder: Encoder) -> None:
-    """Refuse an encoder that does not fit the index: MarginError naming both encoders.
-
-    A passage encoder (the default) must be the very one the index was built with: same weights
-    fingerprint, same dimension (Sec. 2.4: the document encoder stays frozen). A question encoder
-    (``encoder.spec["role"] == "question"``: DPR's other tower, or one being fine-tuned, whose
-    weights change by design) is checked on the dimension only.
-    """
-    where = manifest.path or "this index"
-    if manifest.encoder is None:
-        raise MarginError(
-            f"index {where} is a BM25 index; search it with query strings, no encoder needed"
-        )
-    built = manifest.encoder
-    question = isinstance(encoder.spec, dict) and encoder.spec.get("role") == "question"
-    same_weights = question or built["fingerprint"] == encoder.fingerprint
-    if not same_weights or int(built["dim"]) != encoder.dim:
-        raise MarginError(
-            f"index {where} was built with encoder {_describe(built['spec'])} "
-            f"({built['dim']}-d, sha256 {built['fingerprint'][:12]}); the given encoder is "
-            f"{_describe(encoder.spec)} ({encoder.dim}-d, sha256 {encoder.fingerprint[:12]}); "
-            "use the index's encoder or rebuild the index with this one"
-        )
-
-
-def ensure_query_encoder_matches(manifest: Manifest, encoder: Encoder) -> None:
-    """Refuse a question encoder that was not made for the index's passages (MarginError).
-
-    For an index built with a symmetric encoder (sentence-transformers, plain HF: the same model
-    embeds questions and passages), the question encoder must have the index's weights: same
-    sha256 fingerprint. A DPR context-encoder index needs a DPR question encoder (the other tower,
-    whose weights differ by design). Callers that mean to search with other weights (a question
-    encoder being fine-tuned) skip this check (``--allow-encoder-mismatch``).
-    """
-    built = manifest.encoder
-    if built is None:
-        return ensure_encoder_matches(manifest, encoder)  # BM25: the same refusal
-    spec = encoder.spec if isinstance(encoder.spec, dict) else {}
-    if built["spec"].get("kind") == "dpr":
-        wrong = "is not a DPR question encoder" if spec.get("kind") != "dpr" else None
-    else:
-        wrong = "has other weights" if encoder.fingerprint != built["fingerprint"] else None
-    if int(built["dim"]) != encoder.dim:
-        wrong = "has another dimension"
-    if wrong:
-        raise MarginError(
-            f"index {manifest.path or 'this index'} was built with encoder "
-            f"{_describe(built['spec'])} ({built['dim']}-d, sha256 {built['fingerprint'][:12]}); "
-            f"the question encoder {_describe(spec)} {wrong} ({encoder.dim}-d, sha256 "
-            f"{encoder.fingerprint[:12]}); use the index's encoder, rebuild the index, or pass "
-            "--allow-encoder-mismatch to search anyway"
-        )
-
-
 # ----------------------------------------------------------------------------- add
 
 
@@ -686,10 +360,10 @@ def add_to_index(
     _check_unique_ids(store)
     generation = old.generation + 1
     if old.kind == "bm25":
-        config = _config_of(old)
+        config = config_of(old)
         previous = None
     else:
-        config = _config_of(old)
+        config = config_of(old)
         assert loaded.dense is not None
         previous = DenseIndex.load(
             directory / old.index_file, loaded.dense.embeddings, config, mmap=False
@@ -751,16 +425,6 @@ def _resolve_config(kind: str | None, config: IndexConfig | BM25Config | None):
     return config
 
 
-def _config_of(manifest: Manifest) -> IndexConfig | BM25Config:
-    """The index config recorded in a manifest."""
-    try:
-        if manifest.kind == "bm25":
-            return BM25Config(**manifest.index_params)
-        return IndexConfig(**manifest.index_params)
-    except TypeError as exc:
-        raise MarginError(f"{MANIFEST} has bad index_params ({exc}); rebuild the index") from None
-
-
 def _kind_of(config: IndexConfig | BM25Config) -> str:
     return "bm25" if isinstance(config, BM25Config) else config.kind
 
@@ -772,10 +436,6 @@ def _corpus_source(corpus: str | Path | Iterable[Passage]) -> str:
     if isinstance(corpus, str | Path):
         return str(Path(corpus).resolve())
     return "<passages>"
-
-
-def _work_dir(out: Path) -> Path:
-    return out.with_name(f".{out.name}.building")
 
 
 def _prepare_work_dir(work: Path, plan: dict[str, Any], dense: bool) -> None:
@@ -856,10 +516,6 @@ def _encoder_record(encoder: Encoder | None) -> dict[str, Any] | None:
     if encoder is None:
         return None
     return {"spec": encoder.spec, "fingerprint": encoder.fingerprint, "dim": int(encoder.dim)}
-
-
-def _describe(spec: dict[str, Any]) -> str:
-    return str(spec.get("name") or json.dumps(spec, sort_keys=True))
 
 
 def _remove(path: Path) -> None:

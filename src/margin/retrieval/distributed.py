@@ -42,9 +42,6 @@ from margin.errors import MarginError, require
 from margin.retrieval.bm25 import BM25Config
 from margin.retrieval.build import (
     DEFAULT_SHARD_SIZE,
-    Encoder,
-    Manifest,
-    ShardInfo,
     discard_if_unstarted,
     encode_shard,
     finish_build,
@@ -55,6 +52,7 @@ from margin.retrieval.build import (
     shard_paths,
 )
 from margin.retrieval.index import IndexConfig
+from margin.retrieval.manifest import Encoder, Manifest, ShardInfo
 from margin.retrieval.passages import Passage, read_corpus
 from margin.retrieval.store import EMPTY_CHECKSUM, shard_name, write_shard
 

@@ -22,15 +22,15 @@ import numpy as np
 from margin.assets import margin_home
 from margin.devices import resolve_device
 from margin.errors import MarginError
-from margin.retrieval.build import (
+from margin.retrieval.build import build_index
+from margin.retrieval.encoders import Encoder, load_encoder, load_encoder_from_spec
+from margin.retrieval.passages import Passage
+from margin.retrieval.reader import (
     LoadedIndex,
-    build_index,
     ensure_encoder_matches,
     ensure_query_encoder_matches,
     open_index,
 )
-from margin.retrieval.encoders import Encoder, load_encoder, load_encoder_from_spec
-from margin.retrieval.passages import Passage
 
 DEFAULT_INDEX_NAME = "default-minilm-flat"  # cache folder of the default index under $MARGIN_HOME
 DEFAULT_BM25_NAME = "default-bm25"  # cache folder of the default corpus's BM25 index, beside it

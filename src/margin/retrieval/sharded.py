@@ -32,9 +32,9 @@ import numpy as np
 
 from margin._io import atomic_path, write_json_atomic
 from margin.errors import MarginError
-from margin.retrieval.build import LoadedIndex, open_index
 from margin.retrieval.index import DenseIndex, Embeddings, IndexConfig, SearchResult
 from margin.retrieval.passages import Passage
+from margin.retrieval.reader import LoadedIndex, open_index
 from margin.retrieval.retriever import Retrieved
 
 PARTS_FORMAT = "margin-parts"  # parts.json "format" marker

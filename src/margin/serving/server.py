@@ -49,7 +49,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from margin.errors import MarginError
 from margin.generation.generator import Generator
 from margin.rag import RAG, Answer, Decoding, Mode, decoding_method
-from margin.retrieval.build import open_index
+from margin.retrieval.reader import open_index
 from margin.retrieval.retriever import Retriever, resolve_index
 from margin.serving.batching import BatchConfig, BatcherBusy, MicroBatcher
 
