@@ -1,6 +1,6 @@
 """A fine-tuning step of the default model in fp32 and under bf16 autocast, side by side.
 
-The step is ``margin finetune``'s (``margin.training.train.FINETUNE_RECIPE``: k = 2, 4 x 2
+The step is ``margin finetune``'s (``margin.training.recipe.FINETUNE_RECIPE``: k = 2, 4 x 2
 questions,
 LoRA r = 16 on the generator, the question encoder in full), on the first training questions of
 nq-open-dev and triviaqa-dev (after the 500 held out), interleaved. Each run loads the default
@@ -29,7 +29,8 @@ import torch
 
 from margin.devices import native_bf16
 from margin.rag import RAG
-from margin.training.train import FINETUNE_RECIPE, interleave, train, training_slice
+from margin.training.recipe import FINETUNE_RECIPE, interleave, training_slice
+from margin.training.train import train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _report import load_average, provenance, write_section  # noqa: E402

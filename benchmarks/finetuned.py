@@ -3,7 +3,7 @@
 What it measures (issue "Answer quality", section "A fine-tuned default, one command"):
 
 - ``finetune``: runs ``margin finetune`` on the two development files exactly as ``make finetune``
-  does (the recipe in ``margin.training.train.FINETUNE_RECIPE``; the first 500 lines of each file
+  does (the recipe in ``margin.training.recipe.FINETUNE_RECIPE``; the first 500 lines of each file
   are held
   out) and records its wall time;
 - ``eval``: ``margin eval`` of ``--model finetuned`` on the held-out slices (the first 500
@@ -47,7 +47,8 @@ from margin.assets import margin_home
 from margin.evaluation.evaluate import EvalConfig, RunSpec, read_predictions, run_eval
 from margin.models import load_model
 from margin.rag import LOSS_MODES
-from margin.training.train import FINETUNE_RECIPE, FINETUNE_UNGROUNDED, HELDOUT, PRECISIONS
+from margin.training.precision import PRECISIONS
+from margin.training.recipe import FINETUNE_RECIPE, FINETUNE_UNGROUNDED, HELDOUT
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _report import load_average, machine, write_section  # noqa: E402
@@ -302,13 +303,13 @@ def describe(timing, args, heading: str) -> list[str]:
         ("`make finetune` (" if not options else "") + f"`{command}`" + ("" if options else ")")
         + " fine-tunes the "
         f"default model on the development files minus their first {HELDOUT} lines, which are held "
-        f"out for this report. Recipe (`margin.training.train.FINETUNE_RECIPE`"
+        f"out for this report. Recipe (`margin.training.recipe.FINETUNE_RECIPE`"
         f"{', with ' + ' '.join(options) if options else ''}): {OBJECTIVES[r.mode]}, "
         f"k = {r.k}, {length} (NQ and TriviaQA "
         f"interleaved, in file order): {1 - FINETUNE_UNGROUNDED:.1%} the first ones with a gold "
         f"answer in their top {r.k} passages, that answer the target, and "
         f"{FINETUNE_UNGROUNDED:.1%} the first ones without "
-        "(`margin.training.train.select_questions`); "
+        "(`margin.training.recipe.select_questions`); "
         f"LoRA r = {r.lora_r} on every linear layer of the generator at lr {r.lr:g}, "
         f"the question encoder trained in full at lr {r.retriever_lr:g}; the passage index fixed "
         "(the paper's setting)" + precision + ".", "",

@@ -257,6 +257,7 @@ def test_zero_counts_are_refused_before_loading_not_replaced_by_defaults(
     the user gave is checked, in one line, before any model, index or data is loaded."""
     import margin.models
     import margin.retrieval.encoders
+    import margin.training.recipe
     import margin.training.train
 
     def loaded(*args, **kwargs):
@@ -265,7 +266,7 @@ def test_zero_counts_are_refused_before_loading_not_replaced_by_defaults(
     monkeypatch.setattr(margin.models, "load_model", loaded)
     monkeypatch.setattr(margin.retrieval.encoders, "load_encoder", loaded)
     monkeypatch.setattr(margin.training.train, "run", loaded)
-    monkeypatch.setattr(margin.training.train, "finetune", loaded)
+    monkeypatch.setattr(margin.training.recipe, "finetune", loaded)
     (tmp_path / "dev.jsonl").write_text('{"question": "why?", "answers": ["because"]}\n')
     argv = [a.format(index=index, tmp=tmp_path) for a in argv]
     code, _, err = run(argv, capsys)

@@ -67,7 +67,7 @@ def test_devices_margin_does_not_run_on_are_refused(name):
 
 def test_configs_refuse_a_missing_device_when_built(no_gpu):
     from margin.evaluation.evaluate import EvalConfig, check_config
-    from margin.training.train import TrainConfig
+    from margin.training.config import TrainConfig
 
     with pytest.raises(MarginError, match="no CUDA GPU"):
         TrainConfig(device="cuda")
@@ -93,8 +93,9 @@ def test_a_ray_worker_loads_its_encoder_where_it_can_run(no_gpu, st_model):  # n
 def test_data_parallel_training_refuses_one_numbered_gpu_for_every_process(two_gpus, tmp_path):
     """Under torchrun each process takes the GPU of its LOCAL_RANK; cuda:1 would stack them."""
     from margin.evaluation.examples import Example
+    from margin.training.config import TrainConfig
     from margin.training.data_parallel import World
-    from margin.training.train import TrainConfig, train
+    from margin.training.train import train
 
     config = TrainConfig(steps=1, device="cuda:1")
     with pytest.raises(MarginError, match="all 2 processes on one GPU"):

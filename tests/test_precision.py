@@ -1,5 +1,5 @@
 """Training precision: which autocast dtype each ``--precision`` means, bf16 on a CPU, and the
-frozen LoRA weights kept in bf16 (margin.training.train.FrozenCasts) computing exactly what
+frozen LoRA weights kept in bf16 (margin.training.precision.FrozenCasts) computing exactly what
 autocast does.
 
 torch.cuda and the CPU probes are patched where a test needs a GPU or a CPU feature, so each test
@@ -16,7 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from margin.devices import native_bf16
 from margin.errors import MarginError
-from margin.training.train import FrozenCasts, autocast_dtype
+from margin.training.precision import FrozenCasts, autocast_dtype
 
 CPU = torch.device("cpu")
 

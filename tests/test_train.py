@@ -1,4 +1,4 @@
-"""Fine-tuning (margin.training.train): the paper's recipe on a tiny random model and a synthetic
+"""Fine-tuning (margin.training): the paper's recipe on a tiny random model and a synthetic
 task.
 
 The task: 8 questions whose one-word answers are written in a 6-passage corpus. The retriever is a
@@ -25,16 +25,10 @@ from margin.retrieval.build import build_index
 from margin.retrieval.encoders import load_encoder, weights_fingerprint
 from margin.retrieval.passages import Passage
 from margin.retrieval.retriever import Retriever
-from margin.training.train import (
-    TrainConfig,
-    evaluate,
-    lr_factor,
-    pick_target,
-    select_questions,
-    steps_within,
-    train,
-    training_slice,
-)
+from margin.training.config import TrainConfig
+from margin.training.recipe import select_questions, training_slice
+from margin.training.schedule import lr_factor, pick_target, steps_within
+from margin.training.train import evaluate, train
 from test_cli import st_model  # noqa: F401  (module fixture: a tiny sentence-transformers model)
 from test_generator import tiny_llama
 

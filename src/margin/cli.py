@@ -299,7 +299,8 @@ def train(
     device: Device = "auto",
 ) -> None:
     """Fine-tune RAG end to end (Sec. 2.4): question encoder and generator learn, index frozen."""
-    from margin.training.train import TrainConfig, run
+    from margin.training.config import TrainConfig
+    from margin.training.train import run
 
     config = TrainConfig(
         mode=mode, k=k, steps=steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
@@ -451,8 +452,8 @@ def finetune(
     """Fine-tune the default model on training slices and install it as --name (`make finetune`)."""
     from dataclasses import replace
 
-    from margin.training.train import FINETUNE_RECIPE, FINETUNE_UNGROUNDED
-    from margin.training.train import finetune as run_finetune
+    from margin.training.recipe import FINETUNE_RECIPE, FINETUNE_UNGROUNDED
+    from margin.training.recipe import finetune as run_finetune
 
     if all_questions and ungrounded is not None:
         raise MarginError("--ungrounded sets a share of the selected questions; --all-questions "

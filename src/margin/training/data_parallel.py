@@ -1,13 +1,12 @@
 """Data-parallel fine-tuning over several processes (torch.distributed), started by ``torchrun``.
 
 Why: fine-tuning (Sec. 2.4, margin.training.train) is one model replica per process; with W
-processes each
-takes 1/W of every micro-batch, and the gradients are summed across processes before the
-optimizer step, so every replica takes the step one process would take on the whole micro-batch
-(the data order comes from the seed alone, margin.training.train.epoch_order). The retrieval index
-is the
-large part: with ``--ray-retrieval`` every process searches one shared copy per machine, a Ray
-actor (margin.retrieval.sharded.retrieval_actor), as transformers' Ray retriever does.
+processes each takes 1/W of every micro-batch, and the gradients are summed across processes
+before the optimizer step, so every replica takes the step one process would take on the whole
+micro-batch (the data order comes from the seed alone, margin.training.schedule.epoch_order).
+The retrieval index is the large part: with ``--ray-retrieval`` every process searches one
+shared copy per machine, a Ray actor (margin.retrieval.sharded.retrieval_actor, wired in by
+:func:`with_ray_retrieval`), as transformers' Ray retriever does.
 
 Why not ``torch.nn.parallel.DistributedDataParallel``: DDP wraps one ``forward`` per backward,
 but a RAG loss runs the generator several times (the prompts once into a KV cache, then the
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 
 from margin.errors import MarginError
+from margin.rag import RAG
 
 
 @dataclass(frozen=True)
@@ -112,3 +112,27 @@ def barrier(world: World) -> None:
         import torch.distributed as dist
 
         dist.barrier()
+
+
+def with_ray_retrieval(
+    model: str, index: str, address: str | None, world: World = SINGLE, progress: bool = True
+) -> RAG:
+    """``model`` with its retrieval served by the machine's shared Ray actor over ``index``
+    (margin.retrieval.sharded.retrieval_actor): the index is loaded once per machine, not per
+    process."""
+    from margin.models import check_index_encoder
+    from margin.retrieval.retriever import resolve_index
+    from margin.retrieval.sharded import RemoteRetriever, retrieval_actor
+
+    if world.main:  # the default index is built (once) before any process opens it
+        resolve_index(index, progress=progress)
+    barrier(world)
+    path = resolve_index(index, progress=False)
+    rag = RAG.load(model=model, index=None, progress=progress)
+    if rag.question_encoder is None:
+        raise MarginError(f"{model} has no question encoder to search {path} with")
+    remote = RemoteRetriever(retrieval_actor(path, address=address), rag.question_encoder)
+    expected = getattr(getattr(rag, "config", None), "index_encoder_fingerprint", None)
+    check_index_encoder(path, remote.index_encoder, expected, model)
+    rag.retriever = remote  # type: ignore[assignment]
+    return rag

@@ -25,19 +25,23 @@ Example::
     rag = RAG.load("default", "default")
     examples = read_examples("nq-train.tsv")
     train(rag, examples, "runs/nq", TrainConfig(k=5, steps=200, lora=True))
+
+This module is the loop and what it writes; beside it: the settings (margin.training.config), the
+run's steps, learning rates and batches (margin.training.schedule), mixed precision
+(margin.training.precision), several processes (margin.training.data_parallel) and the
+``margin finetune`` recipe (margin.training.recipe).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import random
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, fields, replace
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -54,9 +58,10 @@ from margin.checkpoint import (
 from margin.devices import resolve_device
 from margin.errors import MarginError, require
 from margin.evaluation.examples import Example
-from margin.evaluation.metrics import exact_match, has_answer
-from margin.rag import LOSS_MODES, RAG
-from margin.retrieval.retriever import Retrieved
+from margin.evaluation.metrics import exact_match
+from margin.rag import RAG
+from margin.retrieval.retriever import Retrieved, ensure_default_bm25_index
+from margin.training.config import TrainConfig
 from margin.training.data_parallel import (
     SINGLE,
     World,
@@ -64,85 +69,21 @@ from margin.training.data_parallel import (
     init_world,
     sum_gradients,
     sum_value,
+    with_ray_retrieval,
+)
+from margin.training.precision import FrozenCasts, autocast_dtype
+from margin.training.schedule import (
+    lr_factor,
+    micro_batches,
+    pick_target,
+    steps_within,
+    total_steps,
 )
 
-TARGETS = ("first", "sample")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # Settings that may change between an interrupted run and its --resume (the rest must not).
 _RESUMABLE_CHANGES = ("eval_every", "save_every", "log_every", "eval_limit", "eval_batch_size",
                       "device", "max_minutes")
 _clock = time.perf_counter  # the training's clock (a test drives its own)
-
-
-@dataclass
-class TrainConfig:
-    """How to fine-tune; every field is a ``margin train`` flag of the same name."""
-
-    mode: str = "token"  # marginalisation trained: "token" (RAG-Token), "sequence" (RAG-Sequence)
-    # or "both" (the mean of the two NLLs; the checkpoint then answers in RAG-Token by default)
-    k: int = 5  # passages retrieved per question in training (the paper: 5 or 10)
-    steps: int | None = None  # optimizer steps to run; None: `epochs` passes over the data
-    epochs: int = 1  # passes over the training set when `steps` is None
-    batch_size: int = 4  # questions per forward/backward (micro-batch)
-    grad_accum: int = 1  # micro-batches summed into each optimizer step
-    lr: float = 3e-5  # AdamW peak learning rate
-    retriever_lr: float | None = None  # the question encoder's peak lr; None: `lr` (LoRA wants
-    # a far higher lr than a fully trained encoder: give them their own)
-    weight_decay: float = 0.0  # AdamW decoupled weight decay
-    warmup: int = 0  # optimizer steps of linear warm-up from 0 to `lr`, then linear decay to 0
-    max_grad_norm: float = 1.0  # clip the global gradient norm to this (0: no clipping)
-    freeze_retriever: bool = False  # keep the question encoder fixed (Table 6 "frozen")
-    freeze_generator: bool = False  # keep the generator fixed (train only the retriever)
-    target: str = "first"  # training target: "first" gold answer, or one "sample"d per epoch
-    lora: bool = False  # train LoRA adapters (peft) on the generator instead of all its weights
-    lora_r: int = 16  # LoRA rank
-    lora_alpha: int = 32  # LoRA scaling numerator (scale = alpha / r)
-    lora_targets: str = "all-linear"  # peft target_modules: "all-linear" or comma-separated names
-    gradient_checkpointing: bool = False  # recompute activations in backward (seq2seq, encoder)
-    precision: str = "auto"  # "auto": bf16 (else fp16) autocast on a GPU, fp32 on CPU; "bf16"
-    # also on a CPU (faster where it computes bf16 natively: margin.devices.native_bf16)
-    device: str = "auto"  # where to train: auto (CUDA if any, else CPU), cpu, cuda[:N] (a resume
-    # may change it: the optimizer state follows the parameters)
-    eval_every: int = 0  # optimizer steps between dev evaluations (0: only at the end)
-    eval_limit: int | None = None  # dev examples evaluated (None: all)
-    eval_batch_size: int = 8  # questions per batch when answering dev questions
-    save_every: int = 0  # optimizer steps between checkpoints (0: only at the end)
-    log_every: int = 1  # optimizer steps between log.jsonl lines and progress updates
-    max_minutes: float | None = None  # a time budget for this call of train(): once a few steps
-    # are timed, the run is cut to the steps that fit (never lengthened), its learning rate
-    # decaying to 0 at the new end; None: no budget
-    retrieval_batch_size: int = 64  # questions per batched retrieval when caching the top-k
-    seed: int = 0  # seeds data order, target sampling, dropout and LoRA initialisation
-
-    def __post_init__(self) -> None:
-        if self.mode not in LOSS_MODES:
-            raise MarginError(f"unknown mode {self.mode!r}; use 'token', 'sequence' or 'both'")
-        if self.target not in TARGETS:
-            raise MarginError(f"unknown target {self.target!r}; use 'first' or 'sample'")
-        if self.precision not in PRECISIONS:
-            raise MarginError(f"unknown precision {self.precision!r}; use {', '.join(PRECISIONS)}")
-        # a device this machine lacks, or a precision it cannot run, is refused before any loading
-        device = resolve_device(self.device)
-        if device.type != "cuda":  # every precision runs on a GPU
-            autocast_dtype(self.precision, device)
-        if self.retriever_lr is not None and not self.retriever_lr > 0:
-            raise MarginError(f"retriever_lr must be positive, got {self.retriever_lr}")
-        for name in ("k", "epochs", "batch_size", "grad_accum", "log_every", "eval_batch_size",
-                     "retrieval_batch_size", "lora_r"):
-            if getattr(self, name) < 1:
-                raise MarginError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("warmup", "eval_every", "save_every"):  # 0 means none / only at the end
-            if getattr(self, name) < 0:
-                raise MarginError(f"{name} must be at least 0, got {getattr(self, name)}")
-        if self.steps is not None and self.steps < 1:
-            raise MarginError(f"steps must be at least 1, got {self.steps}")
-        if self.lr <= 0:
-            raise MarginError(f"lr must be positive, got {self.lr}")
-        if self.max_minutes is not None and not self.max_minutes > 0:
-            raise MarginError(f"max_minutes must be positive, got {self.max_minutes}; leave it "
-                              "unset for no time budget")
-        if self.freeze_generator and self.lora:
-            raise MarginError("--lora trains the generator; drop it or drop --freeze-generator")
 
 
 @dataclass
@@ -155,63 +96,6 @@ class TrainResult:
     best_step: int | None  # the step of that checkpoint
     wall_s: float  # seconds this call ran
     out: Path  # the output directory
-
-
-# ----------------------------------------------------------------------------- small pure pieces
-
-
-def lr_factor(step: int, warmup: int, total: int) -> float:
-    """Linear warm-up over ``warmup`` steps, then linear decay to 0 at ``total`` steps."""
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
-    return max(0.0, (total - step) / max(1, total - warmup))
-
-
-def steps_within(budget_s: float, elapsed_s: float, step: int, step_s: float, total: int) -> int:
-    """The run's length in optimizer steps under a time budget: ``step`` steps are done after
-    ``elapsed_s`` of ``budget_s`` seconds and a step takes ``step_s``; ``total`` if the rest
-    fits, else the steps that do (never fewer than ``step``: a run stops, it is not undone)."""
-    fit = step + int(max(0.0, budget_s - elapsed_s) // max(step_s, 1e-9))
-    return max(step, min(total, fit))
-
-
-def pick_target(answers: Sequence[str], choice: str, rng: random.Random) -> str:
-    """The training target among gold answers: the first, or one sampled (per epoch).
-
-    Answers with no letter or digit (junk such as a lone emoji in TriviaQA) are passed over
-    whenever a real one exists.
-    """
-    real = [a for a in answers if any(c.isalnum() for c in a)] or list(answers)
-    return real[0] if choice == "first" else rng.choice(real)
-
-
-def total_steps(n_examples: int, config: TrainConfig) -> int:
-    """Optimizer steps of the run: ``steps``, or ``epochs`` passes of the data."""
-    if config.steps is not None:
-        return config.steps
-    per_epoch = math.ceil(n_examples / (config.batch_size * config.grad_accum))
-    return config.epochs * per_epoch
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
-    """The example order of one epoch: a permutation that depends only on (seed, epoch)."""
-    return np.random.default_rng([seed, epoch]).permutation(n)
-
-
-def micro_batches(
-    n: int, config: TrainConfig, epoch: int, position: int
-) -> Iterator[tuple[np.ndarray, int, int]]:
-    """Example indices of each micro-batch from (epoch, position) on, forever.
-
-    Yields (indices, epoch, position after the batch); an epoch's last batch may be short.
-    """
-    while True:
-        order = epoch_order(n, config.seed, epoch)
-        while position < n:
-            rows = order[position : position + config.batch_size]
-            position += len(rows)
-            yield rows, epoch, position
-        epoch, position = epoch + 1, 0
 
 
 # ----------------------------------------------------------------------------- the top-k
@@ -255,37 +139,6 @@ class _Parts:
     device: torch.device
     dtype: torch.dtype | None  # autocast dtype, None for fp32
     casts: FrozenCasts | None = None  # LoRA's frozen weights kept in `dtype` too
-
-
-class FrozenCasts:
-    """The frozen weights of a model's linear layers, kept in the autocast dtype beside fp32.
-
-    Autocast casts a linear layer's weight to bf16 on every call, and caches the cast only for
-    weights that train: under LoRA the frozen base weights were cast again in each of a step's
-    forward passes (the shared prompt prefix, every length group), which cost as much time as
-    bf16 saved in the matrix products. ``active()`` swaps the bf16 copies in for a step's forwards
-    and backwards, the very values autocast would have made, and the fp32 weights back for
-    everything else (saving, merging the adapters, dev evaluation, the caller's model). Weights
-    tied to an embedding stay as they are: a bf16 embedding would make the residual stream bf16.
-    """
-
-    def __init__(self, model: torch.nn.Module, dtype: torch.dtype):
-        tied = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-        self.pairs = [
-            (m.weight, m.weight.data, m.weight.data.to(dtype)) for m in model.modules()
-            if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad
-            and id(m.weight) not in tied and m.weight.dtype != dtype
-        ]
-
-    @contextmanager
-    def active(self) -> Iterator[None]:
-        for weight, _, low in self.pairs:
-            weight.data = low
-        try:
-            yield
-        finally:
-            for weight, high, _ in self.pairs:
-                weight.data = high
 
 
 def prepare(rag: RAG, config: TrainConfig) -> _Parts:
@@ -333,24 +186,6 @@ def prepare(rag: RAG, config: TrainConfig) -> _Parts:
     return _Parts(modules, params, peft_model, device, dtype, casts)
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of ``--precision`` on ``device`` (None: plain fp32).
-
-    "auto" is bf16 on a GPU that supports it (else fp16) and fp32 on a CPU; "bf16" is also
-    allowed on a CPU, where it pays on one that computes bf16 natively (``native_bf16``: 1.21x a
-    step of the default model's fine-tune on this project's 2-core EPYC, BENCHMARKS.md
-    "Fine-tuning step: fp32 and bf16 autocast on the CPU"); fp16 needs a GPU."""
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
-        return None
-    if device.type == "cuda":
-        bf16 = precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported())
-        return torch.bfloat16 if bf16 else torch.float16
-    if precision == "bf16" and device.type == "cpu":
-        return torch.bfloat16
-    raise MarginError(f"--precision {precision} needs a GPU; use fp32, bf16 or auto on "
-                      f"{device.type.upper()}")
-
-
 def param_groups(params: dict[str, torch.nn.Parameter], config: TrainConfig) -> list[dict]:
     """AdamW's parameter groups: one at ``lr``, or, with ``retriever_lr``, the question encoder's
     parameters in a second group at that rate (the schedule scales both alike)."""
@@ -363,7 +198,7 @@ def param_groups(params: dict[str, torch.nn.Parameter], config: TrainConfig) -> 
 
 
 def _enable_checkpointing(rag: RAG, learn_g: bool, learn_q: bool) -> None:
-    from margin.generation.generator import CausalGenerator
+    from margin.generation.causal import CausalGenerator
 
     if learn_g:
         if isinstance(rag.generator, CausalGenerator):
@@ -428,8 +263,7 @@ def train(
     records what was loaded so a resume with another model is refused. ``on_step`` receives each
     step's log record (after any save), e.g. to stop a run early. ``world``: this process's
     place among data-parallel processes (margin.training.data_parallel); each takes its share of
-    every
-    micro-batch, the gradients are summed, and rank 0 alone writes and evaluates.
+    every micro-batch, the gradients are summed, and rank 0 alone writes and evaluates.
     """
     config = config or TrainConfig()
     out = Path(out)
@@ -682,10 +516,9 @@ def run(
     the number of malformed lines skipped (``skip_bad_lines``).
 
     Started by torchrun, each process trains its share (margin.training.data_parallel).
-    ``ray_retrieval``:
-    search one shared copy of the index per machine, a Ray actor, instead of one per process
-    (``ray_address``: the cluster to join; several processes default to ``"auto"``, the one
-    ``ray start --head`` started).
+    ``ray_retrieval``: search one shared copy of the index per machine, a Ray actor, instead of
+    one per process (``ray_address``: the cluster to join; several processes default to
+    ``"auto"``, the one ``ray start --head`` started).
     """
     from margin.evaluation.examples import read_examples_counted
 
@@ -701,7 +534,7 @@ def run(
         skipped += dev_skipped
     world = init_world()
     if retriever == "bm25" and index == "default":
-        index = str(default_bm25_index(progress))
+        index = str(ensure_default_bm25_index(progress))
     if ray_retrieval:
         address = ray_address or ("auto" if world.size > 1 else None)
         rag = with_ray_retrieval(model, index, address, world, progress)
@@ -713,206 +546,3 @@ def run(
     result = train(rag, examples, out, config, dev=dev, resume=resume,
                    progress=progress and world.main, model_name=f"{model}|{index}", world=world)
     return result, skipped
-
-
-def with_ray_retrieval(
-    model: str, index: str, address: str | None, world: World = SINGLE, progress: bool = True
-) -> RAG:
-    """``model`` with its retrieval served by the machine's shared Ray actor over ``index``
-    (margin.retrieval.sharded.retrieval_actor): the index is loaded once per machine, not per
-    process."""
-    from margin.models import check_index_encoder
-    from margin.retrieval.retriever import resolve_index
-    from margin.retrieval.sharded import RemoteRetriever, retrieval_actor
-
-    if world.main:  # the default index is built (once) before any process opens it
-        resolve_index(index, progress=progress)
-    barrier(world)
-    path = resolve_index(index, progress=False)
-    rag = RAG.load(model=model, index=None, progress=progress)
-    if rag.question_encoder is None:
-        raise MarginError(f"{model} has no question encoder to search {path} with")
-    remote = RemoteRetriever(retrieval_actor(path, address=address), rag.question_encoder)
-    expected = getattr(getattr(rag, "config", None), "index_encoder_fingerprint", None)
-    check_index_encoder(path, remote.index_encoder, expected, model)
-    rag.retriever = remote  # type: ignore[assignment]
-    return rag
-
-
-def default_bm25_index(progress: bool = True) -> Path:
-    """A BM25 index of the default corpus, built once under $MARGIN_HOME (the Table 6 ablation)."""
-    from margin.assets import margin_home
-    from margin.retrieval.build import build_index
-
-    path = margin_home() / "indexes" / "default-bm25"
-    if not (path / "manifest.json").exists():
-        build_index("default", None, path, kind="bm25", progress=progress)
-    return path
-
-
-# ----------------------------------------------------------------------------- a fine-tuned default
-
-FINETUNE_RECIPE = TrainConfig(  # sized for <= 60 minutes on a 2-core CPU (BENCHMARKS.md)
-    # 4 x 2 micro-batches: a batch of 8 questions x k=2 holds ~9.5 GB of activations in fp32.
-    # 192 steps (1536 questions) took 48.3 min on a 2-core Xeon with AMX (about 15 s a step,
-    # BENCHMARKS.md "Answer quality: the fine-tuned default"). The budget cuts the steps
-    # so that the whole command, loading included, ends within 55 minutes on a slower CPU: about
-    # 105 steps on the AVX-512 EPYCs (26 to 32 s a step), about 45 on an AVX2-only one (67 s)
-    # (extrapolated from those step times).
-    # A checkpoint every 16 steps: an interrupted `make finetune` resumes from the last one.
-    # The question encoder trains in full, at the paper's rate (3e-5); the generator's LoRA
-    # adapters at 5e-4.
-    k=2, steps=192, batch_size=4, grad_accum=2, lr=5e-4, retriever_lr=3e-5, warmup=4, lora=True,
-    lora_r=16, lora_alpha=32, save_every=16, max_minutes=55,
-)
-FINETUNE_UNGROUNDED = 0.125  # share of questions without a gold answer in their passages
-HELDOUT = 500  # the first lines of each development file are held out for reporting
-
-
-def training_slice(path: str | Path, heldout: int = HELDOUT, limit: int | None = None,
-                   skip_bad_lines: bool = False) -> list[Example]:
-    """The examples of ``path`` after its first ``heldout`` (kept for evaluation), at most
-    ``limit`` of them."""
-    from margin.evaluation.examples import read_examples
-
-    rows = read_examples(path, limit=None if limit is None else heldout + limit,
-                         skip_bad_lines=skip_bad_lines)
-    if len(rows) <= heldout:
-        raise MarginError(f"{path} has {len(rows)} examples, none after the {heldout} held out; "
-                          "give a larger file or a smaller --heldout")
-    return rows[heldout:]
-
-
-def interleave(*sets: Sequence[Example]) -> list[Example]:
-    """One example from each set in turn, so a short run sees every task."""
-    out: list[Example] = []
-    for i in range(max(len(s) for s in sets)):
-        out += [s[i] for s in sets if i < len(s)]
-    return out
-
-
-def select_questions(
-    rag: RAG, examples: Sequence[Example], k: int, grounded: int | None = None,
-    ungrounded: int = 0, batch: int = 64, progress: bool = True,
-) -> tuple[list[Example], list[Example]]:
-    """The first ``grounded`` examples with a gold answer in their top-``k`` passages, those
-    answers listed first (the ones written verbatim in a passage before the others), and the
-    first ``ungrounded`` examples without one, as they are. ``grounded=None``: every such one.
-
-    Why: a short fine-tune can teach a small generator to read, not to memorise trivia. On a
-    question whose passages lack every gold answer (about nine in ten at k = 2 on the default
-    corpus), −log p(y|x) is a closed-book loss, and its gradient swamps the rest: trained on
-    every question, ``make finetune`` logged 9-32 nats a step with no downward trend. Trained on
-    grounded questions alone, the model learnt to read but answered less often from memory when
-    the passages miss (BENCHMARKS.md "Answer quality"); a few ungrounded questions keep that
-    habit. Listing the found answers first makes the "first" target one the passages hold
-    (TriviaQA's first alias is often odd: "🚁" for helicopters). Retrieval is the model's own at
-    the start, so the selection is the same when a run resumes. DPR's ``has_answer`` decides
-    (margin.evaluation.metrics).
-    """
-    from tqdm.auto import tqdm
-
-    if rag.retriever is None:
-        raise MarginError("this RAG has no retriever; load it with an index")
-    kept: list[Example] = []
-    others: list[Example] = []
-    wanted = None if grounded is None else grounded + ungrounded
-    bar = tqdm(total=wanted or len(examples), desc="selecting questions", unit="question",
-               disable=not progress, dynamic_ncols=True)
-    for start in range(0, len(examples), batch):
-        part = examples[start : start + batch]
-        hits = rag.retriever.retrieve([e.input for e in part], k)  # passages only, no vectors
-        for ex, passages in zip(part, hits.passages, strict=True):
-            texts = [p.text for p in passages]
-            found = [a for a in ex.answers if has_answer(texts, [a], ex.regex)]
-            if not found:
-                if len(others) < ungrounded:
-                    others.append(ex)
-            elif grounded is None or len(kept) < grounded:
-                found.sort(key=lambda a: not any(a in t for t in texts))  # stable: verbatim first
-                rest = tuple(a for a in ex.answers if a not in found)
-                kept.append(replace(ex, answers=(*found, *rest)))
-        bar.update(len(kept) + len(others) - bar.n if wanted else len(part))
-        if wanted is not None and len(kept) + len(others) >= wanted:
-            break
-    bar.close()
-    return kept, others
-
-
-@dataclass(frozen=True)
-class Finetuned:
-    """What :func:`finetune` installed and what it trained on."""
-
-    path: Path  # the installed model: $MARGIN_HOME/models/<name>
-    grounded: int  # questions selected with a gold answer in their passages
-    ungrounded: int  # ... without one (all of them with ``all_questions``)
-    total: int  # questions in the training slices
-    steps: int  # optimizer steps trained
-    planned: int  # optimizer steps asked for (more than ``steps`` when the time budget cut them)
-
-
-def finetune(
-    data: Sequence[str | Path],
-    name: str = "finetuned",
-    config: TrainConfig | None = None,
-    model: str = "default",
-    index: str = "default",
-    heldout: int = HELDOUT,
-    limit: int | None = None,
-    all_questions: bool = False,
-    ungrounded: float = FINETUNE_UNGROUNDED,
-    progress: bool = True,
-) -> Finetuned:
-    """Fine-tune ``model`` on the training slices of ``data`` and install it as ``name``.
-
-    By default it trains on the questions :func:`select_questions` picks, as many as the
-    recipe's steps take in one pass: a share ``ungrounded`` of them with no gold answer in
-    their passages, the rest with one (``all_questions`` trains on every question instead).
-    The result lands in ``$MARGIN_HOME/models/<name>``, where ``RAG.load(name)`` and
-    ``--model <name>`` find it; the run itself (log, state) stays in
-    ``$MARGIN_HOME/runs/<name>`` so an interrupted fine-tune resumes when run again.
-    ``config.max_minutes`` bounds the whole call: loading and question selection count.
-    """
-    import shutil
-
-    from margin._io import atomic_path
-    from margin.assets import margin_home
-
-    if not 0.0 <= ungrounded < 1.0:
-        raise MarginError(f"the ungrounded share must be in [0, 1), got {ungrounded}")
-    began = time.perf_counter()
-    config = config or FINETUNE_RECIPE
-    examples = interleave(*(training_slice(p, heldout, limit) for p in data))
-    run_dir = margin_home() / "runs" / name
-    rag = RAG.load(model=model, index=index, progress=progress, device=config.device)
-    total = len(examples)
-    counts = (0, total)
-    if not all_questions:
-        needed = config.steps * config.batch_size * config.grad_accum if config.steps else None
-        batch = config.retrieval_batch_size
-        if needed is None:  # epochs: every grounded question, and ungrounded ones in proportion
-            kept, others = select_questions(rag, examples, config.k, None, total, batch, progress)
-            others = others[: round(len(kept) * ungrounded / (1.0 - ungrounded))]
-        else:
-            extra = round(needed * ungrounded)
-            kept, others = select_questions(rag, examples, config.k, needed - extra, extra, batch,
-                                            progress)
-        if not kept:
-            raise MarginError(
-                f"none of the {total} training questions has a gold answer in its top "
-                f"{config.k} passages; use a corpus that holds the answers, or --all-questions"
-            )
-        examples, counts = [*kept, *others], (len(kept), len(others))  # train() shuffles
-    if config.max_minutes is not None:  # what loading and selecting took counts too
-        left = config.max_minutes - (time.perf_counter() - began) / 60
-        if left <= 0:
-            raise MarginError(f"loading the model and selecting questions took the whole "
-                              f"{config.max_minutes:g}-minute budget; give a larger --max-minutes "
-                              "or 0 for none")
-        config = replace(config, max_minutes=left)
-    result = train(rag, examples, run_dir, config, resume=(run_dir / "state").exists(),
-                   progress=progress, model_name=f"{model}|{index}")
-    target = margin_home() / "models" / name
-    with atomic_path(target) as tmp:
-        shutil.copytree(result.out / "last", tmp)
-    return Finetuned(target, *counts, total, result.steps, total_steps(len(examples), config))

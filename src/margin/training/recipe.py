@@ -1,0 +1,190 @@
+"""``margin finetune``: the recipe that fine-tunes the default model into ``finetuned`` in under
+an hour on a CPU, the questions it trains on, and the installed result.
+
+The recipe (:data:`FINETUNE_RECIPE`) is one :class:`~margin.training.config.TrainConfig`; the
+questions are the training slices of development files after a held-out head
+(:func:`training_slice`), interleaved (:func:`interleave`) and mostly chosen so that their
+passages hold an answer (:func:`select_questions`, which says why); :func:`finetune` runs the
+loop (margin.training.train) on them and installs the model under ``$MARGIN_HOME/models``.
+BENCHMARKS.md "Answer quality: the fine-tuned default" holds what it measured.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from margin.errors import MarginError
+from margin.evaluation.examples import Example
+from margin.evaluation.metrics import has_answer
+from margin.rag import RAG
+from margin.training.config import TrainConfig
+from margin.training.schedule import total_steps
+from margin.training.train import train
+
+FINETUNE_RECIPE = TrainConfig(  # sized for <= 60 minutes on a 2-core CPU (BENCHMARKS.md)
+    # 4 x 2 micro-batches: a batch of 8 questions x k=2 holds ~9.5 GB of activations in fp32.
+    # 192 steps (1536 questions) took 48.3 min on a 2-core Xeon with AMX (about 15 s a step,
+    # BENCHMARKS.md "Answer quality: the fine-tuned default"). The budget cuts the steps
+    # so that the whole command, loading included, ends within 55 minutes on a slower CPU: about
+    # 105 steps on the AVX-512 EPYCs (26 to 32 s a step), about 45 on an AVX2-only one (67 s)
+    # (extrapolated from those step times).
+    # A checkpoint every 16 steps: an interrupted `make finetune` resumes from the last one.
+    # The question encoder trains in full, at the paper's rate (3e-5); the generator's LoRA
+    # adapters at 5e-4.
+    k=2, steps=192, batch_size=4, grad_accum=2, lr=5e-4, retriever_lr=3e-5, warmup=4, lora=True,
+    lora_r=16, lora_alpha=32, save_every=16, max_minutes=55,
+)
+FINETUNE_UNGROUNDED = 0.125  # share of questions without a gold answer in their passages
+HELDOUT = 500  # the first lines of each development file are held out for reporting
+
+
+def training_slice(path: str | Path, heldout: int = HELDOUT, limit: int | None = None,
+                   skip_bad_lines: bool = False) -> list[Example]:
+    """The examples of ``path`` after its first ``heldout`` (kept for evaluation), at most
+    ``limit`` of them."""
+    from margin.evaluation.examples import read_examples
+
+    rows = read_examples(path, limit=None if limit is None else heldout + limit,
+                         skip_bad_lines=skip_bad_lines)
+    if len(rows) <= heldout:
+        raise MarginError(f"{path} has {len(rows)} examples, none after the {heldout} held out; "
+                          "give a larger file or a smaller --heldout")
+    return rows[heldout:]
+
+
+def interleave(*sets: Sequence[Example]) -> list[Example]:
+    """One example from each set in turn, so a short run sees every task."""
+    out: list[Example] = []
+    for i in range(max(len(s) for s in sets)):
+        out += [s[i] for s in sets if i < len(s)]
+    return out
+
+
+def select_questions(
+    rag: RAG, examples: Sequence[Example], k: int, grounded: int | None = None,
+    ungrounded: int = 0, batch: int = 64, progress: bool = True,
+) -> tuple[list[Example], list[Example]]:
+    """The first ``grounded`` examples with a gold answer in their top-``k`` passages, those
+    answers listed first (the ones written verbatim in a passage before the others), and the
+    first ``ungrounded`` examples without one, as they are. ``grounded=None``: every such one.
+
+    Why: a short fine-tune can teach a small generator to read, not to memorise trivia. On a
+    question whose passages lack every gold answer (about nine in ten at k = 2 on the default
+    corpus), −log p(y|x) is a closed-book loss, and its gradient swamps the rest: trained on
+    every question, ``make finetune`` logged 9-32 nats a step with no downward trend. Trained on
+    grounded questions alone, the model learnt to read but answered less often from memory when
+    the passages miss (BENCHMARKS.md "Answer quality"); a few ungrounded questions keep that
+    habit. Listing the found answers first makes the "first" target one the passages hold
+    (TriviaQA's first alias is often odd: "🚁" for helicopters). Retrieval is the model's own at
+    the start, so the selection is the same when a run resumes. DPR's ``has_answer`` decides
+    (margin.evaluation.metrics).
+    """
+    from tqdm.auto import tqdm
+
+    if rag.retriever is None:
+        raise MarginError("this RAG has no retriever; load it with an index")
+    kept: list[Example] = []
+    others: list[Example] = []
+    wanted = None if grounded is None else grounded + ungrounded
+    bar = tqdm(total=wanted or len(examples), desc="selecting questions", unit="question",
+               disable=not progress, dynamic_ncols=True)
+    for start in range(0, len(examples), batch):
+        part = examples[start : start + batch]
+        hits = rag.retriever.retrieve([e.input for e in part], k)  # passages only, no vectors
+        for ex, passages in zip(part, hits.passages, strict=True):
+            texts = [p.text for p in passages]
+            found = [a for a in ex.answers if has_answer(texts, [a], ex.regex)]
+            if not found:
+                if len(others) < ungrounded:
+                    others.append(ex)
+            elif grounded is None or len(kept) < grounded:
+                found.sort(key=lambda a: not any(a in t for t in texts))  # stable: verbatim first
+                rest = tuple(a for a in ex.answers if a not in found)
+                kept.append(replace(ex, answers=(*found, *rest)))
+        bar.update(len(kept) + len(others) - bar.n if wanted else len(part))
+        if wanted is not None and len(kept) + len(others) >= wanted:
+            break
+    bar.close()
+    return kept, others
+
+
+@dataclass(frozen=True)
+class Finetuned:
+    """What :func:`finetune` installed and what it trained on."""
+
+    path: Path  # the installed model: $MARGIN_HOME/models/<name>
+    grounded: int  # questions selected with a gold answer in their passages
+    ungrounded: int  # ... without one (all of them with ``all_questions``)
+    total: int  # questions in the training slices
+    steps: int  # optimizer steps trained
+    planned: int  # optimizer steps asked for (more than ``steps`` when the time budget cut them)
+
+
+def finetune(
+    data: Sequence[str | Path],
+    name: str = "finetuned",
+    config: TrainConfig | None = None,
+    model: str = "default",
+    index: str = "default",
+    heldout: int = HELDOUT,
+    limit: int | None = None,
+    all_questions: bool = False,
+    ungrounded: float = FINETUNE_UNGROUNDED,
+    progress: bool = True,
+) -> Finetuned:
+    """Fine-tune ``model`` on the training slices of ``data`` and install it as ``name``.
+
+    By default it trains on the questions :func:`select_questions` picks, as many as the
+    recipe's steps take in one pass: a share ``ungrounded`` of them with no gold answer in
+    their passages, the rest with one (``all_questions`` trains on every question instead).
+    The result lands in ``$MARGIN_HOME/models/<name>``, where ``RAG.load(name)`` and
+    ``--model <name>`` find it; the run itself (log, state) stays in
+    ``$MARGIN_HOME/runs/<name>`` so an interrupted fine-tune resumes when run again.
+    ``config.max_minutes`` bounds the whole call: loading and question selection count.
+    """
+    import shutil
+
+    from margin._io import atomic_path
+    from margin.assets import margin_home
+
+    if not 0.0 <= ungrounded < 1.0:
+        raise MarginError(f"the ungrounded share must be in [0, 1), got {ungrounded}")
+    began = time.perf_counter()
+    config = config or FINETUNE_RECIPE
+    examples = interleave(*(training_slice(p, heldout, limit) for p in data))
+    run_dir = margin_home() / "runs" / name
+    rag = RAG.load(model=model, index=index, progress=progress, device=config.device)
+    total = len(examples)
+    counts = (0, total)
+    if not all_questions:
+        needed = config.steps * config.batch_size * config.grad_accum if config.steps else None
+        batch = config.retrieval_batch_size
+        if needed is None:  # epochs: every grounded question, and ungrounded ones in proportion
+            kept, others = select_questions(rag, examples, config.k, None, total, batch, progress)
+            others = others[: round(len(kept) * ungrounded / (1.0 - ungrounded))]
+        else:
+            extra = round(needed * ungrounded)
+            kept, others = select_questions(rag, examples, config.k, needed - extra, extra, batch,
+                                            progress)
+        if not kept:
+            raise MarginError(
+                f"none of the {total} training questions has a gold answer in its top "
+                f"{config.k} passages; use a corpus that holds the answers, or --all-questions"
+            )
+        examples, counts = [*kept, *others], (len(kept), len(others))  # train() shuffles
+    if config.max_minutes is not None:  # what loading and selecting took counts too
+        left = config.max_minutes - (time.perf_counter() - began) / 60
+        if left <= 0:
+            raise MarginError(f"loading the model and selecting questions took the whole "
+                              f"{config.max_minutes:g}-minute budget; give a larger --max-minutes "
+                              "or 0 for none")
+        config = replace(config, max_minutes=left)
+    result = train(rag, examples, run_dir, config, resume=(run_dir / "state").exists(),
+                   progress=progress, model_name=f"{model}|{index}")
+    target = margin_home() / "models" / name
+    with atomic_path(target) as tmp:
+        shutil.copytree(result.out / "last", tmp)
+    return Finetuned(target, *counts, total, result.steps, total_steps(len(examples), config))
