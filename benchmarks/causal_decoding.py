@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from _report import load_average, provenance, write_section
-from margin.generation.generator import common_prefix_length, unpadded_rows
+from margin.generation.kv_cache import common_prefix_length, unpadded_rows
 from margin.rag import RAG
 
 SECTION = "## Causal decoding (default model)"

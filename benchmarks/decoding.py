@@ -58,7 +58,8 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from _report import load_average, provenance, write_section
 from margin.generation.decoding import DecodeConfig, Decoded, decode_rag_sequence, decode_rag_token
-from margin.generation.generator import SCORE_CHUNK, GenInputs, Seq2SeqGenerator
+from margin.generation.generator import SCORE_CHUNK, GenInputs
+from margin.generation.seq2seq import Seq2SeqGenerator
 
 SECTION = "## Decoding vs transformers"
 GPU_SECTION = "## Decoding vs transformers on a GPU"

@@ -98,7 +98,7 @@ def clustered(n: int, dim: int, clusters: int = 20, seed: int = 0) -> np.ndarray
 @pytest.fixture(scope="module")
 def bart():
     """The tiny random BART of tests/test_generator.py behind margin's seq2seq generator."""
-    from margin.generation.generator import Seq2SeqFormat, Seq2SeqGenerator
+    from margin.generation.seq2seq import Seq2SeqFormat, Seq2SeqGenerator
     from test_generator import tiny_bart
 
     model, tok = tiny_bart()
@@ -108,7 +108,7 @@ def bart():
 @pytest.fixture(scope="module")
 def llama():
     """The tiny random Llama of tests/test_generator.py behind margin's causal generator."""
-    from margin.generation.generator import CausalGenerator
+    from margin.generation.causal import CausalGenerator
     from test_generator import tiny_llama
 
     model, tok = tiny_llama()

@@ -12,13 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from margin.generation.causal import CausalFormat, CausalGenerator
 from margin.generation.decoding import DecodeConfig, decode, decode_rag_sequence
-from margin.generation.generator import (
-    CausalFormat,
-    CausalGenerator,
-    common_prefix_length,
-    unpadded_rows,
-)
+from margin.generation.kv_cache import common_prefix_length, unpadded_rows
 from margin.retrieval.passages import Passage
 from test_generator import PASSAGES, QUESTIONS, causal
 

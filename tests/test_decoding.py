@@ -10,7 +10,8 @@ import torch
 
 from margin.errors import MarginError
 from margin.generation.decoding import DecodeConfig, decode, decode_rag_sequence, decode_rag_token
-from margin.generation.generator import DecodeState, Encoded, Generator, GenInputs, Seq2SeqGenerator
+from margin.generation.generator import DecodeState, Encoded, Generator, GenInputs
+from margin.generation.seq2seq import Seq2SeqGenerator
 from margin.marginalize import rag_sequence_logprob
 from test_generator import (
     PASSAGES,

@@ -24,7 +24,7 @@ from margin.evaluation.evaluate import (
     run_eval,
     with_retriever,
 )
-from margin.generation.generator import Seq2SeqFormat, Seq2SeqGenerator
+from margin.generation.seq2seq import Seq2SeqFormat, Seq2SeqGenerator
 from margin.rag import RAG
 from margin.retrieval.build import build_index
 from margin.retrieval.passages import split_document

@@ -27,19 +27,10 @@ from transformers import (
 )
 
 from margin.errors import MarginError
-from margin.generation.generator import (
-    CausalFormat,
-    CausalGenerator,
-    GenInputs,
-    Seq2SeqFormat,
-    Seq2SeqGenerator,
-    common_prefix_length,
-    default_prompt,
-    length_groups,
-    prefix_layout,
-    rag_context_string,
-    unpadded_rows,
-)
+from margin.generation.causal import CausalFormat, CausalGenerator, default_prompt
+from margin.generation.generator import GenInputs, length_groups
+from margin.generation.kv_cache import common_prefix_length, prefix_layout, unpadded_rows
+from margin.generation.seq2seq import Seq2SeqFormat, Seq2SeqGenerator, rag_context_string
 from margin.retrieval.passages import Passage
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyz0123456789"

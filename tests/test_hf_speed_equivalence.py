@@ -27,7 +27,8 @@ from transformers import (
 
 import margin.generation.generator as generator_module
 from margin.generation.decoding import DecodeConfig, decode_rag_sequence, decode_rag_token
-from margin.generation.generator import GenInputs, Seq2SeqGenerator
+from margin.generation.generator import GenInputs
+from margin.generation.seq2seq import Seq2SeqGenerator
 from margin.marginalize import doc_log_prior, nll_loss
 
 B, K, S, VOCAB, BEAMS, MAX_NEW = 4, 4, 24, 300, 4, 8

@@ -15,7 +15,7 @@ import torch
 
 from conftest import KeywordEncoder
 from margin.errors import MarginError
-from margin.generation.generator import Seq2SeqFormat, Seq2SeqGenerator
+from margin.generation.seq2seq import Seq2SeqFormat, Seq2SeqGenerator
 from margin.marginalize import nll_loss
 from margin.rag import RAG, decoding_method
 from margin.retrieval.build import build_index

@@ -20,8 +20,8 @@ from fastapi.testclient import TestClient
 
 from conftest import KeywordEncoder
 from margin.errors import MarginError
+from margin.generation.causal import CausalFormat, CausalGenerator
 from margin.generation.decoding import DecodeConfig
-from margin.generation.generator import CausalFormat, CausalGenerator
 from margin.rag import RAG
 from margin.retrieval.build import build_index
 from margin.retrieval.passages import Passage

@@ -35,7 +35,7 @@ from transformers import (
 )
 
 from margin.generation.decoding import DecodeConfig, decode_rag_sequence, decode_rag_token
-from margin.generation.generator import Seq2SeqFormat, Seq2SeqGenerator
+from margin.generation.seq2seq import Seq2SeqFormat, Seq2SeqGenerator
 from margin.marginalize import doc_log_prior, label_smoothed_nll_loss
 from test_generator import PASSAGES, QUESTIONS, tiny_bart
 

@@ -49,7 +49,8 @@ import torch
 
 from margin.errors import MarginError
 from margin.generation.decoding import DecodeConfig
-from margin.generation.generator import GenInputs, Seq2SeqFormat, Seq2SeqGenerator
+from margin.generation.generator import GenInputs
+from margin.generation.seq2seq import Seq2SeqFormat, Seq2SeqGenerator
 from margin.models import ModelConfig
 from margin.rag import RAG
 from margin.retrieval.encoders import DPREncoder, EncoderSpec

@@ -27,14 +27,10 @@ import torch
 from margin._io import atomic_path
 from margin.devices import resolve_device
 from margin.errors import MarginError
+from margin.generation.causal import CausalFormat, CausalGenerator
 from margin.generation.decoding import DecodeConfig
-from margin.generation.generator import (
-    CausalFormat,
-    CausalGenerator,
-    Generator,
-    Seq2SeqFormat,
-    Seq2SeqGenerator,
-)
+from margin.generation.generator import Generator
+from margin.generation.seq2seq import Seq2SeqFormat, Seq2SeqGenerator
 from margin.rag import RAG
 from margin.retrieval.encoders import Encoder, load_encoder, load_encoder_from_spec
 from margin.retrieval.reader import open_index
@@ -109,7 +105,7 @@ def _prompt_fns(name: str):
     if name == "qa-default":
         return prompting.prompt_fn, prompting.target_fn
     if name == "chat":
-        from margin.generation.generator import default_prompt
+        from margin.generation.causal import default_prompt
 
         return default_prompt, None
     raise MarginError(f"unknown prompt template {name!r}; use 'qa-default' or 'chat'")

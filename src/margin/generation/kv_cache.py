@@ -1,15 +1,22 @@
-"""A KV cache that is copied once and grows in place: for scoring and decoding on cached prompts.
+"""The KV caches the generators keep between passes, and how cached prompt rows are laid out.
 
-Why: RAG scores and decodes B questions x k passages (x hypotheses, x beams) rows on top of the
-cached prompts (margin.generation.generator.PromptCache). transformers' ``DynamicCache`` built from
-given
-keys/values copies them (``torch.cat`` onto an empty tensor), and then copies the whole cache
-again at every step to append one position. Each copy lands in freshly allocated memory. On
-the default model, Thorough Decoding's scoring pass at batch 8 spent about half its time in
-``index_select`` and ``cat``. That pass runs 105 rows of a 389-token prompt. :class:`GrowingLayer`
-gathers the rows once, straight into a buffer with spare positions. New positions are written
-into that buffer; ``keys``/``values`` are views of its filled part, so attention reads exactly
-what ``DynamicLayer`` would hand it.
+- :class:`GrowingCache`: a KV cache that is copied once and grows in place, for scoring and
+  decoding on cached prompts (below).
+- :class:`PromptCache`: a causal model's prompts, run once (margin.generation.causal), laid out
+  ``[shared prefix][pad ...][own suffix]`` by :func:`prefix_layout` so the shared prefix is run
+  once for the whole batch.
+- :class:`StartCache`: a seq2seq model's decoder-start step, run once per context row
+  (margin.generation.seq2seq).
+
+Why a cache that grows in place: RAG scores and decodes B questions x k passages (x hypotheses, x
+beams) rows on top of the cached prompts (:class:`PromptCache`). transformers' ``DynamicCache``
+built from given keys/values copies them (``torch.cat`` onto an empty tensor), and then copies
+the whole cache again at every step to append one position. Each copy lands in freshly allocated
+memory. On the default model, Thorough Decoding's scoring pass at batch 8 spent about half its
+time in ``index_select`` and ``cat``. That pass runs 105 rows of a 389-token prompt.
+:class:`GrowingLayer` gathers the rows once, straight into a buffer with spare positions. New
+positions are written into that buffer; ``keys``/``values`` are views of its filled part, so
+attention reads exactly what ``DynamicLayer`` would hand it.
 
 Example::
 
@@ -20,11 +27,13 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, EncoderDecoderCache
 
 DEFAULT_ROOM = 16  # spare positions beyond the cached ones (a short answer fits)
+KV = tuple[torch.Tensor, torch.Tensor]  # one layer's cached (keys, values), (n, h, S, d_head)
 
 
 class GrowingLayer(DynamicLayer):
@@ -97,6 +106,120 @@ class GrowingCache(DynamicCache):
         Cache.__init__(self, layers=[GrowingLayer(k, v, rows, room) for k, v in layers])
 
 
+@dataclass
+class PromptCache:
+    """A causal model's KV cache over R prompts, run once, read by scoring and by decoding.
+
+    Cached positions are laid out ``[shared prefix][pad ...][own suffix]`` (plain left padding
+    when the rows share no prefix); ``mask`` marks the real tokens. Never modified in place:
+    :meth:`select` hands out fresh caches.
+    """
+
+    layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values) (R, h, S, d_head)
+    mask: torch.Tensor  # (R, S) 1 on the real prompt tokens of each row
+    lengths: torch.Tensor  # (R,) real prompt tokens: the position id of the first target token
+    last_tokens: torch.Tensor  # (R,) the last prompt token of each row
+    next_logits: torch.Tensor  # (R, V) logits of the first target token, after the whole prompt
+
+    def select(self, rows: torch.Tensor, room: int = DEFAULT_ROOM) -> DynamicCache:
+        """A fresh cache holding prompt rows ``rows`` (M,), in that order (repeats allowed),
+        with ``room`` positions to grow into before it reallocates."""
+        pick = None if _is_identity(rows, self.mask.shape[0]) else rows
+        return GrowingCache(self.layers, pick, room)  # one copy: (M, h, S + room, d_head)
+
+
+@dataclass
+class StartCache:
+    """A seq2seq model's first decoder step (the decoder-start token) over R context rows.
+
+    Running it fills the cross-attention keys/values of every decoder layer, which depend on the
+    context row only: decoding copies them to the row's beams and scoring to the row's
+    hypotheses, instead of projecting the encoder output again per beam or per hypothesis.
+    """
+
+    cross: list[KV]  # per decoder layer: cross-attention (keys, values) (R, h, S, d_head)
+    own: list[KV]  # per decoder layer: the start token's self-attention (keys, values) (R, h, 1, d)
+    next_logits: torch.Tensor  # (R, V) logits of the first generated token
+
+    def cache(self, rows: torch.Tensor, with_start: bool) -> EncoderDecoderCache:
+        """A fresh cache for rows ``rows`` (M,) of the contexts, with or without the start token."""
+        pick = None if _is_identity(rows, self.next_logits.shape[0]) else rows
+        own = GrowingCache(self.own, pick) if with_start else DynamicCache()
+        return EncoderDecoderCache(own, GrowingCache(self.cross, pick, room=0))
+
+
+# -- the shared prompt prefix layout of PromptCache (causal) -----------------------------------
+
+
+def unpadded_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
+    """Each row's real tokens (R rows of (n_r,)), whatever side it was padded on."""
+    return [ids[m.bool()] for ids, m in zip(input_ids, attention_mask, strict=True)]
+
+
+def common_prefix_length(rows: Sequence[torch.Tensor]) -> int:
+    """Tokens every row starts with, leaving each row at least one token of its own.
+
+    The cap keeps a last token per row to run, whose output predicts that row's next token.
+    """
+    n = min(len(r) for r in rows) - 1
+    if n <= 0:
+        return 0
+    head = torch.stack([r[:n] for r in rows])  # (R, n)
+    same = (head == head[:1]).all(0)  # (n,)
+    return n if bool(same.all()) else int(same.int().argmin())  # the first position that differs
+
+
+def _scatter_rows(
+    parts: Sequence[tuple[torch.Tensor, list[KV], torch.Tensor]], shared: int, R: int, S: int
+) -> tuple[list[KV], torch.Tensor]:
+    """Put the caches and logits of row groups back in row order, in one (R, S) layout.
+
+    ``parts`` holds (rows (n,), cache (n, h, shared + w, d_head) per layer, logits (n, V)) per
+    group. A group of suffix width w computed the columns [prefix][last w]; the columns between
+    are pads of each of its rows (masked) and stay zero.
+    """
+    if len(parts) == 1:  # one group of every row: already the full layout, maybe reordered
+        rows, kv, logits = parts[0]
+        if _is_identity(rows, R):
+            return kv, logits
+        order = torch.argsort(rows)
+        return [(k[order], v[order]) for k, v in kv], logits[order]
+    logits = parts[0][2].new_empty(R, parts[0][2].shape[-1])  # (R, V)
+    for rows, _, lg in parts:
+        logits[rows] = lg
+    layers = []
+    for i, (k0, v0) in enumerate(parts[0][1]):
+        keys = k0.new_zeros(R, k0.shape[1], S, k0.shape[3])  # (R, h, S, d_head)
+        values = v0.new_zeros(R, v0.shape[1], S, v0.shape[3])
+        for rows, kv, _ in parts:
+            k, v = kv[i]  # (n, h, shared + w, d_head)
+            w = k.shape[2] - shared
+            keys[rows, :, :shared], values[rows, :, :shared] = k[:, :, :shared], v[:, :, :shared]
+            keys[rows, :, S - w :], values[rows, :, S - w :] = k[:, :, shared:], v[:, :, shared:]
+        layers.append((keys, values))
+    return layers, logits
+
+
+def prefix_layout(
+    rows: Sequence[torch.Tensor], shared: int, pad_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids and mask (R, S) laid out ``[shared prefix][pad ...][own suffix]``, S the longest row.
+
+    With ``shared=0`` this is plain left padding. Pads sit between prefix and suffix, so the
+    prefix is the same columns in every row and its cache can be computed once.
+    """
+    S = max(len(r) for r in rows)
+    ids = torch.full((len(rows), S), pad_token_id, dtype=torch.long, device=rows[0].device)
+    mask = torch.zeros_like(ids)
+    mask[:, :shared] = 1
+    ids[:, :shared] = rows[0][:shared]
+    for i, row in enumerate(rows):
+        own = len(row) - shared  # >= 1 when shared comes from common_prefix_length
+        ids[i, S - own :] = row[shared:]
+        mask[i, S - own :] = 1
+    return ids, mask
+
+
 def _gathered(x: torch.Tensor, rows: torch.Tensor | None, room: int) -> torch.Tensor:
     """A new (M, h, S + room, d) buffer whose first S positions hold rows ``rows`` of ``x``
     (n, h, S, d), gathered straight into it (one copy)."""
@@ -110,3 +233,8 @@ def _gathered(x: torch.Tensor, rows: torch.Tensor | None, room: int) -> torch.Te
     else:
         torch.index_select(x, 0, rows, out=buf[:, :, :s])
     return buf
+
+
+def _is_identity(order: torch.Tensor, n: int) -> bool:
+    """Whether picking rows ``order`` (M,) out of ``n`` keeps every row, each where it is."""
+    return order.numel() == n and torch.equal(order, torch.arange(n, device=order.device))

@@ -34,7 +34,7 @@ and without one, the same turns as plain text::
 ``passage=None`` is the closed-book prompt (the paper's "BART" baseline): the same template with
 every passage removed, the demonstrations' included, and the closed-book system instruction.
 A rendered chat prompt already holds its special tokens; tokenise it with
-``add_special_tokens=False`` (``margin.generation.generator.CausalGenerator`` does).
+``add_special_tokens=False`` (``margin.generation.causal.CausalGenerator`` does).
 
 Example::
 
@@ -214,7 +214,7 @@ DEFAULT_TEMPLATE = PromptTemplate(demonstrations=load_demonstrations(), use_chat
 
 
 def prompt_fn(tokenizer: Any, question: str, passage: Passage | None) -> str:
-    """The default causal prompt (``DEFAULT_TEMPLATE``), as ``margin.generation.generator`` expects
+    """The default causal prompt (``DEFAULT_TEMPLATE``), as ``margin.generation.causal`` expects
     it."""
     return DEFAULT_TEMPLATE.render(tokenizer, question, passage)
 

@@ -1,0 +1,261 @@
+"""The causal generator: a decoder-only model (Llama, SmolLM2) reads the passage in its prompt,
+and the answer follows the prompt.
+
+How inputs and targets are tokenised: the prompt is ``prompt_fn(tokenizer, question, passage)``,
+tokenised without special tokens when the tokenizer has a chat template (the template writes its
+own) and with them otherwise, LEFT-padded. Targets are ``tokenizer(answer,
+add_special_tokens=False) + [eos]``, read right after the prompt. Position ids count real tokens
+only, as ``model.generate`` does.
+
+A prompt over ``max_prompt_length`` has its passage cut
+(margin.generation.generator.fit_passage), never the question or the template; one whose
+question and template alone are over it is an error (the answer would follow no question).
+
+Why the causal prompt is run once, into a KV cache (:class:`PromptCache`): a decoder-only model
+reads the passage as prompt, and the prompt (~340 tokens for the default few-shot prompt) is far
+longer than an answer. ``encode`` runs every row's prompt once; scoring a target then runs only
+the target tokens on a copy of the cached rows, and decoding starts from the same cache. The rows
+of a batch usually share a long token prefix (the instruction and the few-shot demonstrations),
+so that prefix is run ONCE (batch 1) and the rows' own suffixes run on top of it, laid out as
+``[prefix][pad ...][suffix]``: the pads are masked and position ids count real tokens only, so
+every row computes what its unpadded prompt alone computes (tests/test_generator.py checks it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import DynamicCache
+
+from margin.errors import MarginError
+from margin.generation.generator import (
+    TOKEN_CHARS,
+    DecodeState,
+    Encoded,
+    Generator,
+    GenInputs,
+    _check_passages,
+    _eos_ids,
+    fit_passage,
+    length_groups,
+)
+from margin.generation.kv_cache import (
+    KV,
+    PromptCache,
+    _scatter_rows,
+    common_prefix_length,
+    prefix_layout,
+    unpadded_rows,
+)
+from margin.retrieval.passages import Passage
+
+PromptFn = Callable[[object, str, Passage | None], str]
+TargetFn = Callable[[object, str], str]  # (tokenizer, answer) -> the text that follows the prompt
+
+
+def default_prompt(tokenizer: object, question: str, passage: Passage | None) -> str:
+    """The default causal prompt: the chat template when there is one, else plain text."""
+    context = f"{passage.title}\n{passage.text}" if passage is not None else None
+    if getattr(tokenizer, "chat_template", None):
+        content = question if context is None else f"Context:\n{context}\n\nQuestion: {question}"
+        messages = [{"role": "user", "content": content}]
+        return tokenizer.apply_chat_template(  # type: ignore[attr-defined]
+            messages, tokenize=False, add_generation_prompt=True
+        )
+    if context is None:
+        return f"Question: {question}\nAnswer:"
+    return f"Context: {context}\nQuestion: {question}\nAnswer:"
+
+
+@dataclass(frozen=True)
+class CausalFormat:
+    """How a (question, passage) pair becomes a decoder-only prompt."""
+
+    prompt_fn: PromptFn = field(default=default_prompt)  # (tokenizer, question, passage) -> str
+    target_fn: TargetFn | None = None  # the answer as the prompt expects it; None: as given
+    end_token_id: int | None = None  # ends a scored answer (a newline); None: the first EOS
+    max_prompt_length: int = 2048  # a longer prompt has its passage cut (never the question)
+    share_prefix: bool = True  # run the rows' common token prefix once (batch 1), not per row
+    suffix_padding: float = 0.1  # rows' own suffixes batch together while pads add <= this share
+
+
+class CausalGenerator(Generator):
+    """A decoder-only generator: the passage goes into the prompt, the answer follows it."""
+
+    forced_bos_token_id = None
+    forced_eos_token_id = None
+
+    def __init__(self, model: torch.nn.Module, tokenizer: object, fmt: CausalFormat | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.fmt = fmt or CausalFormat()
+        gc = model.generation_config
+        eos = gc.eos_token_id if gc.eos_token_id is not None else tokenizer.eos_token_id  # type: ignore[attr-defined]
+        self.eos_token_ids = _eos_ids(eos)
+        pad = gc.pad_token_id if gc.pad_token_id is not None else tokenizer.pad_token_id  # type: ignore[attr-defined]
+        self.pad_token_id = int(pad if pad is not None else self.eos_token_ids[0])
+
+    def _tokenize(self, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+        return self.tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]  # type: ignore[operator]
+
+    def build_inputs(
+        self, questions: Sequence[str], passages: Sequence[Sequence[Passage]] | None
+    ) -> GenInputs:
+        if passages is None:
+            pairs: list[tuple[str, Passage | None]] = [(q, None) for q in questions]
+            k = 1
+        else:
+            k = _check_passages(questions, passages)
+            pairs = [(q, p) for q, ps in zip(questions, passages, strict=True) for p in ps]
+        ids = [self._prompt_ids(q, p) for q, p in pairs]
+        longest = max(len(r) for r in ids)
+        input_ids = torch.full((len(ids), longest), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(ids), longest), dtype=torch.long)
+        for i, row in enumerate(ids):  # LEFT padding: the answer follows the prompt directly
+            input_ids[i, longest - len(row) :] = torch.tensor(row, dtype=torch.long)
+            mask[i, longest - len(row) :] = 1
+        return GenInputs(input_ids.to(self.device), mask.to(self.device), k)
+
+    def _prompt_ids(self, question: str, passage: Passage | None) -> list[int]:
+        """The prompt's token ids, its passage cut to fit max_prompt_length (see the top)."""
+        has_template = bool(getattr(self.tokenizer, "chat_template", None))
+        limit = self.fmt.max_prompt_length
+
+        def ids_of(p: Passage | None) -> list[int]:
+            text = self.fmt.prompt_fn(self.tokenizer, question, p)
+            return self._tokenize([text], add_special_tokens=not has_template)[0]
+
+        short = passage is None or len(passage.title) + len(passage.text) <= limit * TOKEN_CHARS
+        if short and len(ids := ids_of(passage)) <= limit:  # fits: as it is (most prompts)
+            return ids
+        fitted = passage
+        if passage is not None:
+            fitted = fit_passage(passage, lambda p: len(ids_of(p)), limit)
+            fitted = fitted or Passage(passage.id, "", "", passage.source)  # for the error below
+        ids = ids_of(fitted)
+        if len(ids) > limit:
+            raise MarginError(
+                f"the question and the prompt template alone are {len(ids)} tokens, over "
+                f"max_prompt_length={limit}; shorten the question or raise max_prompt_length"
+            )
+        return ids
+
+    def build_targets(self, answers: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The answers written as generation writes them: the prompt's target form (e.g. a
+        leading space after ``Answer:``) and the token decoding stops at, so a scored answer and
+        the same answer decoded get the same log-probability."""
+        fn, end = self.fmt.target_fn, self.fmt.end_token_id
+        texts = [fn(self.tokenizer, a) for a in answers] if fn else list(answers)
+        end = self.eos_token_ids[0] if end is None else end
+        ids = [row + [end] for row in self._tokenize(texts, False)]
+        longest = max(len(r) for r in ids)
+        target = torch.full((len(ids), longest), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(ids), longest), dtype=torch.long)
+        for i, row in enumerate(ids):
+            target[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[i, : len(row)] = 1
+        return target.to(self.device), mask.to(self.device)
+
+    def encode(self, inputs: GenInputs) -> Encoded:
+        rows = unpadded_rows(inputs.input_ids, inputs.attention_mask)
+        shared = common_prefix_length(rows) if self.fmt.share_prefix else 0
+        ids, mask = prefix_layout(rows, shared, self.pad_token_id)  # (R, S)
+        R, S = ids.shape
+        prefix: list[KV] = []
+        if shared:  # the common prefix once, batch 1
+            prefix, _ = self._extend(ids[:1, :shared], mask[:1, :shared], prefix)
+        # each row's own suffix on top of it, in groups of similar length (little padding)
+        own = [len(r) - shared for r in rows]
+        parts = []
+        for group in length_groups(own, self.fmt.suffix_padding):
+            g = torch.tensor(group, device=ids.device)
+            w = max(own[i] for i in group)  # the group's suffix width: columns S-w .. S-1
+            cols = torch.cat([torch.arange(shared), torch.arange(S - w, S)]).to(ids.device)
+            gmask = mask[g][:, cols]  # (n, shared + w), [prefix][pad][suffix] for these rows
+            parts.append((g, *self._extend(ids[g][:, S - w :], gmask, prefix)))
+        layers, logits = _scatter_rows(parts, shared, R, S)
+        prompt = PromptCache(
+            layers=layers,
+            mask=mask,
+            lengths=mask.sum(-1),
+            last_tokens=ids[:, -1],  # the suffix is right-aligned: never a pad
+            next_logits=logits,  # (R, V)
+        )
+        return Encoded(inputs, prompt=prompt)
+
+    def _extend(
+        self, ids: torch.Tensor, mask: torch.Tensor, past: list[KV]
+    ) -> tuple[list[KV], torch.Tensor]:
+        """Run ``ids`` (n, w) after the cached ``past`` positions (1 row, P positions, shared).
+
+        ``mask`` (n, P+w) covers both. Returns the cache over all P+w positions, per layer
+        (n, h, P+w, d_head), and the logits (n, V) after the last position: only that position
+        goes through the output layer.
+        """
+        n = ids.shape[0]
+        past_n = [(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in past]
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=self._positions(mask)[:, mask.shape[1] - ids.shape[1] :],
+            cache=DynamicCache(ddp_cache_data=past_n) if past else DynamicCache(),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return [(layer.keys, layer.values) for layer in out.cache.layers], out.logits[:, -1]
+
+    @staticmethod
+    def _positions(mask: torch.Tensor) -> torch.Tensor:
+        """Position ids that count real tokens only, as ``model.generate`` computes them."""
+        return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    def _logits(
+        self, enc: Encoded, rows: torch.Tensor, target_ids: torch.Tensor, target_mask: torch.Tensor
+    ) -> torch.Tensor:
+        prompt = enc.prompt
+        assert prompt is not None
+        first = prompt.next_logits.index_select(0, rows)[:, None]  # (M, 1, V) predicts y_0
+        M, T = target_ids.shape
+        if T == 1:
+            return first
+        # y_0 .. y_{T-2} read on top of the cached prompt rows predict y_1 .. y_{T-1}
+        pmask = prompt.mask.index_select(0, rows)  # (M, S)
+        mask = torch.cat([pmask, pmask.new_ones(M, T - 1)], 1)  # (M, S+T-1)
+        steps = torch.arange(T - 1, device=rows.device)
+        positions = prompt.lengths.index_select(0, rows)[:, None] + steps  # (M, T-1)
+        out = self.model(
+            input_ids=target_ids[:, :-1],
+            attention_mask=mask,
+            position_ids=positions,
+            cache=prompt.select(rows, room=T - 1),
+            use_cache=True,
+        )
+        return torch.cat([first.to(out.logits.dtype), out.logits], 1)  # (M, T, V)
+
+    def start(self, enc: Encoded, expand: int) -> DecodeState:
+        prompt = enc.prompt
+        assert prompt is not None
+        R = prompt.mask.shape[0]
+        rows = torch.arange(R, device=prompt.mask.device).repeat_interleave(expand)  # (N,)
+        first = F.log_softmax(prompt.next_logits.float(), -1).index_select(0, rows)  # (N, V)
+        return DecodeState(
+            cache=prompt.select(rows),
+            last_tokens=prompt.last_tokens.index_select(0, rows),
+            attention_mask=prompt.mask.index_select(0, rows),  # (N, S)
+            positions=prompt.lengths.index_select(0, rows) - 1,  # of the last prompt token
+            pending=first,
+        )
+
+    def _forward_step(self, state: DecodeState) -> torch.Tensor:
+        assert state.positions is not None
+        out = self.model(
+            input_ids=state.last_tokens[:, None],
+            attention_mask=state.attention_mask,
+            position_ids=state.positions[:, None],
+            cache=state.cache,
+            use_cache=True,
+        )
+        state.cache = out.cache
+        return out.logits[:, -1]  # (N, V)
