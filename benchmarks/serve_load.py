@@ -84,7 +84,8 @@ def _serve(port: int, max_batch: int, changed: str, threads: int) -> None:
 
     from margin.rag import RAG
     from margin.serving.batching import BatchConfig
-    from margin.serving.server import ServeConfig, create_app
+    from margin.serving.config import ServeConfig
+    from margin.serving.server import create_app
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

@@ -28,7 +28,9 @@ from margin.retrieval.passages import Passage
 from margin.retrieval.reader import open_index
 from margin.retrieval.retriever import Retriever
 from margin.serving.batching import BatchConfig, BatcherBusy, MicroBatcher
-from margin.serving.server import ServeConfig, create_app, manifest_version, parse_index_options
+from margin.serving.config import ServeConfig
+from margin.serving.registry import manifest_version
+from margin.serving.server import create_app, parse_index_options
 
 TOKEN = "s3cret-admin-token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}

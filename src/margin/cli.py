@@ -409,7 +409,7 @@ def serve(
 
     require("fastapi", "pip install 'margin[serve]'")
     require("uvicorn", "pip install 'margin[serve]'")
-    from margin.serving.server import ADMIN_TOKEN_ENV, ServeConfig
+    from margin.serving.config import ADMIN_TOKEN_ENV, ServeConfig
     from margin.serving.server import serve as run
 
     resolve_device(device)  # refused before the banner, not after it
