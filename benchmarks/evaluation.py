@@ -29,13 +29,13 @@ import torch
 
 from margin.evaluation.evaluate import (
     BM25_DOC_SCORE_SCALE,
-    EvalConfig,
     bm25_retriever,
-    retrieval_recall,
     run_eval,
     with_retriever,
 )
 from margin.evaluation.examples import read_examples
+from margin.evaluation.grid import EvalConfig
+from margin.evaluation.report import retrieval_recall
 from margin.models import load_model
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -44,7 +44,9 @@ from pathlib import Path
 import torch
 
 from margin.assets import margin_home
-from margin.evaluation.evaluate import EvalConfig, RunSpec, read_predictions, run_eval
+from margin.evaluation.evaluate import run_eval
+from margin.evaluation.grid import EvalConfig, RunSpec
+from margin.evaluation.runs import read_predictions
 from margin.models import load_model
 from margin.rag import LOSS_MODES
 from margin.training.precision import PRECISIONS

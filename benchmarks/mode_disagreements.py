@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from margin.evaluation.evaluate import read_predictions
 from margin.evaluation.metrics import normalize_answer
+from margin.evaluation.runs import read_predictions
 
 RUNS = {"token": "dense-k5-token-greedy", "sequence": "dense-k5-sequence-greedy"}
 

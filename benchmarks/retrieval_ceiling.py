@@ -25,8 +25,9 @@ import numpy as np
 import torch
 
 from margin.evaluation import metrics as M
-from margin.evaluation.evaluate import bm25_retriever, retrieval_recall
+from margin.evaluation.evaluate import bm25_retriever
 from margin.evaluation.examples import Example, read_examples
+from margin.evaluation.report import retrieval_recall
 from margin.retrieval.retriever import Retriever
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -66,7 +66,7 @@ def test_devices_margin_does_not_run_on_are_refused(name):
 
 
 def test_configs_refuse_a_missing_device_when_built(no_gpu):
-    from margin.evaluation.evaluate import EvalConfig, check_config
+    from margin.evaluation.grid import EvalConfig, check_config
     from margin.training.config import TrainConfig
 
     with pytest.raises(MarginError, match="no CUDA GPU"):

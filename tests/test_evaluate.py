@@ -15,15 +15,9 @@ from conftest import DOCS, KeywordEncoder
 from margin.cli import main
 from margin.errors import MarginError
 from margin.evaluation import metrics as M
-from margin.evaluation.evaluate import (
-    BM25_DOC_SCORE_SCALE,
-    EvalConfig,
-    RunSpec,
-    plan_runs,
-    read_predictions,
-    run_eval,
-    with_retriever,
-)
+from margin.evaluation.evaluate import BM25_DOC_SCORE_SCALE, run_eval, with_retriever
+from margin.evaluation.grid import EvalConfig, RunSpec, plan_runs
+from margin.evaluation.runs import read_predictions
 from margin.generation.seq2seq import Seq2SeqFormat, Seq2SeqGenerator
 from margin.rag import RAG
 from margin.retrieval.build import build_index
@@ -105,7 +99,7 @@ def test_one_run_writes_predictions_metrics_and_report(rags, qa_file, tmp_path):
 
 
 def test_resuming_skips_finished_examples(rags, qa_file, tmp_path, monkeypatch):
-    import margin.evaluation.evaluate as ev
+    import margin.evaluation.runs as ev
 
     seen: list[str] = []
     real = ev.predict_runs

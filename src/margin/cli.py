@@ -362,7 +362,9 @@ def eval_(
     device: Device = "auto",
 ) -> None:
     """Evaluate on a task's data: metrics.json, predictions.jsonl, report.md (resumable)."""
-    from margin.evaluation.evaluate import EvalConfig, run_eval, summary_table
+    from margin.evaluation.evaluate import run_eval
+    from margin.evaluation.grid import EvalConfig
+    from margin.evaluation.report import summary_table
 
     try:
         ks = tuple(int(x) for x in k.split(",") if x.strip())
