@@ -12,11 +12,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import PASSAGES, QUESTIONS, causal
 from margin.generation.causal import CausalFormat, CausalGenerator
 from margin.generation.decoding import DecodeConfig, decode, decode_rag_sequence
 from margin.generation.kv_cache import common_prefix_length, unpadded_rows
 from margin.retrieval.passages import Passage
-from test_generator import PASSAGES, QUESTIONS, causal
 
 SCORES = torch.tensor([[0.3, -0.1], [0.0, 0.4]])
 
@@ -92,7 +92,8 @@ def test_default_model_fast_path_decodes_like_plain_generate():
     """SmolLM2-135M-Instruct with the few-shot prompt: the shared-prefix cache changes no token
     and no score (1e-4), and each passage's greedy search is ``model.generate``'s."""
     from margin.generation.default_generator import default_generator_dir
-    from margin.models import ModelConfig, make_generator
+    from margin.model_config import ModelConfig
+    from margin.models import make_generator
 
     fast = make_generator(default_generator_dir(progress=False), "causal", ModelConfig())
     assert isinstance(fast, CausalGenerator)

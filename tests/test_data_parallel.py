@@ -1,7 +1,7 @@
 """Data-parallel fine-tuning: two torchrun-style processes with Ray-served retrieval train exactly
 as one process does.
 
-The model is test_train.py's (tiny random Llama, tiny sentence-transformers question encoder over
+The model is test_train.py's (tests/helpers.py: tiny random Llama, tiny sentence-transformers question encoder over
 a 6-passage index) with every dropout at 0, so a step is deterministic: the only difference
 between one process and two is who computes which rows, and the summed gradients make that
 invisible in the loss.
@@ -20,6 +20,10 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import TINY_BERT, bert_tokenizer, one_thread, tiny_llama
+from helpers import TRAIN_CONFIG as CONFIG
+from helpers import TRAIN_DOCS as DOCS
+from helpers import TRAIN_TASK as TASK
 from margin.cli import main
 from margin.generation.decoding import DecodeConfig
 from margin.models import make_generator, save_model
@@ -29,10 +33,6 @@ from margin.retrieval.encoders import load_encoder
 from margin.retrieval.passages import Passage
 from margin.retrieval.retriever import Retriever
 from margin.training.data_parallel import SINGLE, World, sum_gradients
-from test_distributed import ray_cluster  # noqa: F401  (the session's one Ray cluster)
-from test_encoders import TINY, one_thread, tokenizer
-from test_generator import tiny_llama
-from test_train import CONFIG, DOCS, TASK
 
 SRC = Path(__file__).parent.parent / "src"
 
@@ -58,10 +58,10 @@ def model_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     with one_thread():
         torch.manual_seed(0)
-        config = BertConfig(**{**TINY, "hidden_dropout_prob": 0.0,
+        config = BertConfig(**{**TINY_BERT, "hidden_dropout_prob": 0.0,
                                "attention_probs_dropout_prob": 0.0})
         BertModel(config).save_pretrained(root / "hf")
-        tokenizer().save_pretrained(root / "hf")
+        bert_tokenizer().save_pretrained(root / "hf")
         transformer = Transformer(str(root / "hf"), max_seq_length=48)
         pooling = Pooling(transformer.get_embedding_dimension(), pooling_mode="mean")
         SentenceTransformer(modules=[transformer, pooling, Normalize()], device="cpu").save(
@@ -74,8 +74,7 @@ def model_dir(tmp_path_factory):
         model.save_pretrained(root / "gen")
         tok.save_pretrained(root / "gen")
         rag = RAG(make_generator(root / "gen", "causal", CONFIG), Retriever.load(root / "index"),
-                  doc_score_scale=5.0, default_decode=DecodeConfig(max_new_tokens=3))
-        rag.config = CONFIG
+                  doc_score_scale=5.0, default_decode=DecodeConfig(max_new_tokens=3), config=CONFIG)
         save_model(rag, root / "model")
     data = root / "train.tsv"
     data.write_text("".join(f"{q}\t['{a}']\n" for q, a in TASK), encoding="utf-8")
@@ -94,7 +93,7 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_processes_with_ray_retrieval_train_like_one(model_dir, ray_cluster, tmp_path):  # noqa: F811
+def test_two_processes_with_ray_retrieval_train_like_one(model_dir, ray_cluster, tmp_path):
     ray = ray_cluster
     args = ["train", "--model", str(model_dir / "model"), "--index", str(model_dir / "index"),
             "--train", str(model_dir / "train.tsv"), "--k", "2", "--batch-size", "4",

@@ -7,19 +7,17 @@ import json
 import pytest
 import torch
 
-from conftest import DOCS
+from helpers import DOCS, KeywordEncoder, one_thread, tiny_llama
 from margin.errors import MarginError
 from margin.generation.decoding import DecodeConfig
-from margin.models import MODEL_FILE, ModelConfig, load_model, make_generator, save_model
+from margin.model_config import MODEL_FILE, ModelConfig
+from margin.models import load_model, make_generator, save_model
 from margin.rag import RAG
 from margin.retrieval.build import build_index
 from margin.retrieval.encoders import load_encoder
 from margin.retrieval.passages import split_document
 from margin.retrieval.reader import open_index
 from margin.retrieval.retriever import Retriever
-from test_cli import st_model  # noqa: F401  (module fixture: a tiny sentence-transformers model)
-from test_encoders import one_thread
-from test_generator import tiny_llama
 
 QUESTIONS = ["where is the tower ?", "what is the capital of france ?"]
 
@@ -31,7 +29,7 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def index(tmp_path_factory, st_model):  # noqa: F811
+def index(tmp_path_factory, st_model):
     out = tmp_path_factory.mktemp("models") / "index"
     passages = [
         p for i, d in enumerate(DOCS) for p in split_document(d["title"], d["text"], str(i))
@@ -47,10 +45,9 @@ def rag(tmp_path_factory, index):
     model.save_pretrained(gen_dir)
     tok.save_pretrained(gen_dir)
     config = ModelConfig(generator_kind="causal", prompt="chat", doc_score_scale=7.0,
-                         decode={"max_new_tokens": 4}, stop_at_newline=False)
+                         decode=DecodeConfig(max_new_tokens=4), stop_at_newline=False)
     rag = RAG(make_generator(gen_dir, "causal", config), Retriever.load(index),
-              doc_score_scale=7.0, default_decode=DecodeConfig(max_new_tokens=4))
-    rag.config = config
+              doc_score_scale=7.0, default_decode=DecodeConfig(max_new_tokens=4), config=config)
     return rag
 
 
@@ -88,8 +85,6 @@ def test_trained_question_encoder_survives_the_round_trip(rag, index, tmp_path):
 
 
 def test_an_index_from_another_passage_encoder_is_refused(rag, tmp_path):
-    from conftest import KeywordEncoder
-
     out = save_model(rag, tmp_path / "model")
     other = tmp_path / "other"
     passages = [p for d in DOCS for p in split_document(d["title"], d["text"])]

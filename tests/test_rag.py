@@ -1,7 +1,7 @@
 """The RAG object: retrieval wired to the generator, provenance, the loss and its gradients.
 
-A keyword encoder (tests/conftest.py) makes retrieval hand-checkable; a tiny random BART
-(tests/test_generator.py) generates. The math itself is tested in test_marginalize/test_decoding;
+A keyword encoder (tests/helpers.py) makes retrieval hand-checkable; a tiny random BART
+(tests/helpers.py) generates. The math itself is tested in test_marginalize/test_decoding;
 here we check that RAG feeds it the right things.
 """
 
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import KeywordEncoder
+from helpers import DOCS, TorchKeywordEncoder, tiny_bart
 from margin.errors import MarginError
 from margin.generation.seq2seq import Seq2SeqFormat, Seq2SeqGenerator
 from margin.marginalize import nll_loss
@@ -21,29 +21,10 @@ from margin.rag import RAG, decoding_method
 from margin.retrieval.build import build_index
 from margin.retrieval.reader import open_index
 from margin.retrieval.retriever import Retriever
-from test_generator import tiny_bart
-
-
-class TorchKeywordEncoder(KeywordEncoder):
-    """The keyword encoder plus a learnable (dim x dim) question-side map, identity at start.
-
-    Questions embed as W·kw(x), so d(z)ᵀq(x) equals the keyword inner product at initialisation and
-    the document prior sends gradient into W, like a real question encoder (Sec. 2.4).
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.module = torch.nn.Linear(self.dim, self.dim, bias=False)
-        with torch.no_grad():
-            self.module.weight.copy_(torch.eye(self.dim))
-
-    def embed_queries(self, texts):
-        return self.module(torch.from_numpy(self.embed(list(texts))))  # (n, dim)
 
 
 @pytest.fixture(scope="module")
 def rag(tmp_path_factory):
-    from conftest import DOCS
     from margin.retrieval.passages import split_document
 
     out = tmp_path_factory.mktemp("rag") / "index"
@@ -198,7 +179,6 @@ def test_overlong_question_without_spaces_is_cut_in_characters_with_a_warning(ra
 
 
 def test_bm25_retrieval_gives_the_prior_from_bm25_scores(rag, tmp_path):
-    from conftest import DOCS
     from margin.retrieval.passages import split_document
 
     passages = [
@@ -284,3 +264,71 @@ def test_unset_k_and_mode_are_the_models_own_in_ask_and_loss(rag):
         other = model.loss(QUESTIONS, answers, k=5, mode="token", reduction="none")
     torch.testing.assert_close(default, own)
     assert not torch.allclose(default, other)  # so the check above tells the two apart
+
+
+class CountingEncoder(TorchKeywordEncoder):
+    """The question encoder of ``rag``, counting its forward passes (one per call, whole batch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.forwards = 0
+
+    def encode_queries(self, texts, batch_size=64, progress=False):
+        self.forwards += 1
+        return super().encode_queries(texts, batch_size, progress)
+
+    def embed_queries(self, texts):
+        self.forwards += 1
+        return super().embed_queries(texts)
+
+
+def test_ask_and_loss_encode_each_batch_of_questions_once(rag):
+    """The question is embedded once: the index is searched with q(x) detached and the prior
+    computed from the same q(x) (as transformers' RagModel.forward), not embedded again."""
+    counter = CountingEncoder()
+    counted = rag.with_retriever(Retriever(rag.retriever.index, counter))
+    answers = counted.ask(QUESTIONS, k=3, max_new_tokens=4)
+    assert counter.forwards == 1  # one batch of two questions: one forward
+    [one] = counted.ask(QUESTIONS[:1], k=3, max_new_tokens=4)
+    assert counter.forwards == 2
+    # the same answers, scores and priors as searching and scoring with two encodings
+    hits = rag.retrieve(QUESTIONS, 3)
+    with torch.no_grad():
+        scores = rag.doc_scores(QUESTIONS, hits)
+    twice = rag.generate(QUESTIONS, hits.passages, scores, max_new_tokens=4,
+                         retriever_scores=hits.scores.tolist())
+    assert [a.to_json() for a in answers] == [a.to_json() for a in twice]
+    assert one.to_json() == twice[0].to_json()
+    counter.forwards = 0
+    loss = counted.loss(QUESTIONS, ["a tower", "a river"], k=3, reduction="none")
+    assert counter.forwards == 1 and loss.requires_grad  # q(x) with grad, searched detached
+    given = rag.loss(QUESTIONS, ["a tower", "a river"], k=3, reduction="none", hits=hits)
+    assert torch.equal(loss.detach(), given.detach())
+
+
+def test_with_retriever_shares_the_networks_and_takes_the_retrievers_encoder(rag, tmp_path):
+    from margin.retrieval.passages import split_document
+
+    passages = [
+        p for i, d in enumerate(DOCS) for p in split_document(d["title"], d["text"], str(i))
+    ]
+    build_index(passages, None, tmp_path / "bm25", kind="bm25", progress=False)
+    bm25 = Retriever(open_index(tmp_path / "bm25"))
+    swapped = rag.with_retriever(bm25, doc_score_scale=1.0)
+    assert swapped is not rag and swapped.generator is rag.generator
+    assert swapped.retriever is bm25 and swapped.question_encoder is None
+    assert (swapped.doc_score_scale, rag.doc_score_scale) == (1.0, 5.0)
+    assert rag.retriever is not bm25 and rag.question_encoder is not None  # rag is unchanged
+    assert swapped.config is rag.config and swapped.default_k == rag.default_k
+    [answer] = swapped.ask(["capital of germany"], k=3, max_new_tokens=3)
+    assert answer.passages[0].title == "Berlin"
+
+
+def test_answer_json_writes_each_passage_with_its_provenance(rag):
+    [answer] = rag.ask(QUESTIONS[:1], k=2, max_new_tokens=3)
+    p = answer.passages[0]
+    out = answer.to_json()["passages"][0]
+    assert list(out) == ["id", "title", "text", "source", "score", "prior", "posterior"]
+    assert (out["title"], out["prior"], out["posterior"]) == ("Paris", p.prior, p.posterior)
+    assert list(p.to_json(source=False)) == ["id", "title", "text", "score", "prior", "posterior"]
+    assert p.passage.to_json(0.5) == {"id": p.id, "title": "Paris", "text": p.text, "score": 0.5}

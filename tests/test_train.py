@@ -15,11 +15,15 @@ from dataclasses import replace
 import pytest
 import torch
 
+from helpers import TRAIN_CONFIG as CONFIG
+from helpers import TRAIN_DOCS as DOCS
+from helpers import TRAIN_TASK as TASK
+from helpers import tiny_llama
 from margin.cli import main
 from margin.errors import MarginError
 from margin.evaluation.examples import Example
 from margin.generation.decoding import DecodeConfig
-from margin.models import ModelConfig, load_model, make_generator, save_model
+from margin.models import load_model, make_generator, save_model
 from margin.rag import RAG
 from margin.retrieval.build import build_index
 from margin.retrieval.encoders import load_encoder, weights_fingerprint
@@ -29,35 +33,13 @@ from margin.training.config import TrainConfig
 from margin.training.recipe import select_questions, training_slice
 from margin.training.schedule import lr_factor, pick_target, steps_within
 from margin.training.train import evaluate, train
-from test_cli import st_model  # noqa: F401  (module fixture: a tiny sentence-transformers model)
-from test_generator import tiny_llama
 
-DOCS = [
-    ("paris", "paris is the capital of france ."),
-    ("seine", "the seine is a river in france ."),
-    ("louvre", "the louvre is a museum in paris ."),
-    ("berlin", "berlin is the capital of germany ."),
-    ("plants", "plants use light energy in photosynthesis ."),
-    ("mona lisa", "the mona lisa was painted by leonardo ."),
-]
-TASK = [  # (question, answer): every answer is a word of a passage
-    ("what is the capital of france ?", "paris"),
-    ("where is the seine ?", "france"),
-    ("what is the seine ?", "river"),
-    ("where is the louvre ?", "paris"),
-    ("what is the louvre ?", "museum"),
-    ("what is paris ?", "capital"),
-    ("where is paris ?", "france"),
-    ("what is in paris ?", "louvre"),
-]
 EXAMPLES = [Example(f"ex{i}", q, (a,)) for i, (q, a) in enumerate(TASK)]
-CONFIG = ModelConfig(generator_kind="causal", prompt="chat", doc_score_scale=5.0,
-                     decode={"max_new_tokens": 3}, stop_at_newline=False)
 FAST = dict(k=2, batch_size=8, lr=3e-3, seed=0)  # full-batch steps on the 8 examples
 
 
 @pytest.fixture(scope="module")
-def index(tmp_path_factory, st_model):  # noqa: F811
+def index(tmp_path_factory, st_model):
     out = tmp_path_factory.mktemp("train") / "index"
     passages = [Passage(str(i), t, x) for i, (t, x) in enumerate(DOCS)]
     build_index(passages, load_encoder(st_model, role="passage"), out, progress=False)
@@ -78,8 +60,7 @@ def make_rag(index, gen_dir):
     def make(index_dir=index) -> RAG:
         retriever = Retriever.load(index_dir)
         rag = RAG(make_generator(gen_dir, "causal", CONFIG), retriever,
-                  doc_score_scale=5.0, default_decode=DecodeConfig(max_new_tokens=3))
-        rag.config = CONFIG
+                  doc_score_scale=5.0, default_decode=DecodeConfig(max_new_tokens=3), config=CONFIG)
         return rag
 
     return make
@@ -128,7 +109,7 @@ def test_loss_falls_and_eight_examples_are_fitted_to_exact_match(make_rag, tmp_p
 
 
 def test_question_encoder_learns_through_the_prior_passage_encoder_and_index_do_not(
-    make_rag, index, st_model, tmp_path  # noqa: F811
+    make_rag, index, st_model, tmp_path
 ):
     rag = make_rag()
     q_module = rag.question_encoder.module

@@ -47,14 +47,14 @@ def save_checkpoint(rag, out: str | Path, peft_model=None, mode: str = "token", 
     ``peft_model`` is the LoRA wrapper of the generator, if any: a copy with the adapters merged
     into the base weights is saved, so the checkpoint is a plain transformers model again.
     """
-    from margin.models import ModelConfig, save_model
+    from margin.models import save_model
 
     saved = copy.copy(rag)
     if peft_model is not None:
         merged = copy.deepcopy(peft_model).merge_and_unload()
         saved.generator = copy.copy(rag.generator)
         saved.generator.model = merged
-    config = copy.copy(getattr(rag, "config", None) or ModelConfig())
+    config = copy.copy(rag.config)
     config.default_mode, config.default_k = mode, k
     saved.config = config
     return save_model(saved, out)

@@ -41,7 +41,6 @@ import json
 import re
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +50,7 @@ from margin.errors import MarginError
 from margin.generation.decoding import DecodeConfig
 from margin.generation.generator import GenInputs
 from margin.generation.seq2seq import Seq2SeqFormat, Seq2SeqGenerator
-from margin.models import ModelConfig
+from margin.model_config import ModelConfig
 from margin.rag import RAG
 from margin.retrieval.encoders import DPREncoder, EncoderSpec
 from margin.retrieval.passages import Passage
@@ -232,14 +231,11 @@ def load_hf_rag(
         retriever = Retriever(loaded_index, encoder if loaded_index.dense is not None else None)
 
     decode = decode_defaults(generation_config)
-    rag = RAG(generator, retriever, question_encoder=encoder, doc_score_scale=1.0,
-              default_decode=decode)
-    rag.config = ModelConfig(  # type: ignore[attr-defined]
-        generator_kind="seq2seq", seq2seq=asdict(fmt), doc_score_scale=1.0, decode=asdict(decode)
-    )
-    rag.default_mode = mode
-    rag.default_k = int(config.get("n_docs", 5))
-    return rag
+    n_docs = int(config.get("n_docs", 5))
+    model_config = ModelConfig(generator_kind="seq2seq", seq2seq=fmt, doc_score_scale=1.0,
+                               decode=decode, default_mode=mode, default_k=n_docs)
+    return RAG(generator, retriever, question_encoder=encoder, doc_score_scale=1.0,
+               default_decode=decode, default_mode=mode, default_k=n_docs, config=model_config)
 
 
 def _read_config(path: Path) -> dict[str, Any]:

@@ -29,14 +29,38 @@ Mode = Literal["sequence", "token"]
 Reduction = Literal["mean", "sum", "none"]
 
 
-def doc_log_prior(question_emb: torch.Tensor, doc_embs: torch.Tensor) -> torch.Tensor:
-    """log p_eta(z|x) over the top-k passages: p_eta(z|x) ∝ exp(d(z)ᵀ q(x)) (Sec. 2.2).
+def doc_scores(
+    question_emb: torch.Tensor, doc_embs: torch.Tensor, scale: float = 1.0
+) -> torch.Tensor:
+    """The logits of the prior p_eta(z|x) ∝ exp(s · d(z)ᵀ q(x)) (Sec. 2.2): (B, k).
 
     ``question_emb`` (B, d) stays in the autograd graph so the question encoder is trained
     (Sec. 2.4); ``doc_embs`` (B, k, d) are the frozen passage vectors returned by the index.
+    ``scale`` s is 1 for DPR as in the paper; cosine encoders need a larger one (margin.rag).
     """
-    scores = torch.einsum("bd,bkd->bk", question_emb, doc_embs.to(question_emb.dtype))  # (B, k)
-    return F.log_softmax(scores, dim=-1)
+    docs = doc_embs.to(device=question_emb.device, dtype=question_emb.dtype)
+    return torch.einsum("bd,bkd->bk", question_emb, docs) * scale  # (B, k)
+
+
+def doc_log_prior(
+    question_emb: torch.Tensor, doc_embs: torch.Tensor, scale: float = 1.0
+) -> torch.Tensor:
+    """log p_eta(z|x) over the top-k passages: p_eta(z|x) ∝ exp(s · d(z)ᵀ q(x)) (Sec. 2.2).
+
+    ``question_emb`` (B, d), ``doc_embs`` (B, k, d) as in :func:`doc_scores` -> (B, k).
+    """
+    return scores_log_prior(doc_scores(question_emb, doc_embs, scale))
+
+
+def scores_log_prior(doc_scores: torch.Tensor) -> torch.Tensor:
+    """log p_eta(z|x) from document scores (B, k) already computed: their log-softmax over z
+    (also the prior of BM25 retrieval, whose scores are the logits, and of cached scores)."""
+    return F.log_softmax(doc_scores, dim=-1)
+
+
+def scores_prior(doc_scores: torch.Tensor) -> torch.Tensor:
+    """p_eta(z|x) from document scores (B, k): their softmax over z (rows sum to 1)."""
+    return F.softmax(doc_scores, dim=-1)
 
 
 def _masked(token_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

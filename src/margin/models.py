@@ -18,7 +18,7 @@ transformers' ``RagSequenceForGeneration``/``RagTokenForGeneration.save_pretrain
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -30,33 +30,18 @@ from margin.errors import MarginError
 from margin.generation.causal import CausalFormat, CausalGenerator
 from margin.generation.decoding import DecodeConfig
 from margin.generation.generator import Generator
-from margin.generation.seq2seq import Seq2SeqFormat, Seq2SeqGenerator
+from margin.generation.seq2seq import Seq2SeqGenerator
+from margin.model_config import (
+    DEFAULT_COSINE_SCALE,
+    MODEL_FILE,
+    MODEL_FORMAT,
+    MODEL_VERSION,
+    ModelConfig,
+)
 from margin.rag import RAG
 from margin.retrieval.encoders import Encoder, load_encoder, load_encoder_from_spec
 from margin.retrieval.reader import open_index
 from margin.retrieval.retriever import Retriever, resolve_index
-
-MODEL_FILE = "margin_model.json"
-MODEL_FORMAT = "margin-rag"
-MODEL_VERSION = 1
-DEFAULT_COSINE_SCALE = 20.0  # doc score scale for unit-norm (cosine) encoders; see margin.rag
-
-
-@dataclass
-class ModelConfig:
-    """What a margin checkpoint records besides the weights."""
-
-    generator_kind: str = "causal"  # "causal" (decoder-only) or "seq2seq" (BART/T5, the paper's)
-    prompt: str = "qa-default"  # causal prompt template name (margin.generation.prompting)
-    seq2seq: dict[str, Any] = field(default_factory=dict)  # Seq2SeqFormat fields (separators, ...)
-    doc_score_scale: float = 1.0  # s in p(z|x) ∝ exp(s · d(z)ᵀq(x))
-    decode: dict[str, Any] = field(default_factory=dict)  # DecodeConfig defaults
-    question_encoder: dict[str, Any] = field(default_factory=dict)  # Encoder.spec, minus "name"
-    index_encoder_fingerprint: str | None = None  # passage encoder of compatible indexes
-    stop_at_newline: bool = True  # causal: a newline ends the answer (few-shot QA prompts)
-    default_mode: str = "token"  # the mode the model was trained for (`margin ask` default)
-    default_k: int = 5  # passages per question it was trained with (`margin ask` default)
-
 
 # ----------------------------------------------------------------------------- generators
 
@@ -69,7 +54,7 @@ def make_generator(path: str | Path, kind: str, config: ModelConfig | None = Non
     tokenizer = AutoTokenizer.from_pretrained(path)
     if kind == "seq2seq":
         model = AutoModelForSeq2SeqLM.from_pretrained(path).eval()
-        return Seq2SeqGenerator(model, tokenizer, Seq2SeqFormat(**config.seq2seq))
+        return Seq2SeqGenerator(model, tokenizer, config.seq2seq)
     if kind == "causal":
         model = AutoModelForCausalLM.from_pretrained(path).eval()
         if tokenizer.pad_token_id is None:
@@ -160,7 +145,9 @@ def _installed(name: str) -> Path | None:
 def _load_default(index: str | Path | None, progress: bool, device: str = "cpu") -> RAG:
     from margin.generation.default_generator import default_generator_dir
 
-    config = ModelConfig(doc_score_scale=DEFAULT_COSINE_SCALE, decode={"max_new_tokens": 16})
+    config = ModelConfig(
+        doc_score_scale=DEFAULT_COSINE_SCALE, decode=DecodeConfig(max_new_tokens=16)
+    )
     generator = make_generator(default_generator_dir(progress=progress), "causal", config)
     retriever = None
     encoder: Encoder | None = None
@@ -179,8 +166,7 @@ def _load_margin(path: Path, index: str | Path | None, progress: bool) -> RAG:
             f"{path / MODEL_FILE} is not a margin model this version can read "
             f"(format {raw.get('format')!r}, version {raw.get('version')}); upgrade margin"
         )
-    fields = {k: v for k, v in raw.items() if k in ModelConfig.__dataclass_fields__}
-    config = ModelConfig(**fields)
+    config = ModelConfig.from_json(raw)
     generator = make_generator(path / "generator", config.generator_kind, config)
     encoder = None
     if config.question_encoder:
@@ -219,12 +205,12 @@ def _assemble(generator, retriever, encoder, config: ModelConfig) -> RAG:
         retriever,
         question_encoder=encoder,
         doc_score_scale=config.doc_score_scale,
-        default_decode=DecodeConfig(**config.decode),
+        default_decode=config.decode,
         postprocess=_postprocess(config),
         default_mode=config.default_mode,
         default_k=config.default_k,
+        config=config,
     )
-    rag.config = config  # type: ignore[attr-defined]
     return rag
 
 
@@ -234,7 +220,7 @@ def _assemble(generator, retriever, encoder, config: ModelConfig) -> RAG:
 def save_model(rag: RAG, out: str | Path) -> Path:
     """Write ``rag`` as a margin checkpoint directory, atomically."""
     out = Path(out)
-    config: ModelConfig = getattr(rag, "config", None) or ModelConfig()
+    config = rag.config
     encoder = rag.question_encoder
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)

@@ -19,20 +19,22 @@ would be nearly uniform, so their models set a larger scale (documented in docs/
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
 from margin.errors import MarginError
 from margin.generation.decoding import DecodeConfig, Decoded, decode
 from margin.generation.generator import Encoded, Generator, GenInputs
-from margin.marginalize import nll_loss
+from margin.marginalize import doc_scores, nll_loss, scores_log_prior, scores_prior
+from margin.model_config import ModelConfig
 from margin.retrieval.encoders import Encoder
 from margin.retrieval.passages import Passage
-from margin.retrieval.retriever import Retrieved, Retriever
+from margin.retrieval.retriever import Retrieved, RetrieverProtocol
 
 Mode = Literal["token", "sequence"]
 Decoding = Literal["greedy", "beam", "thorough", "fast"]
@@ -54,6 +56,18 @@ class Provenance:
     score: float  # retriever score d(z)ᵀq(x) (BM25 score for BM25)
     prior: float  # p(z|x)
     posterior: float  # p(z|x,y) given the answer (RAG-Token: averaged over its tokens)
+
+    @property
+    def passage(self) -> Passage:
+        """The retrieved passage itself."""
+        return Passage(self.id, self.title, self.text, self.source)
+
+    def to_json(self, source: bool = True) -> dict[str, Any]:
+        """The passage, its score, prior and posterior, as every output writes them
+        (``source``: with its attribution, as answers show it; evaluation records leave it out)."""
+        return self.passage.to_json(
+            self.score, source=source, prior=self.prior, posterior=self.posterior
+        )
 
 
 @dataclass(frozen=True)
@@ -77,13 +91,7 @@ class Answer:
             "logprob": self.logprob,
             "mode": self.mode,
             "decoding": self.decoding,
-            "passages": [
-                {
-                    "id": p.id, "title": p.title, "text": p.text, "source": p.source,
-                    "score": p.score, "prior": p.prior, "posterior": p.posterior,
-                }
-                for p in self.passages
-            ],
+            "passages": [p.to_json() for p in self.passages],
         }
         if self.token_docs is not None:
             out["token_docs"] = [{"token": t, "passage": z} for t, z in self.token_docs]
@@ -118,13 +126,14 @@ class RAG:
     def __init__(
         self,
         generator: Generator,
-        retriever: Retriever | None = None,
+        retriever: RetrieverProtocol | None = None,
         question_encoder: Encoder | None = None,
         doc_score_scale: float = 1.0,
         default_decode: DecodeConfig | None = None,
         postprocess: Callable[[str], str] | None = None,
         default_mode: str = "token",
         default_k: int = 5,
+        config: ModelConfig | None = None,
     ):
         self.generator = generator
         self.retriever = retriever
@@ -134,6 +143,8 @@ class RAG:
         self.postprocess = postprocess  # cleans decoded text (e.g. a causal model's extra lines)
         self.default_mode = default_mode  # the mode the model was trained for
         self.default_k = default_k  # passages per question it was trained with
+        # what a checkpoint of this model records besides the weights (margin.models.save_model)
+        self.config = config if config is not None else ModelConfig()
 
     @classmethod
     def load(
@@ -146,6 +157,20 @@ class RAG:
         from margin.models import load_model
 
         return load_model(model, index, progress=progress, device=device)
+
+    def with_retriever(
+        self, retriever: RetrieverProtocol, doc_score_scale: float | None = None
+    ) -> RAG:
+        """The same model over another retriever: a new RAG sharing this one's generator,
+        settings and config, that searches ``retriever`` and embeds questions with its question
+        encoder (none for BM25). The index swap of Sec. 4.5 and the retriever ablation of Table 6;
+        ``doc_score_scale`` replaces the model's (e.g. 1 for BM25 scores as logits)."""
+        swapped = copy.copy(self)
+        swapped.retriever = retriever
+        swapped.question_encoder = retriever.encoder
+        if doc_score_scale is not None:
+            swapped.doc_score_scale = doc_score_scale
+        return swapped
 
     def to(self, device: str | torch.device) -> RAG:
         """Move the generator and the question encoder(s) to ``device``, in place; returns self.
@@ -168,21 +193,48 @@ class RAG:
 
     def retrieve(self, questions: Sequence[str], k: int) -> Retrieved:
         """Top-k passages for each question, with their stored vectors for the prior."""
-        if self.retriever is None:
-            raise MarginError("this RAG has no retriever; load it with an index, or give passages")
-        return self.retriever.retrieve(questions, k=k, with_vectors=True)
+        return self._retriever().retrieve(questions, k=k, with_vectors=True)
+
+    def retrieve_scored(self, questions: Sequence[str], k: int) -> tuple[Retrieved, torch.Tensor]:
+        """Top-k passages and their document scores (B, k), each question encoded once.
+
+        As transformers' ``RagModel.forward``: q(x) is computed in torch (in the autograd graph
+        unless the caller is under ``no_grad``), the index is searched with q(x) detached, and
+        the scores s · d(z)ᵀq(x) come from the same q(x), so the question encoder still learns
+        (Sec. 2.4). BM25 is searched with the question strings; its scores are the logits.
+        ``questions`` must already be checked (:func:`_check_questions`).
+        """
+        retriever = self._retriever()
+        if retriever.kind == "bm25" or self.question_encoder is None:
+            hits = retriever.retrieve(questions, k=k, with_vectors=True)
+            return hits, self._scores(None, hits)
+        q = self.question_encoder.embed_queries(list(questions))  # (B, d)
+        search = q.detach().float().cpu().numpy()  # (B, d) float32, outside autograd
+        hits = retriever.retrieve_by_vector(search, k=k, with_vectors=True)
+        return hits, self._scores(q, hits)
 
     def doc_scores(self, questions: Sequence[str], hits: Retrieved) -> torch.Tensor:
         """Scores (B, k) whose softmax is p(z|x); differentiable w.r.t. the question encoder.
 
         Dense: s · d(z)ᵀq(x) with q(x) recomputed in torch (Sec. 2.4). BM25: the BM25 scores,
-        constants for autograd (the paper's BM25 ablation has no retriever gradient).
+        constants for autograd (the paper's BM25 ablation has no retriever gradient). For hits
+        retrieved here, :meth:`retrieve_scored` gives the same scores without encoding again.
         """
         if hits.vectors is None or self.question_encoder is None:
+            return self._scores(None, hits)
+        return self._scores(self.question_encoder.embed_queries(list(questions)), hits)
+
+    def _scores(self, q: torch.Tensor | None, hits: Retrieved) -> torch.Tensor:
+        """s · d(z)ᵀq(x) (B, k) from question vectors ``q`` (B, d); without them or the hits'
+        vectors (BM25, cached scores), s times the retriever's scores."""
+        if q is None or hits.vectors is None:
             return torch.as_tensor(hits.scores, dtype=torch.float32) * self.doc_score_scale
-        q = self.question_encoder.embed_queries(list(questions))  # (B, d)
-        d = torch.as_tensor(hits.vectors, dtype=q.dtype, device=q.device)  # (B, k, d)
-        return torch.einsum("bd,bkd->bk", q, d) * self.doc_score_scale  # (B, k)
+        return doc_scores(q, torch.as_tensor(hits.vectors), self.doc_score_scale)  # (B, k)
+
+    def _retriever(self) -> RetrieverProtocol:
+        if self.retriever is None:
+            raise MarginError("this RAG has no retriever; load it with an index, or give passages")
+        return self.retriever
 
     # -- answering -----------------------------------------------------------------------------
 
@@ -207,9 +259,8 @@ class RAG:
         k = _given_or_default("k", k, self.default_k)
         mode = self.default_mode if mode is None else mode
         method = decoding_method(mode, decoding)
-        hits = self.retrieve(questions, k)
         with torch.no_grad():
-            scores = self.doc_scores(questions, hits)
+            hits, scores = self.retrieve_scored(questions, k)
         return self.generate(
             questions, hits.passages, scores, mode=mode, decoding=decoding, num_beams=num_beams,
             max_new_tokens=max_new_tokens, num_return_sequences=num_return_sequences,
@@ -252,7 +303,7 @@ class RAG:
             inputs = self.generator.build_inputs(list(questions), passages)
         doc_scores = doc_scores.detach().float()
         decoded = decode(self.generator, inputs, doc_scores, cfg, method, on_token, encoded)  # type: ignore[arg-type]
-        prior = torch.softmax(doc_scores, -1).tolist()
+        prior = scores_prior(doc_scores).tolist()
         raw = retriever_scores or doc_scores.tolist()
         return [
             _answer(q, ps, d, pr, rs, mode, decoding, self.generator, self.postprocess)
@@ -330,8 +381,11 @@ class RAG:
         questions = _check_questions(questions)
         if len(answers) != len(questions):
             raise MarginError(f"got {len(questions)} questions but {len(answers)} answers")
-        hits = hits if hits is not None else self.retrieve(questions, k)
-        doc_logprior = torch.log_softmax(self.doc_scores(questions, hits), -1)  # (B, k)
+        if hits is None:
+            hits, scores = self.retrieve_scored(questions, k)
+        else:
+            scores = self.doc_scores(questions, hits)
+        doc_logprior = scores_log_prior(scores)  # (B, k)
         inputs: GenInputs = self.generator.build_inputs(list(questions), hits.passages)
         target_ids, target_mask = self.generator.build_targets(list(answers))  # (B, T)
         tok = self.generator.token_logprobs(inputs, target_ids, target_mask)  # (B, k, T)

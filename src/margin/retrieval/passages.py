@@ -29,6 +29,7 @@ import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from margin.errors import MarginError
 
@@ -46,6 +47,17 @@ class Passage:
     title: str  # title of the document the passage comes from
     text: str  # at most 100 words
     source: str = ""  # where the text comes from (URL or corpus name and licence)
+
+    def to_json(self, score: float, source: bool = False, **more: float) -> dict[str, Any]:
+        """The passage as margin's JSON outputs write a retrieved one (``margin retrieve`` and
+        ``ask --json``, the server, evaluation records): id, title, text, its ``source`` if
+        asked, ``score``, then ``more`` (prior, posterior), in that order."""
+        out: dict[str, Any] = {"id": self.id, "title": self.title, "text": self.text}
+        if source:
+            out["source"] = self.source
+        out["score"] = float(score)
+        out.update(more)
+        return out
 
 
 def chunk_words(text: str, max_words: int = MAX_WORDS, max_chars: int = MAX_CHARS) -> list[str]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -44,6 +45,41 @@ class Retrieved:
     scores: np.ndarray  # (n_questions, k) float32 inner products (BM25 scores for BM25)
     rows: np.ndarray  # (n_questions, k) int64 rows in the index's passage store
     vectors: np.ndarray | None  # (n_questions, k, dim) stored passage vectors; None for BM25
+
+
+class RetrieverProtocol(Protocol):
+    """What a RAG model asks of its retriever.
+
+    :class:`Retriever` (an index opened in this process) and
+    :class:`margin.retrieval.sharded.RemoteRetriever` (a shared Ray actor's) are both one, so
+    either can be given to :class:`margin.rag.RAG` or :meth:`margin.rag.RAG.with_retriever`.
+    """
+
+    encoder: Any  # the question encoder that embeds questions for search (None: BM25)
+
+    @property
+    def kind(self) -> str:
+        """The index kind: flat, hnsw, ivfpq or bm25 ("dense" for a remote one)."""
+        ...
+
+    @property
+    def index_encoder(self) -> dict | None:
+        """The manifest's record of the index's passage encoder (None: BM25)."""
+        ...
+
+    def __len__(self) -> int: ...
+
+    def retrieve(
+        self, questions: Sequence[str], k: int = 5, with_vectors: bool = False
+    ) -> Retrieved:
+        """Top-k passages for each question string."""
+        ...
+
+    def retrieve_by_vector(
+        self, query_vectors: np.ndarray, k: int = 5, with_vectors: bool = False
+    ) -> Retrieved:
+        """Top-k passages for question vectors (n, dim) already computed."""
+        ...
 
 
 def default_index_dir() -> Path:
