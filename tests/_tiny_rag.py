@@ -18,8 +18,6 @@ from pathlib import Path
 
 import torch
 from transformers import (
-    BartConfig,
-    BartForConditionalGeneration,
     BartTokenizer,
     DPRConfig,
     DPRContextEncoder,
@@ -31,6 +29,8 @@ from transformers import (
     RagTokenForGeneration,
     RagTokenizer,
 )
+
+from helpers import build_tiny_bart
 
 # A corpus whose passages the tiny models tell apart; one title is quoted (postprocess_docs strips
 # one leading and one trailing double quote) and one text has a double space (collapsed).
@@ -58,7 +58,8 @@ _MERGES = ["Ġ t", "h e", "Ġt he", "i n", "a n", "e r", "o n", "Ġ a", "Ġ i", 
 
 
 def bart_tokenizer() -> BartTokenizer:
-    """A byte-level BPE BartTokenizer whose vocabulary ids are all distinct."""
+    """A byte-level BPE BartTokenizer whose vocabulary ids are all distinct and run without gaps
+    (tests/helpers.py's generator-test tokenizer is another vocabulary, with gaps)."""
     vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
     for tok in list(_CHARS + "/.?,:'\"-") + ["Ġ"] + ["Ġ" + c for c in _CHARS + "/\"'"]:
         vocab.setdefault(tok, len(vocab))
@@ -96,30 +97,6 @@ def dpr_config(vocab_size: int) -> DPRConfig:
     )
 
 
-def tiny_bart(tokenizer: BartTokenizer, seed: int = 0) -> BartForConditionalGeneration:
-    torch.manual_seed(seed)
-    config = BartConfig(
-        vocab_size=len(tokenizer),
-        d_model=32,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        max_position_embeddings=256,
-        dropout=0.0,
-        attention_dropout=0.0,
-        activation_dropout=0.0,
-        init_std=0.3,  # large init: answers differ per passage, so parity could fail
-    )
-    model = BartForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        model.final_logits_bias[0, tokenizer.pad_token_id] = -1e4  # never generate <pad>
-        model.final_logits_bias[0, tokenizer.eos_token_id] = 2.5  # answers end at mixed lengths
-    return model
-
-
 def tiny_dpr_question_encoder(vocab_size: int, seed: int = 3) -> DPRQuestionEncoder:
     torch.manual_seed(seed)
     return DPRQuestionEncoder(dpr_config(vocab_size)).eval()
@@ -151,7 +128,9 @@ def save_tiny_rag(
     as in 2020 checkpoints, which also have no generation_config.json).
     """
     qtok, gtok = dpr_tokenizer(), bart_tokenizer()
-    bart = tiny_bart(gtok)
+    # tests/helpers.py's one BART builder over this file's vocabulary, with a longer position table
+    # and a smaller </s> bias: the weights the checkpoint tests were written against
+    bart = build_tiny_bart(gtok, eos_bias=2.5, max_position_embeddings=256)
     qenc = tiny_dpr_question_encoder(len(qtok))
     config = RagConfig.from_question_encoder_generator_configs(
         qenc.config,

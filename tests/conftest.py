@@ -1,63 +1,27 @@
-"""Shared fixtures: a keyword encoder whose vectors and search results can be worked out by hand."""
+"""Shared fixtures: a keyword encoder whose vectors and search results can be worked out by hand,
+the tiny random models of tests/helpers.py built once per session or module, and one Ray cluster.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import re
-from collections.abc import Sequence
+import os
+from pathlib import Path
 
 import faiss
-import numpy as np
 import pytest
 
-from margin.retrieval.passages import Passage
+from helpers import (
+    DOCS,
+    TINY_BERT,
+    KeywordEncoder,
+    bert_tokenizer,
+    one_thread,
+    tiny_bart,
+    tiny_llama,
+)
 
-# One dimension per keyword. A text's vector counts its keywords and is L2-normalised, so the
-# inner product of a one-keyword query with a passage is that keyword's share of the passage.
-KEYWORDS = ("paris", "france", "berlin", "germany", "rome", "italy", "river", "mountain")
-
-
-class KeywordEncoder:
-    """Deterministic fake of margin's Encoder protocol: normalised keyword counts."""
-
-    def __init__(self, keywords: Sequence[str] = KEYWORDS, role: str = "passage"):
-        self.keywords = list(keywords)
-        self.dim = len(self.keywords)
-        self.spec = {"kind": "keyword", "name": "keyword-" + "-".join(self.keywords), "role": role}
-        self.fingerprint = hashlib.sha256(json.dumps(self.keywords).encode()).hexdigest()
-        self.passages_encoded = 0  # how many passages encode_passages has seen (resume tests)
-
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)  # (n, dim)
-        for i, text in enumerate(texts):
-            for word in re.findall(r"\w+", text.lower()):
-                if word in self.keywords:
-                    out[i, self.keywords.index(word)] += 1
-        norms = np.linalg.norm(out, axis=1, keepdims=True)
-        return out / np.where(norms > 0, norms, 1)
-
-    def encode_passages(
-        self, passages: Sequence[Passage], batch_size: int = 64, progress: bool = False
-    ) -> np.ndarray:
-        self.passages_encoded += len(passages)
-        return self.embed([f"{p.title} {p.text}" for p in passages])
-
-    def encode_queries(
-        self, texts: Sequence[str], batch_size: int = 64, progress: bool = False
-    ) -> np.ndarray:
-        return self.embed(list(texts))
-
-
-# A tiny corpus: the keyword in each title is the hand-obvious answer to a one-word query.
-DOCS = [
-    {"title": "Paris", "text": "Paris is the capital of France and sits on a river."},
-    {"title": "Berlin", "text": "Berlin is the capital of Germany."},
-    {"title": "Rome", "text": "Rome is the capital of Italy, near a mountain."},
-    {"title": "Alps", "text": "A mountain range."},
-    {"title": "Seine", "text": "The Seine is a river in France."},
-    {"title": "Rhine", "text": "The Rhine is a river in Germany."},
-]
+TESTS = Path(__file__).parent
 
 
 @pytest.fixture
@@ -87,19 +51,10 @@ def _single_thread():
     torch.set_num_threads(before[1])
 
 
-def clustered(n: int, dim: int, clusters: int = 20, seed: int = 0) -> np.ndarray:
-    """Unit vectors around random centres (realistic for ANN recall; uniform noise is not)."""
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((clusters, dim))
-    x = centres[rng.integers(0, clusters, n)] + 0.6 * rng.standard_normal((n, dim))
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)  # (n, dim)
-
-
 @pytest.fixture(scope="module")
 def bart():
-    """The tiny random BART of tests/test_generator.py behind margin's seq2seq generator."""
+    """The tiny random BART of tests/helpers.py behind margin's seq2seq generator."""
     from margin.generation.seq2seq import Seq2SeqFormat, Seq2SeqGenerator
-    from test_generator import tiny_bart
 
     model, tok = tiny_bart()
     return Seq2SeqGenerator(model, tok, Seq2SeqFormat(max_combined_length=64))
@@ -107,9 +62,53 @@ def bart():
 
 @pytest.fixture(scope="module")
 def llama():
-    """The tiny random Llama of tests/test_generator.py behind margin's causal generator."""
+    """The tiny random Llama of tests/helpers.py behind margin's causal generator."""
     from margin.generation.causal import CausalGenerator
-    from test_generator import tiny_llama
 
     model, tok = tiny_llama()
     return CausalGenerator(model, tok)
+
+
+@pytest.fixture(scope="session")
+def st_model(tmp_path_factory):
+    """A tiny random sentence-transformers model saved to disk (no download)."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+    from transformers import BertConfig, BertModel
+
+    root = tmp_path_factory.mktemp("cli")
+    with one_thread():
+        torch.manual_seed(0)
+        BertModel(BertConfig(**TINY_BERT)).save_pretrained(root / "hf")
+        bert_tokenizer().save_pretrained(root / "hf")
+        transformer = Transformer(str(root / "hf"), max_seq_length=48)
+        pooling = Pooling(transformer.get_embedding_dimension(), pooling_mode="mean")
+        SentenceTransformer(modules=[transformer, pooling, Normalize()], device="cpu").save(
+            str(root / "st")
+        )
+    return root / "st"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the session (test_distributed.py, test_sharded.py,
+    test_data_parallel.py). Its workers import tests/helpers.py, so tests/ is on their path."""
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        yield ray
+        return
+    paths = [str(TESTS), os.environ.get("PYTHONPATH", "")]
+    # The machine is shared: Ray's memory monitor would kill our tiny workers for the memory
+    # other people's jobs use. (Read by the raylet this ray.init starts.)
+    os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=80 * 1024**2,
+        runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in paths if p)}},
+        logging_level="ERROR",
+        log_to_driver=False,
+    )
+    yield ray
+    ray.shutdown()

@@ -8,18 +8,12 @@ import math
 import pytest
 import torch
 
+from helpers import PASSAGES, QUESTIONS, bare_prompt, causal, preamble_prompt
 from margin.errors import MarginError
 from margin.generation.decoding import DecodeConfig, decode, decode_rag_sequence, decode_rag_token
 from margin.generation.generator import DecodeState, Encoded, Generator, GenInputs
 from margin.generation.seq2seq import Seq2SeqGenerator
 from margin.marginalize import rag_sequence_logprob
-from test_generator import (
-    PASSAGES,
-    QUESTIONS,
-    bare_prompt,
-    causal,
-    preamble_prompt,
-)
 
 QS = [*QUESTIONS, "who made the louvre?"]
 PS = [

@@ -1,6 +1,6 @@
 """End-to-end evaluation on a tiny random BART over a keyword-retrieval fixture corpus.
 
-Retrieval is hand-checkable (tests/conftest.py's KeywordEncoder, BM25 over the same passages);
+Retrieval is hand-checkable (tests/helpers.py's KeywordEncoder, BM25 over the same passages);
 answers are random, so the tests check what the harness does with them: the files, the metrics
 recomputed from the predictions, resuming, the grid, and one-line errors.
 """
@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from conftest import DOCS, KeywordEncoder
+from helpers import DOCS, KeywordEncoder, TorchKeywordEncoder, tiny_bart
 from margin.cli import main
 from margin.errors import MarginError
 from margin.evaluation import metrics as M
@@ -24,8 +24,6 @@ from margin.retrieval.build import build_index
 from margin.retrieval.passages import split_document
 from margin.retrieval.reader import open_index
 from margin.retrieval.retriever import Retriever
-from test_generator import tiny_bart
-from test_rag import TorchKeywordEncoder
 
 # question<TAB>answers; with the keyword encoder the top passage of each is known:
 # "paris france" -> Paris (holds "paris"), "germany river" -> Rhine (holds "rhine"),

@@ -1,141 +1,31 @@
 """The generator interface: transformers' RAG inputs, batched scoring, KV-cached steps.
 
-Tiny random models built here (and imported by test_decoding / test_transformers_parity):
-a 2-layer BART with a byte-level BPE tokenizer written to a tmp dir, and a 2-layer Llama with a
-word-level tokenizer that carries a chat template.
+The tiny random models of tests/helpers.py: a 2-layer BART with a byte-level BPE tokenizer
+written to a tmp dir, and a 2-layer Llama with a word-level tokenizer that carries a chat template.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
-import tempfile
-from functools import cache
-
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import (
-    BartConfig,
-    BartForConditionalGeneration,
-    BartTokenizer,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerFast,
-    RagConfig,
-    RagRetriever,
-)
+from transformers import RagConfig, RagRetriever
 
+from helpers import (
+    PASSAGES,
+    QUESTIONS,
+    bare_prompt,
+    causal,
+    preamble_prompt,
+    tiny_bart,
+    tiny_llama,
+)
 from margin.errors import MarginError
 from margin.generation.causal import CausalFormat, CausalGenerator, default_prompt
 from margin.generation.generator import GenInputs, length_groups
 from margin.generation.kv_cache import common_prefix_length, prefix_layout, unpadded_rows
 from margin.generation.seq2seq import Seq2SeqFormat, Seq2SeqGenerator, rag_context_string
 from margin.retrieval.passages import Passage
-
-_LETTERS = "abcdefghijklmnopqrstuvwxyz0123456789"
-_MERGES = ["Ġ t", "h e", "Ġt he", "i n", "a n", "e r", "o n", "Ġ a", "Ġ w", "Ġ /"]
-
-PASSAGES = [
-    [Passage("p1", '"Eiffel Tower"', "a tower in paris."), Passage("p2", "Paris", "the  capital.")],
-    [Passage("p3", "Seine", "a river in  france."), Passage("p4", "Louvre", "an art museum.")],
-]
-QUESTIONS = ["where is the tower?", "what is the seine?"]
-
-
-def bart_tokenizer() -> BartTokenizer:
-    """A byte-level BPE BartTokenizer from a vocab.json + merges.txt written to a tmp dir."""
-    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
-    for tok in list(_LETTERS + "/.?,:'\"-") + ["Ġ"] + ["Ġ" + c for c in _LETTERS + "/"]:
-        vocab[tok] = len(vocab)
-    for merge in _MERGES:
-        vocab[merge.replace(" ", "")] = len(vocab)
-    vocab["<mask>"] = len(vocab)
-    tmp = tempfile.mkdtemp()
-    try:
-        with open(f"{tmp}/vocab.json", "w") as f:
-            json.dump(vocab, f)
-        with open(f"{tmp}/merges.txt", "w") as f:
-            f.write("#version: 0.2\n" + "\n".join(_MERGES) + "\n")
-        return BartTokenizer.from_pretrained(tmp)
-    finally:
-        shutil.rmtree(tmp)
-
-
-def bart_config(vocab_size: int, **kw) -> BartConfig:
-    base = dict(
-        vocab_size=vocab_size,
-        d_model=32,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        max_position_embeddings=128,
-        dropout=0.0,
-        attention_dropout=0.0,
-        activation_dropout=0.0,
-        init_std=0.3,  # large init: generations differ across passages, so parity can fail
-    )
-    base.update(kw)
-    return BartConfig(**base)
-
-
-@cache
-def tiny_bart(seed: int = 0) -> tuple[BartForConditionalGeneration, BartTokenizer]:
-    tok = bart_tokenizer()
-    torch.manual_seed(seed)
-    model = BartForConditionalGeneration(bart_config(len(tok))).eval()
-    with torch.no_grad():
-        model.final_logits_bias[0, tok.pad_token_id] = -1e4  # never generate <pad>
-        model.final_logits_bias[0, tok.eos_token_id] = 5.0  # hypotheses end at mixed lengths
-    model.generation_config.forced_bos_token_id = 0  # as facebook/bart-large's generation config
-    return model, tok
-
-
-_CHAT = (
-    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} </s> {% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
-)
-
-
-@cache
-def tiny_llama(seed: int = 0) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
-    """A 2-layer Llama with a word-level tokenizer whose chat template wraps the user turn."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    words = "<pad> <unk> <s> </s> <|user|> <|assistant|> context question paris tower river".split()
-    words += "where what is the a in of eiffel seine louvre art museum capital france".split()
-    words += list(_LETTERS) + list(":?./")
-    vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        chat_template=_CHAT,
-    )
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        initializer_range=0.3,
-        bos_token_id=vocab["<s>"],
-        eos_token_id=vocab["</s>"],
-        pad_token_id=vocab["<pad>"],
-    )
-    model = LlamaForCausalLM(cfg).eval()
-    return model, tok
-
 
 # -- inputs ------------------------------------------------------------------------------------
 
@@ -347,26 +237,6 @@ def test_causal_cached_decoding_equals_recomputation(llama):
 
 
 # -- causal prompt cache and shared prefix -----------------------------------------------------
-
-# A few-shot-like preamble every prompt starts with, so the rows share a long token prefix.
-PREAMBLE = "the louvre is an art museum in paris . the seine is a river in france . "
-
-
-def preamble_prompt(tokenizer, question, passage):
-    context = "" if passage is None else passage.text
-    return f"{PREAMBLE}{context} question : {question} :"
-
-
-def bare_prompt(tokenizer, question, passage):
-    """Question first: prompts of different questions share no token."""
-    return f"{question} {'' if passage is None else passage.text} :"
-
-
-def causal(prompt_fn=preamble_prompt, share_prefix=True, suffix_padding=0.25) -> CausalGenerator:
-    model, tok = tiny_llama()
-    fmt = CausalFormat(prompt_fn, share_prefix=share_prefix, suffix_padding=suffix_padding)
-    return CausalGenerator(model, tok, fmt)
-
 
 def test_common_prefix_and_layout_by_hand():
     t = torch.tensor

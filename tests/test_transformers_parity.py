@@ -34,10 +34,10 @@ from transformers import (
     RagTokenForGeneration,
 )
 
+from helpers import PASSAGES, QUESTIONS, tiny_bart
 from margin.generation.decoding import DecodeConfig, decode_rag_sequence, decode_rag_token
 from margin.generation.seq2seq import Seq2SeqFormat, Seq2SeqGenerator
 from margin.marginalize import doc_log_prior, label_smoothed_nll_loss
-from test_generator import PASSAGES, QUESTIONS, tiny_bart
 
 K = 3
 QS = [*QUESTIONS, "who made the louvre?"]
