@@ -6,10 +6,9 @@ import io
 import json
 
 import pytest
-import torch
 
+from helpers import one_thread
 from margin.cli import main
-from test_encoders import TINY, one_thread, tokenizer
 
 DOCS = [
     {"id": "fr", "title": "paris", "text": "paris is the capital of france ."},
@@ -17,26 +16,6 @@ DOCS = [
     {"id": "ml", "title": "mona lisa", "text": "the mona lisa was painted by leonardo ."},
     {"id": "ps", "title": "plants", "text": "plants use light energy in photosynthesis ."},
 ]
-
-
-@pytest.fixture(scope="module")
-def st_model(tmp_path_factory):
-    """A tiny random sentence-transformers model saved to disk (no download)."""
-    from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
-    from transformers import BertConfig, BertModel
-
-    root = tmp_path_factory.mktemp("cli")
-    with one_thread():
-        torch.manual_seed(0)
-        BertModel(BertConfig(**TINY)).save_pretrained(root / "hf")
-        tokenizer().save_pretrained(root / "hf")
-        transformer = Transformer(str(root / "hf"), max_seq_length=48)
-        pooling = Pooling(transformer.get_embedding_dimension(), pooling_mode="mean")
-        SentenceTransformer(modules=[transformer, pooling, Normalize()], device="cpu").save(
-            str(root / "st")
-        )
-    return root / "st"
 
 
 @pytest.fixture(scope="module")
@@ -273,3 +252,20 @@ def test_zero_counts_are_refused_before_loading_not_replaced_by_defaults(
     assert code == 2
     assert err.strip().splitlines() == [f"margin: error: {message}"], err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("argv", "beams"), [([], None), (["--beams", "3"], 3)])
+def test_ask_beams_default_to_the_models_own(argv, beams, capsys, monkeypatch):
+    """Unset, --beams is None, which RAG.ask reads as the model's default_decode.num_beams."""
+    from margin.rag import RAG
+
+    seen = {}
+
+    class Model:
+        def ask(self, questions, **kw):
+            seen.update(kw)
+            return []
+
+    monkeypatch.setattr(RAG, "load", classmethod(lambda cls, **kw: Model()))
+    code, _, _ = run(["ask", "--decoding", "beam", *argv, "paris"], capsys)
+    assert code == 0 and seen["num_beams"] == beams

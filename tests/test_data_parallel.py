@@ -1,10 +1,10 @@
 """Data-parallel fine-tuning: two torchrun-style processes with Ray-served retrieval train exactly
 as one process does.
 
-The model is test_train.py's (tests/helpers.py: tiny random Llama, tiny sentence-transformers question encoder over
-a 6-passage index) with every dropout at 0, so a step is deterministic: the only difference
-between one process and two is who computes which rows, and the summed gradients make that
-invisible in the loss.
+The model is test_train.py's (tests/helpers.py: tiny random Llama, tiny sentence-transformers
+question encoder over a 6-passage index) with every dropout at 0, so a step is deterministic: the
+only difference between one process and two is who computes which rows, and the summed gradients
+make that invisible in the loss.
 """
 
 from __future__ import annotations

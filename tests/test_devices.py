@@ -9,10 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import one_thread
 from margin.devices import resolve_device
 from margin.errors import MarginError
-from test_cli import st_model  # noqa: F401  (module fixture: a tiny sentence-transformers model)
-from test_encoders import one_thread
 
 
 @pytest.fixture
@@ -76,7 +75,7 @@ def test_configs_refuse_a_missing_device_when_built(no_gpu):
     assert TrainConfig(device="cpu").device == "cpu"
 
 
-def test_a_ray_worker_loads_its_encoder_where_it_can_run(no_gpu, st_model):  # noqa: F811
+def test_a_ray_worker_loads_its_encoder_where_it_can_run(no_gpu, st_model):
     """Without a GPU given to the worker, its encoder copy is on the CPU, and encodes alike."""
     from margin.retrieval.distributed import worker_encoder
     from margin.retrieval.encoders import load_encoder

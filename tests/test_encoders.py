@@ -7,7 +7,6 @@ DPRContextEncoder / DPRQuestionEncoder. References are computed with the librari
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 from collections.abc import Iterator
@@ -19,12 +18,12 @@ import torch
 from transformers import (
     BertConfig,
     BertModel,
-    BertTokenizerFast,
     DPRConfig,
     DPRContextEncoder,
     DPRQuestionEncoder,
 )
 
+from helpers import TINY_BERT, bert_tokenizer, one_thread
 from margin.errors import MarginError
 from margin.retrieval.encoders import (
     DPREncoder,
@@ -36,17 +35,6 @@ from margin.retrieval.encoders import (
 )
 from margin.retrieval.passages import Passage
 
-WORDS = (
-    "the a of is in and to was on for by with capital city france paris germany berlin river "
-    "seine photosynthesis plants light energy cat dog sat mat who what where when painted mona "
-    "lisa leonardo museum louvre"
-).split()
-VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", "?", *WORDS]
-TINY = dict(
-    vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-    intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.3,
-    attention_probs_dropout_prob=0.3,
-)
 TEXTS = [
     "paris is the capital of france .",
     "who painted the mona lisa ?",
@@ -63,21 +51,6 @@ PASSAGES = [
     Passage("p3", "", "plants use light energy in photosynthesis ."),
     Passage("p4", "berlin", "berlin is the capital of germany"),
 ]
-
-
-def tokenizer() -> BertTokenizerFast:
-    return BertTokenizerFast(vocab={w: i for i, w in enumerate(VOCAB)}, model_max_length=64)
-
-
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one torch thread (and leave the machine's other cores alone)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -100,8 +73,8 @@ def models(tmp_path_factory) -> dict[str, Path]:
     with one_thread():
         torch.manual_seed(0)
         hf = root / "hf"
-        BertModel(BertConfig(**TINY)).save_pretrained(hf)
-        tokenizer().save_pretrained(hf)
+        BertModel(BertConfig(**TINY_BERT)).save_pretrained(hf)
+        bert_tokenizer().save_pretrained(hf)
 
         st = root / "st"
         transformer = Transformer(str(hf), max_seq_length=48)
@@ -110,8 +83,8 @@ def models(tmp_path_factory) -> dict[str, Path]:
 
         paths = {"hf": hf, "st": st}
         for key, cls in (("dpr_ctx", DPRContextEncoder), ("dpr_q", DPRQuestionEncoder)):
-            cls(DPRConfig(**TINY)).save_pretrained(root / key)
-            tokenizer().save_pretrained(root / key)
+            cls(DPRConfig(**TINY_BERT)).save_pretrained(root / key)
+            bert_tokenizer().save_pretrained(root / key)
             paths[key] = root / key
     return paths
 
@@ -167,7 +140,7 @@ def test_sentence_transformers_passage_is_title_space_text(models, encoders):
 def test_dpr_passages_match_rag_embedding(models, encoders):
     """As use_own_knowledge_dataset.py: (title, text) pairs, input_ids only -> pooler_output."""
     ctx = DPRContextEncoder.from_pretrained(models["dpr_ctx"]).eval()
-    tok = tokenizer()
+    tok = bert_tokenizer()
     titles, texts = [p.title for p in PASSAGES], [p.text for p in PASSAGES]
     batch = tok(titles, texts, truncation=True, padding="longest", return_tensors="pt")
     with torch.no_grad():
@@ -182,7 +155,7 @@ def test_dpr_passages_match_rag_embedding(models, encoders):
 def test_dpr_questions_match_question_encoder(models, encoders):
     """As modeling_rag.py: question_encoder(input_ids, attention_mask)[0]."""
     q = DPRQuestionEncoder.from_pretrained(models["dpr_q"]).eval()
-    batch = tokenizer()(TEXTS, truncation=True, padding="longest", return_tensors="pt")
+    batch = bert_tokenizer()(TEXTS, truncation=True, padding="longest", return_tensors="pt")
     with torch.no_grad():
         reference = q(batch["input_ids"], attention_mask=batch["attention_mask"])[0].numpy()
     np.testing.assert_allclose(encoders["dpr_q"].encode_queries(TEXTS), reference, atol=1e-5)
@@ -197,7 +170,7 @@ def test_dpr_role_must_match_checkpoint(models):
 
 def _hidden(models, texts):
     model = BertModel.from_pretrained(models["hf"]).eval()
-    batch = tokenizer()(texts, padding=True, return_tensors="pt")
+    batch = bert_tokenizer()(texts, padding=True, return_tensors="pt")
     with torch.no_grad():
         return model(**batch).last_hidden_state, batch["attention_mask"]
 
@@ -297,7 +270,7 @@ def test_fingerprint_stable_across_reloads_and_sensitive_to_one_weight(models, t
         model.encoder.layer[1].output.dense.weight[3, 5] += 1e-3
     changed_dir = tmp_path / "changed"
     model.save_pretrained(changed_dir)
-    tokenizer().save_pretrained(changed_dir)
+    bert_tokenizer().save_pretrained(changed_dir)
     assert load_encoder(changed_dir).fingerprint != first.fingerprint
 
     before = second.fingerprint  # cached; an in-place update (an optimizer step) invalidates it
