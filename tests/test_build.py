@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import margin
-from conftest import DOCS, KeywordEncoder, clustered
+from helpers import DOCS, KeywordEncoder, TableEncoder, clustered
 from margin.errors import MarginError
 from margin.retrieval.build import add_to_index, build_index
 from margin.retrieval.index import IndexConfig
@@ -220,7 +220,7 @@ def test_other_plan_starts_afresh(tmp_path, caplog):
 CRASH_SCRIPT = """
 import sys, time
 sys.path.insert(0, sys.argv[1])
-from conftest import KeywordEncoder
+from helpers import KeywordEncoder
 from margin.retrieval.build import build_index
 
 class SlowEncoder(KeywordEncoder):
@@ -420,19 +420,6 @@ def test_add_equals_building_on_the_union(kind, tmp_path):
         {"embeddings"} if encoder else set()
     )
     assert leftovers == expected  # the old index file is gone
-
-
-class TableEncoder(KeywordEncoder):
-    """Looks each passage's vector up by id: lets a test index any vectors it likes."""
-
-    def __init__(self, table: dict[str, np.ndarray]):
-        super().__init__()
-        self.table = table
-        self.dim = len(next(iter(table.values())))
-
-    def encode_passages(self, passages, batch_size=64, progress=False):
-        self.passages_encoded += len(passages)
-        return np.stack([self.table[p.id] for p in passages])
 
 
 def test_add_to_ivfpq_keeps_the_trained_quantiser(tmp_path):

@@ -1,7 +1,8 @@
 """Ray index builds: equal to a local build, resumable, surviving a killed worker; bounded memory.
 
-One local Ray cluster (2 CPUs, no dashboard) serves the whole test session. Its workers import
-this module and conftest (for the encoders), so the tests directory goes on their PYTHONPATH.
+One local Ray cluster (2 CPUs, no dashboard; tests/conftest.py) serves the whole test session.
+Its workers import this module and tests/helpers.py (for the encoders), so the tests directory goes
+on their PYTHONPATH.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import KeywordEncoder
+from helpers import TINY_BERT, KeywordEncoder, bert_tokenizer
 from margin.errors import MarginError
 from margin.retrieval.build import build_index
 from margin.retrieval.distributed import RayConfig, build_index_ray
@@ -25,29 +26,6 @@ from margin.retrieval.reader import open_index
 
 TESTS = Path(__file__).parent
 WORDS = ["paris", "france", "berlin", "germany", "rome", "italy", "river", "mountain"]
-
-
-@pytest.fixture(scope="session")
-def ray_cluster():
-    """One local Ray cluster for the session (shared with test_sharded.py)."""
-    ray = pytest.importorskip("ray")
-    if ray.is_initialized():
-        yield ray
-        return
-    paths = [str(TESTS), os.environ.get("PYTHONPATH", "")]
-    # The machine is shared: Ray's memory monitor would kill our tiny workers for the memory
-    # other people's jobs use. (Read by the raylet this ray.init starts.)
-    os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        object_store_memory=80 * 1024**2,
-        runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in paths if p)}},
-        logging_level="ERROR",
-        log_to_driver=False,
-    )
-    yield ray
-    ray.shutdown()
 
 
 def write_corpus(path: Path, n: int) -> Path:
@@ -200,12 +178,11 @@ def test_cli_ray_build_with_a_transformer_encoder(ray_cluster, tmp_path, capsys)
 
     from margin.cli import main
     from margin.retrieval.encoders import load_encoder
-    from test_encoders import TINY, tokenizer
 
     torch.manual_seed(0)
     model_dir = tmp_path / "bert"
-    BertModel(BertConfig(**TINY)).save_pretrained(model_dir)
-    tokenizer().save_pretrained(model_dir)
+    BertModel(BertConfig(**TINY_BERT)).save_pretrained(model_dir)
+    bert_tokenizer().save_pretrained(model_dir)
     corpus = write_corpus(tmp_path / "c.jsonl", 24)
     code = main([
         "index", "build", "--out", str(tmp_path / "ray"), "--corpus", str(corpus),

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import clustered
+from helpers import clustered
 from margin.errors import MarginError
 from margin.retrieval.bm25 import BM25Config, BM25Index
 from margin.retrieval.index import (

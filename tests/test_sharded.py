@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import clustered
+from helpers import TableEncoder, clustered
 from margin.errors import MarginError
 from margin.retrieval.build import add_to_index, build_index
 from margin.retrieval.index import SearchResult
@@ -21,8 +21,6 @@ from margin.retrieval.sharded import (
     retrieval_actor,
     split_index,
 )
-from test_build import TableEncoder
-from test_distributed import ray_cluster  # noqa: F401  (the session's one Ray cluster)
 
 N, DIM = 300, 16
 
@@ -103,7 +101,7 @@ def test_split_an_ivfpq_index_keeps_its_kind(vectors, tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_sharded_equals_unsharded(ray_cluster, index_dir, vectors):  # noqa: F811
+def test_ray_sharded_equals_unsharded(ray_cluster, index_dir, vectors):
     split_index(index_dir, 2)
     remote = RayShardedIndex.open(index_dir, 2)
     try:
@@ -117,7 +115,7 @@ def test_ray_sharded_equals_unsharded(ray_cluster, index_dir, vectors):  # noqa:
 
 
 @pytest.mark.slow
-def test_one_retrieval_actor_per_machine(ray_cluster, index_dir, vectors):  # noqa: F811
+def test_one_retrieval_actor_per_machine(ray_cluster, index_dir, vectors):
     """Two processes asking for the index's retriever get the same actor, and its answers are
     those of a local Retriever (passages, scores, rows and stored vectors)."""
     ray = ray_cluster
