@@ -2,7 +2,7 @@
 
 Playwright's own browser download needs the network, so the test launches the system chromium
 (``executable_path``) against a uvicorn server on a free loopback port, running the service over
-the two tiny indexes of tests/test_server.py. It asks a question, waits for the answer, checks the
+the two tiny indexes of tests/helpers.py. It asks a question, waits for the answer, checks the
 provenance the page shows (passages, bars, tokens coloured by passage, the index that answered),
 switches the index as an admin and sees the provenance follow; it saves a screenshot.
 """
@@ -17,7 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from test_server import QUESTIONS, TOKEN, TOP, build_world, make_app
+from helpers import ADMIN_TOKEN as TOKEN
+from helpers import SERVER_QUESTIONS as QUESTIONS
+from helpers import SERVER_TOP as TOP
+from helpers import build_world, make_app
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = pytest.mark.skipif(

@@ -1,8 +1,8 @@
 """The HTTP service: API contract, streaming, micro-batching, hot-swapping, limits and security.
 
 Two tiny indexes over corpora that differ in two facts (Germany's and Italy's capitals), searched
-by a keyword encoder (tests/conftest.py) so that which passage a question retrieves is obvious by
-hand, and the tiny random BART of tests/test_generator.py as the generator: the paper's
+by a keyword encoder (tests/helpers.py) so that which passage a question retrieves is obvious by
+hand, and the tiny random BART of tests/helpers.py as the generator: the paper's
 hot-swapping experiment (Sec. 4.5) in miniature. Its answers are gibberish, but deterministic,
 so "the answer follows the index" is checked against the same model asked directly over each index.
 """
@@ -15,16 +15,17 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import torch
 from fastapi.testclient import TestClient
 
-from conftest import KeywordEncoder
+from helpers import ADMIN_TOKEN as TOKEN
+from helpers import SERVER_KEYWORDS as KEYWORDS
+from helpers import SERVER_QUESTIONS as QUESTIONS
+from helpers import SERVER_TOP as TOP
+from helpers import QuestionKeywords, build_world, make_app
 from margin.errors import MarginError
 from margin.generation.causal import CausalFormat, CausalGenerator
 from margin.generation.decoding import DecodeConfig
 from margin.rag import RAG
-from margin.retrieval.build import build_index
-from margin.retrieval.passages import Passage
 from margin.retrieval.reader import open_index
 from margin.retrieval.retriever import Retriever
 from margin.serving.batching import BatchConfig, BatcherBusy, MicroBatcher
@@ -32,58 +33,12 @@ from margin.serving.config import ServeConfig
 from margin.serving.registry import manifest_version
 from margin.serving.server import create_app, parse_index_options
 
-TOKEN = "s3cret-admin-token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
-KEYWORDS = ("capital", "germany", "france", "italy", "river", "mountain")
-CORPUS_2016 = [
-    ("Berlin", "Berlin is the capital of Germany."),
-    ("Paris", "Paris is the capital of France."),
-    ("Rome", "Rome is the capital of Italy."),
-    ("Rhine", "The Rhine is a river in Germany."),
-    ("Seine", "The Seine is a river in France."),
-    ("Alps", "The Alps are a mountain range in Italy."),
-]
-# the same corpus with two facts changed
-CORPUS_2018 = [("Bonn", "Bonn is the capital of Germany."), CORPUS_2016[1],
-               ("Florence", "Florence is the capital of Italy."), *CORPUS_2016[3:]]
-# keyword vectors: "capital of germany" scores 1 on the capital passage, at most 1/2 on the others
-QUESTIONS = ["capital of germany?", "capital of italy?", "capital of france?"]
-TOP = {"2016": ["Berlin", "Rome", "Paris"], "2018": ["Bonn", "Florence", "Paris"]}
-
-
-class QuestionKeywords(KeywordEncoder):
-    """The keyword encoder as a question encoder: RAG recomputes d(z)ᵀq(x) in torch."""
-
-    def embed_queries(self, texts):
-        return torch.from_numpy(self.embed(list(texts)))  # (n, dim)
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, bart):
     return build_world(tmp_path_factory.mktemp("indexes"), bart)
-
-
-def build_world(root, bart) -> tuple:
-    """Index root with the 2016 and 2018 indexes, the model, and a reference RAG per index."""
-    for year, docs in (("2016", CORPUS_2016), ("2018", CORPUS_2018)):
-        passages = [Passage(f"{year}-{i}", t, x) for i, (t, x) in enumerate(docs)]
-        build_index(passages, QuestionKeywords(KEYWORDS), root / year, kind="flat", progress=False)
-    build_index([Passage("x", "Alps", "mountain")], QuestionKeywords(KEYWORDS), root / "extra",
-                kind="flat", progress=False)
-    refs = {
-        year: RAG(bart, Retriever(open_index(root / year), QuestionKeywords(KEYWORDS)),
-                  doc_score_scale=5.0, default_decode=DecodeConfig(max_new_tokens=8), default_k=3)
-        for year in ("2016", "2018")
-    }
-    return root, refs
-
-
-def make_app(world, **config):
-    root, refs = world
-    config.setdefault("admin_token", TOKEN)
-    config.setdefault("index_root", root)
-    indexes = {"2016": root / "2016", "2018": root / "2018"}
-    return create_app(refs["2016"], indexes, ServeConfig(**config))
 
 
 @pytest.fixture(scope="module")
