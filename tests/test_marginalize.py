@@ -9,12 +9,15 @@ import torch
 
 from margin.marginalize import (
     doc_log_prior,
+    doc_scores,
     label_smoothed_nll_loss,
     marginal_logprob,
     nll_loss,
     rag_sequence_logprob,
     rag_token_logprob,
     rag_token_next_logprobs,
+    scores_log_prior,
+    scores_prior,
     sequence_doc_posterior,
     token_doc_posterior,
 )
@@ -103,6 +106,20 @@ def test_grads_flow_to_the_question_embedding():
         q.grad = None
         nll_loss(mode, doc_log_prior(q, docs), tok, torch.ones(2, 4)).backward()
         assert q.grad is not None and q.grad.abs().sum() > 0
+
+
+def test_the_scaled_prior_by_hand():
+    """p(z|x) ∝ exp(s · d(z)ᵀq(x)): q = (1, 0), passages (1, 0) and (0, 1), s = ln 3 gives
+    scores (ln 3, 0) and prior (3/4, 1/4)."""
+    q = torch.tensor([[1.0, 0.0]])  # (B=1, d=2)
+    docs = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # (B=1, k=2, d=2)
+    scale = math.log(3)
+    torch.testing.assert_close(doc_scores(q, docs, scale), torch.tensor([[scale, 0.0]]))
+    prior = torch.tensor([[0.75, 0.25]])
+    torch.testing.assert_close(doc_log_prior(q, docs, scale).exp(), prior)
+    torch.testing.assert_close(scores_prior(doc_scores(q, docs, scale)), prior)
+    torch.testing.assert_close(scores_log_prior(torch.tensor([[scale, 0.0]])), prior.log())
+    assert torch.equal(doc_log_prior(q, docs), scores_log_prior(doc_scores(q, docs)))  # s = 1
 
 
 def test_nll_reductions_and_label_smoothing():

@@ -201,7 +201,8 @@ def ask(
         str | None, typer.Option(help="token or sequence (model default: token).")
     ] = None,
     decoding: Annotated[str, typer.Option(help="greedy, beam, thorough or fast.")] = "greedy",
-    beams: Annotated[int, typer.Option(help="Beams for beam/thorough/fast decoding.")] = 4,
+    beams: Annotated[int | None, typer.Option(
+        help="Beams for beam/thorough/fast decoding (model default if unset).")] = None,
     max_new_tokens: Annotated[
         int | None, typer.Option(help="Longest answer in tokens (model default if unset).")
     ] = None,
