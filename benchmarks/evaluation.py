@@ -31,7 +31,6 @@ from margin.evaluation.evaluate import (
     BM25_DOC_SCORE_SCALE,
     bm25_retriever,
     run_eval,
-    with_retriever,
 )
 from margin.evaluation.examples import read_examples
 from margin.evaluation.grid import EvalConfig
@@ -70,7 +69,7 @@ def main() -> None:
     start, load_start = time.perf_counter(), load_average()
 
     dense = load_model("default", "default", progress=False)
-    bm25 = with_retriever(dense, bm25_retriever("default", progress=False), BM25_DOC_SCORE_SCALE)
+    bm25 = dense.with_retriever(bm25_retriever("default", progress=False), BM25_DOC_SCORE_SCALE)
     rags = {"dense": dense, "bm25": bm25, "none": dense}
 
     recall = {}

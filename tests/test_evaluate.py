@@ -15,7 +15,7 @@ from helpers import DOCS, KeywordEncoder, TorchKeywordEncoder, tiny_bart
 from margin.cli import main
 from margin.errors import MarginError
 from margin.evaluation import metrics as M
-from margin.evaluation.evaluate import BM25_DOC_SCORE_SCALE, run_eval, with_retriever
+from margin.evaluation.evaluate import BM25_DOC_SCORE_SCALE, run_eval
 from margin.evaluation.grid import EvalConfig, RunSpec, plan_runs
 from margin.evaluation.runs import read_predictions
 from margin.generation.seq2seq import Seq2SeqFormat, Seq2SeqGenerator
@@ -51,7 +51,7 @@ def rags(tmp_path_factory):
     gen = Seq2SeqGenerator(model, tok, Seq2SeqFormat(max_combined_length=64))
     encoder = TorchKeywordEncoder()
     dense = RAG(gen, Retriever(open_index(root / "dense"), encoder), doc_score_scale=5.0)
-    bm25 = with_retriever(dense, Retriever(open_index(root / "bm25")), BM25_DOC_SCORE_SCALE)
+    bm25 = dense.with_retriever(Retriever(open_index(root / "bm25")), BM25_DOC_SCORE_SCALE)
     return {"dense": dense, "bm25": bm25, "none": dense}
 
 

@@ -34,7 +34,7 @@ from margin.marginalize import doc_scores, nll_loss, scores_log_prior, scores_pr
 from margin.model_config import ModelConfig
 from margin.retrieval.encoders import Encoder
 from margin.retrieval.passages import Passage
-from margin.retrieval.retriever import Retrieved, RetrieverProtocol
+from margin.retrieval.retriever import Retrieved, RetrieverProtocol, check_questions
 
 Mode = Literal["token", "sequence"]
 Decoding = Literal["greedy", "beam", "thorough", "fast"]
@@ -202,8 +202,11 @@ class RAG:
         unless the caller is under ``no_grad``), the index is searched with q(x) detached, and
         the scores s · d(z)ᵀq(x) come from the same q(x), so the question encoder still learns
         (Sec. 2.4). BM25 is searched with the question strings; its scores are the logits.
-        ``questions`` must already be checked (:func:`_check_questions`).
         """
+        return self._retrieve_scored(check_questions(questions), k)
+
+    def _retrieve_scored(self, questions: list[str], k: int) -> tuple[Retrieved, torch.Tensor]:
+        """:meth:`retrieve_scored` of questions already checked (:func:`_check_questions`)."""
         retriever = self._retriever()
         if retriever.kind == "bm25" or self.question_encoder is None:
             hits = retriever.retrieve(questions, k=k, with_vectors=True)
@@ -260,7 +263,7 @@ class RAG:
         mode = self.default_mode if mode is None else mode
         method = decoding_method(mode, decoding)
         with torch.no_grad():
-            hits, scores = self.retrieve_scored(questions, k)
+            hits, scores = self._retrieve_scored(questions, k)
         return self.generate(
             questions, hits.passages, scores, mode=mode, decoding=decoding, num_beams=num_beams,
             max_new_tokens=max_new_tokens, num_return_sequences=num_return_sequences,
@@ -382,7 +385,7 @@ class RAG:
         if len(answers) != len(questions):
             raise MarginError(f"got {len(questions)} questions but {len(answers)} answers")
         if hits is None:
-            hits, scores = self.retrieve_scored(questions, k)
+            hits, scores = self._retrieve_scored(questions, k)
         else:
             scores = self.doc_scores(questions, hits)
         doc_logprior = scores_log_prior(scores)  # (B, k)

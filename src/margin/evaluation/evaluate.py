@@ -105,9 +105,9 @@ def load_rags(cfg: EvalConfig, retrievers: set[str]) -> dict[str, RAG]:
             rags[name] = base
         elif name == "dense-frozen":
             frozen = Retriever.load(cfg.index, progress=cfg.progress, device=cfg.device)
-            rags[name] = with_retriever(base, frozen, base.doc_score_scale)
+            rags[name] = base.with_retriever(frozen)
         else:
-            rags[name] = with_retriever(base, bm25_retriever(cfg.bm25_index), BM25_DOC_SCORE_SCALE)
+            rags[name] = base.with_retriever(bm25_retriever(cfg.bm25_index), BM25_DOC_SCORE_SCALE)
     return rags
 
 
@@ -123,15 +123,6 @@ def bm25_retriever(index: str, progress: bool = True) -> Retriever:
             "'margin index build --kind bm25 --corpus ... --out DIR' and pass --bm25-index DIR"
         )
     return retriever
-
-
-def with_retriever(rag: RAG, retriever: Retriever, doc_score_scale: float) -> RAG:
-    """The same generator and decoding defaults over another retriever (the Table 6 ablation)."""
-    return RAG(
-        rag.generator, retriever, question_encoder=retriever.encoder,
-        doc_score_scale=doc_score_scale, default_decode=rag.default_decode,
-        postprocess=rag.postprocess, default_mode=rag.default_mode, default_k=rag.default_k,
-    )
 
 
 def shared_prompt_groups(runs: Sequence[RunSpec], task: str) -> list[list[RunSpec]]:

@@ -104,9 +104,8 @@ def predict_runs(
         return [(records, (time.perf_counter() - began) / len(batch))]
     questions = [ex.input for ex in batch]
     began = time.perf_counter()
-    hits = rag.retrieve(questions, runs[0].k)
     with torch.no_grad():
-        scores = rag.doc_scores(questions, hits)
+        hits, scores = rag.retrieve_scored(questions, runs[0].k)
     encoded = rag.encode_prompts(questions, hits.passages)
     shared = time.perf_counter() - began
     out = []
@@ -139,11 +138,7 @@ def prediction_records(
     """One JSON-able record per (example, answer)."""
     records = []
     for ex, answer in zip(batch, answers, strict=True):
-        passages = [
-            {"id": p.id, "title": p.title, "text": p.text, "score": p.score, "prior": p.prior,
-             "posterior": p.posterior}
-            for p in answer.passages
-        ]
+        passages = [p.to_json(source=False) for p in answer.passages]
         records.append({
             "id": ex.id, "question": ex.input, "answer": answer.answer, "gold": list(ex.answers),
             "logprob": answer.logprob,
@@ -180,7 +175,7 @@ def label_logprobs(
 ) -> tuple[torch.Tensor, list[list[dict[str, Any]]]]:
     """log p(label|x) (B, L) for every input and label, marginalised under ``run.mode`` over
     the top-k passages (closed book: the generator alone), and each input's passages."""
-    from margin.marginalize import marginal_logprob
+    from margin.marginalize import marginal_logprob, scores_log_prior
 
     gen, B, L = rag.generator, len(inputs), len(labels)
     repeated = [x for x in inputs for _ in range(L)]
@@ -190,13 +185,12 @@ def label_logprobs(
         logprior = torch.zeros(B * L, 1)  # (B*L, 1): one context, prior 1
         shown: list[list[dict[str, Any]]] = [[] for _ in inputs]
     else:
-        hits = rag.retrieve(list(inputs), run.k)
-        prior = torch.log_softmax(rag.doc_scores(list(inputs), hits).float(), -1)  # (B, k)
+        hits, scores = rag.retrieve_scored(list(inputs), run.k)
+        prior = scores_log_prior(scores.float())  # (B, k)
         logprior = prior.repeat_interleave(L, 0)  # (B*L, k)
         ctx = gen.build_inputs(repeated, [ps for ps in hits.passages for _ in range(L)])
         shown = [
-            [{"id": p.id, "title": p.title, "text": p.text, "score": float(s), "prior": float(z)}
-             for p, s, z in zip(ps, ss, pr, strict=True)]
+            [p.to_json(s, prior=float(z)) for p, s, z in zip(ps, ss, pr, strict=True)]
             for ps, ss, pr in zip(hits.passages, hits.scores, prior.exp().tolist(), strict=True)
         ]
     tok = gen.token_logprobs(ctx, target_ids, target_mask)  # (B*L, k, T)

@@ -193,7 +193,7 @@ class Retriever:
         self, questions: Sequence[str], k: int = 5, with_vectors: bool = False
     ) -> Retrieved:
         """Top-k passages for each question. ``with_vectors`` also returns the hits' vectors."""
-        questions = _check_questions(questions)
+        questions = check_questions(questions)
         if self.index.dense is None:
             return self._collect(self.index.search(questions, self._check_k(k)), False)
         assert self.encoder is not None
@@ -234,7 +234,8 @@ def _symmetric(index: LoadedIndex) -> bool:
     return encoder.get("spec", {}).get("kind") != "dpr"
 
 
-def _check_questions(questions: Sequence[str]) -> list[str]:
+def check_questions(questions: Sequence[str]) -> list[str]:
+    """A list of non-blank question strings, or one clear error."""
     if isinstance(questions, str):
         raise MarginError("give a list of questions, not a single string")
     questions = list(questions)
