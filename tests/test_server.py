@@ -258,14 +258,14 @@ def test_a_request_in_flight_finishes_on_the_index_it_started_with(world, monkey
     registry = app.state.registry
     old = registry.active
     gate, entered = threading.Event(), threading.Event()
-    original = old.rag.retrieve
+    original = old.rag._retrieve_scored  # the retrieval step of RAG.ask
 
     def slow_retrieve(questions, k):
         entered.set()
         assert gate.wait(10)
         return original(questions, k)
 
-    monkeypatch.setattr(old.rag, "retrieve", slow_retrieve)
+    monkeypatch.setattr(old.rag, "_retrieve_scored", slow_retrieve)
     with TestClient(app) as c, ThreadPoolExecutor(1) as pool:
         pending = pool.submit(c.post, "/v1/ask", json={"question": QUESTIONS[0]})
         assert entered.wait(10)  # the request is being answered on 2016 ...
@@ -542,7 +542,7 @@ def test_errors_carry_no_stack_trace_and_cors_is_off(world, monkeypatch):
     def broken(questions, k):
         raise RuntimeError("secret internals at /home/x/model.py line 12")
 
-    monkeypatch.setattr(app.state.registry.active.rag, "retrieve", broken)
+    monkeypatch.setattr(app.state.registry.active.rag, "_retrieve_scored", broken)
     with TestClient(app) as c:
         r = c.post("/v1/ask", json={"question": "a"}, headers={"Origin": "https://evil.example"})
         assert r.status_code == 500 and r.json() == {"error": "internal error", "field": None}
@@ -559,8 +559,8 @@ def test_errors_carry_no_stack_trace_and_cors_is_off(world, monkeypatch):
 def test_a_request_past_the_timeout_gets_504_and_the_server_recovers(world, monkeypatch):
     app = make_app(world, timeout_s=1.0)
     gate = threading.Event()
-    original = app.state.registry.active.rag.retrieve
-    monkeypatch.setattr(app.state.registry.active.rag, "retrieve",
+    original = app.state.registry.active.rag._retrieve_scored  # the retrieval step of RAG.ask
+    monkeypatch.setattr(app.state.registry.active.rag, "_retrieve_scored",
                         lambda qs, k: (gate.wait(10), original(qs, k))[1])
     with TestClient(app) as c:
         r = c.post("/v1/ask", json={"question": QUESTIONS[0]})

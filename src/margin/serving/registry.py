@@ -10,7 +10,6 @@ by its id and version (a hash of its manifest), which every response repeats.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import re
@@ -70,8 +69,7 @@ def open_entry(rag: RAG, name: str, directory: Path, fingerprint: str | None) ->
 
 
 def _entry(rag: RAG, name: str, retriever: Retriever) -> IndexEntry:
-    view = copy.copy(rag)  # shares generator and question encoder; only the retriever differs
-    view.retriever = retriever
+    view = rag.with_retriever(retriever)  # shares the generator, question encoder and settings
     manifest = retriever.index.manifest.to_json()
     return IndexEntry(name, manifest_version(manifest), retriever.index.path, manifest, view)
 
@@ -137,5 +135,4 @@ def encoder_fingerprint(rag: RAG) -> str | None:
     """The passage encoder the model's indexes must be built with, if known."""
     if rag.retriever is not None and rag.retriever.index.manifest.encoder:
         return rag.retriever.index.manifest.encoder["fingerprint"]
-    config = getattr(rag, "config", None)
-    return getattr(config, "index_encoder_fingerprint", None)
+    return rag.config.index_encoder_fingerprint

@@ -183,10 +183,7 @@ def create_app(
         out = [
             {
                 "query": q,
-                "passages": [
-                    {"id": p.id, "title": p.title, "text": p.text, "score": float(s)}
-                    for p, s in hits
-                ],
+                "passages": [p.to_json(s) for p, s in hits],
             }
             for q, hits in zip(queries, results, strict=True)
         ]
