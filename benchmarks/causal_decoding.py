@@ -69,9 +69,8 @@ def main() -> int:
     load_before = load_average()
     rag = RAG.load()
     gen = rag.generator
-    hits = rag.retrieve(QUESTIONS, args.k)
     with torch.no_grad():
-        scores = rag.doc_scores(QUESTIONS, hits)  # (B, k)
+        hits, scores = rag.retrieve_scored(QUESTIONS, args.k)  # scores (B, k)
     inputs = gen.build_inputs(QUESTIONS, hits.passages)  # (B*k, S), left-padded
     max_new = rag.default_decode.max_new_tokens
     rows = unpadded_rows(inputs.input_ids, inputs.attention_mask)

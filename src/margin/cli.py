@@ -155,10 +155,7 @@ def search(
         if as_json:
             obj = {
                 "query": question,
-                "passages": [
-                    {"id": p.id, "title": p.title, "text": p.text, "score": float(s)}
-                    for p, s in zip(passages, scores, strict=True)
-                ],
+                "passages": [p.to_json(s) for p, s in zip(passages, scores, strict=True)],
             }
             typer.echo(json.dumps(obj, ensure_ascii=False))
             continue

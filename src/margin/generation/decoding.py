@@ -36,6 +36,7 @@ from margin.marginalize import (
     rag_sequence_logprob,
     rag_token_logprob,
     rag_token_next_logprobs,
+    scores_log_prior,
     sequence_doc_posterior,
     token_doc_posterior,
 )
@@ -279,7 +280,7 @@ def decode_rag_token(
     """
     _check(gen, inputs, doc_scores, cfg)
     B, k, nb, dev = inputs.batch_size, inputs.n_docs, cfg.num_beams, gen.device
-    prior = F.log_softmax(doc_scores.float(), -1).to(dev)  # (B, k)
+    prior = scores_log_prior(doc_scores.float()).to(dev)  # (B, k)
     enc = enc if enc is not None else gen.encode(inputs)
     state = gen.start(enc, expand=nb)  # rows (A, k, nb) for the A questions still decoding
     z_base = torch.arange(k, device=dev)[None, :, None] * nb  # (1, k, 1)
@@ -380,7 +381,7 @@ def decode_rag_sequence(
     _check(gen, inputs, doc_scores, cfg)
     B, k, nb = inputs.batch_size, inputs.n_docs, cfg.num_beams
     G = B * k
-    prior = F.log_softmax(doc_scores.float(), -1)  # (B, k)
+    prior = scores_log_prior(doc_scores.float())  # (B, k)
     enc = enc if enc is not None else gen.encode(inputs)
     state = gen.start(enc, expand=nb)  # rows (A, nb) for the A (question, passage) groups left
 

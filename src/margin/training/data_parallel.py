@@ -132,7 +132,5 @@ def with_ray_retrieval(
     if rag.question_encoder is None:
         raise MarginError(f"{model} has no question encoder to search {path} with")
     remote = RemoteRetriever(retrieval_actor(path, address=address), rag.question_encoder)
-    expected = getattr(getattr(rag, "config", None), "index_encoder_fingerprint", None)
-    check_index_encoder(path, remote.index_encoder, expected, model)
-    rag.retriever = remote  # type: ignore[assignment]
-    return rag
+    check_index_encoder(path, remote.index_encoder, rag.config.index_encoder_fingerprint, model)
+    return rag.with_retriever(remote)
