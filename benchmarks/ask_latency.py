@@ -28,20 +28,11 @@ import tempfile
 from pathlib import Path
 
 from _report import load_average, provenance, write_section
+from decoding import QUESTIONS  # the 16 of the default-model run there
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
 SECTION = "## `margin ask` latency against an earlier revision"
-QUESTIONS = [  # the 16 of benchmarks/decoding.py's default-model run
-    "Who painted the Mona Lisa?", "What is the capital of Australia?",
-    "Who wrote Pride and Prejudice?", "What is the largest planet in the Solar System?",
-    "Who developed the theory of relativity?", "What is the longest river in Africa?",
-    "Who was the first president of the United States?", "What is the chemical symbol for gold?",
-    "In which country is the Taj Mahal?", "Who composed the Magic Flute?",
-    "What is the capital of Canada?", "Who discovered penicillin?",
-    "What language is spoken in Brazil?", "Who wrote Hamlet?",
-    "What is the tallest mountain on Earth?", "Which planet is known as the Red Planet?",
-]
 
 # Runs in the child, against whichever margin its PYTHONPATH names; only the public API
 # (RAG.load, rag.ask, rag.question_encoder.module), which both sides share.

@@ -444,14 +444,8 @@ def _given_or_default(name: str, value: int | None, default: int) -> int:
 def _check_questions(questions: Sequence[str]) -> list[str]:
     """Non-blank questions, each cut to MAX_QUESTION_WORDS words and MAX_QUESTION_CHARS
     characters (warning) so prompts fit."""
-    if isinstance(questions, str):
-        raise MarginError("give a list of questions, not a single string")
-    out = list(questions)
-    if not out:
-        raise MarginError("no question given; pass at least one")
+    out = check_questions(questions)
     for i, q in enumerate(out):
-        if not isinstance(q, str) or not q.strip():
-            raise MarginError(f"question {i + 1} is empty; give a non-blank question")
         words = q.split()
         if len(words) > MAX_QUESTION_WORDS:
             warnings.warn(
