@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from margin.cli_retriever import train_retriever
 from margin.devices import DEVICE_HELP
 from margin.errors import MarginError
 
@@ -320,6 +321,9 @@ def train(
                f"{best}; model in {out / 'last'}")
     if skipped:
         typer.echo(f"skipped {skipped} malformed line(s)")
+
+
+app.command("train-retriever")(train_retriever)  # the command lives in margin.cli_retriever
 
 
 @app.command("eval")

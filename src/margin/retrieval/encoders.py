@@ -49,6 +49,10 @@ _POOLINGS = {"sentence-transformers": ("model",), "dpr": ("pooler",), "hf": ("me
 _SORT_WINDOW = 16_384  # texts tokenized and length-sorted together (bounds tokenizer memory)
 _DEFAULT_MAX_LENGTH = 512  # cap when neither tokenizer nor config gives a smaller limit
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+# Beside a trained question encoder's weights: the passage encoder it was trained against
+# (margin.training.contrastive), so that an index built with that one accepts it.
+PAIRING_FILE = "margin_trained_for.json"
+PAIRING_FORMAT = "margin-encoder-pairing"
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,7 @@ class Encoder:
     module: torch.nn.Module  # the trainable torch module behind embed_queries
     tokenizer: Any  # the transformers tokenizer that matches module
     pass_token_type_ids: bool = True  # DPR, as RAG calls it, leaves token_type_ids at zero
+    trained_for: dict[str, str] | None = None  # PAIRING_FILE's record, when the directory has one
 
     def __init__(self, spec: EncoderSpec, module: torch.nn.Module, tokenizer: Any, dim: int):
         self._spec = spec
@@ -181,6 +186,22 @@ class Encoder:
             return torch.zeros((0, self.dim), device=self.device)
         features = self.tokenizer(
             texts, truncation=True, max_length=self.max_length, padding="longest",
+            return_tensors="pt",
+        )
+        features = {k: v.to(self.device) for k, v in features.items() if self._keeps(k)}
+        return self._forward(features)  # (n, dim)
+
+    def embed_passages(self, passages: Sequence[Passage]) -> torch.Tensor:
+        """Embed passages inside the autograd graph, as ``encode_passages`` would: ``(n, dim)``.
+
+        For training the passage encoder (margin.training.contrastive); like ``embed_queries``,
+        the module's train/eval mode is the caller's choice.
+        """
+        if not passages:
+            return torch.zeros((0, self.dim), device=self.device)
+        firsts, seconds = self._passage_inputs(passages)
+        features = self.tokenizer(
+            firsts, seconds, truncation=True, max_length=self.max_length, padding="longest",
             return_tensors="pt",
         )
         features = {k: v.to(self.device) for k, v in features.items() if self._keeps(k)}
@@ -341,10 +362,42 @@ def load_encoder(
         raise MarginError(f"normalize applies to kind 'hf' only, not {kind}; drop it")
     with _load_errors(source):
         if kind == "sentence-transformers":
-            return _load_sentence_transformer(source, role, max_length, device)
-        if kind == "dpr":
-            return _load_dpr(source, role, max_length, device)
-        return _load_hf(source, role, pooling, max_length, device, normalize)
+            encoder = _load_sentence_transformer(source, role, max_length, device)
+        elif kind == "dpr":
+            encoder = _load_dpr(source, role, max_length, device)
+        else:
+            encoder = _load_hf(source, role, pooling, max_length, device, normalize)
+    encoder.trained_for = read_pairing(source)
+    return encoder
+
+
+def save_pairing(directory: str | Path, question: str, passage: str) -> None:
+    """Record beside a question encoder's weights (fingerprint ``question``) the fingerprint of
+    the passage encoder it was trained against: an index built with that passage encoder accepts
+    it (margin.retrieval.reader.ensure_query_encoder_matches), other indexes refuse it."""
+    from margin._io import write_json_atomic
+
+    write_json_atomic(Path(directory) / PAIRING_FILE, {
+        "format": PAIRING_FORMAT, "version": 1, "question_fingerprint": question,
+        "passage_fingerprint": passage,
+    })
+
+
+def read_pairing(source: str) -> dict[str, str] | None:
+    """The record :func:`save_pairing` wrote in a local model directory, or None."""
+    path = Path(source) / PAIRING_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        ok = record.get("format") == PAIRING_FORMAT and all(
+            isinstance(record.get(k), str) for k in ("question_fingerprint", "passage_fingerprint"))
+    except (OSError, ValueError, AttributeError):
+        ok = False
+    if not ok:
+        raise MarginError(f"{path} is not a {PAIRING_FORMAT} record; delete it or re-save the "
+                          "encoder")
+    return {k: record[k] for k in ("question_fingerprint", "passage_fingerprint")}
 
 
 def load_encoder_from_spec(spec: dict[str, Any], device: str = "cpu") -> Encoder:

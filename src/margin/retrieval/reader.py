@@ -231,14 +231,22 @@ def ensure_query_encoder_matches(manifest: Manifest, encoder: Encoder) -> None:
     For an index built with a symmetric encoder (sentence-transformers, plain HF: the same model
     embeds questions and passages), the question encoder must have the index's weights: same
     sha256 fingerprint. A DPR context-encoder index needs a DPR question encoder (the other tower,
-    whose weights differ by design). Callers that mean to search with other weights (a question
-    encoder being fine-tuned) skip this check (``--allow-encoder-mismatch``).
+    whose weights differ by design). A question encoder trained against a passage encoder
+    (``margin train-retriever``: its directory records the pair, encoders.PAIRING_FILE) is
+    accepted by exactly the indexes built with that passage encoder, while its weights are still
+    the trained ones. Callers that mean to search with other weights (a question encoder being
+    fine-tuned) skip this check (``--allow-encoder-mismatch``).
     """
     built = manifest.encoder
     if built is None:
         return ensure_encoder_matches(manifest, encoder)  # BM25: the same refusal
     spec = encoder.spec if isinstance(encoder.spec, dict) else {}
-    if built["spec"].get("kind") == "dpr":
+    paired = getattr(encoder, "trained_for", None)
+    if paired and paired["question_fingerprint"] == encoder.fingerprint:
+        wrong = None if paired["passage_fingerprint"] == built["fingerprint"] else (
+            f"was trained against another passage encoder (sha256 "
+            f"{paired['passage_fingerprint'][:12]})")
+    elif built["spec"].get("kind") == "dpr":
         wrong = "is not a DPR question encoder" if spec.get("kind") != "dpr" else None
     else:
         wrong = "has other weights" if encoder.fingerprint != built["fingerprint"] else None

@@ -1,0 +1,160 @@
+"""Positives and hard negatives for contrastive retriever training, by distant supervision.
+
+DPR (Karpukhin et al., 2020, Sec. 3.2 and 5.2) trains on (question, positive passage, negative
+passages) triples. Without gold passages, a positive is found by distant supervision: a passage
+of the index whose text holds a normalised gold answer (DPR's ``has_answer``, the rule
+``margin eval`` counts answer recall with: margin.evaluation.metrics), among the top ``depth``
+candidates of the current dense retriever and of BM25. A hard negative is a highly ranked
+candidate that holds no gold answer: the passages the retriever confuses with the right one (DPR
+drew them from BM25; ANCE, Xiong et al. 2021, from the dense retriever itself: margin takes both).
+
+The candidates of one question are its dense and BM25 rankings interleaved (dense 1, BM25 1,
+dense 2, BM25 2, ...; a passage already seen is skipped: :func:`interleave`). Its positive is the
+first candidate with an answer, its hard negatives the first ``hard_negatives`` without one
+(:func:`label`). A question without a positive is skipped and counted. Everything is a row of the
+index's passage store: an index refreshed with a new passage encoder keeps the rows
+(margin.retrieval.refresh), so a mining stays valid across a swap.
+
+    >>> mining = mine(examples, index, encoder, depth=100, hard_negatives=1)  # doctest: +SKIP
+    >>> mining.skipped, mining.questions[0].positive                           # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from margin._io import write_json_atomic
+from margin.errors import MarginError
+from margin.evaluation.examples import Example
+from margin.evaluation.metrics import has_answer
+from margin.retrieval.reader import LoadedIndex
+from margin.retrieval.store import PassageStore
+
+MINING_FORMAT = "margin-mining"
+
+
+@dataclass(frozen=True)
+class Mined:
+    """One training question with its distant supervision (rows of the index's passage store)."""
+
+    example: int  # the question's position in the training examples
+    positive: int  # the best-ranked candidate whose text holds a gold answer
+    negatives: tuple[int, ...]  # the best-ranked candidates without one (hard negatives)
+
+
+@dataclass(frozen=True)
+class Mining:
+    """What :func:`mine` found for a training set."""
+
+    questions: list[Mined]  # the questions with a positive, in the examples' order
+    skipped: int  # questions with no positive among their candidates
+    depth: int  # candidates taken from each retriever
+    sources: tuple[str, ...]  # the retrievers the candidates came from: "dense", "bm25"
+
+    def save(self, path: str | Path) -> None:
+        """Write it as JSON, atomically (``OUT/mining-step<N>.json`` of a run)."""
+        write_json_atomic(Path(path), {
+            "format": MINING_FORMAT, "version": 1, "skipped": self.skipped, "depth": self.depth,
+            "sources": list(self.sources),
+            "questions": [[m.example, m.positive, list(m.negatives)] for m in self.questions],
+        })
+
+    @classmethod
+    def load(cls, path: str | Path) -> Mining:
+        try:
+            record = json.loads(Path(path).read_text(encoding="utf-8"))
+            if record.get("format") != MINING_FORMAT:
+                raise ValueError(record.get("format"))
+            questions = [Mined(int(e), int(p), tuple(int(n) for n in negs))
+                         for e, p, negs in record["questions"]]
+            return cls(questions, int(record["skipped"]), int(record["depth"]),
+                       tuple(record["sources"]))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise MarginError(f"{path} is not a mining this margin wrote ({exc}); "
+                              "start the run again in a new --out") from None
+
+
+def interleave(*rankings: Sequence[int]) -> list[int]:
+    """The candidates of several rankings, rank by rank (first of each, then second ...),
+    each passage once; rows below 0 (FAISS's "no result") are dropped."""
+    seen: dict[int, None] = {}
+    for rank in range(max((len(r) for r in rankings), default=0)):
+        for ranking in rankings:
+            if rank < len(ranking) and int(ranking[rank]) >= 0:
+                seen.setdefault(int(ranking[rank]), None)
+    return list(seen)
+
+
+def label(
+    candidates: Sequence[int], texts: Sequence[str], example: Example, hard_negatives: int
+) -> tuple[int | None, tuple[int, ...]]:
+    """The positive (first candidate whose text holds a gold answer; None if none does) and the
+    first ``hard_negatives`` candidates without one. ``texts[i]`` is ``candidates[i]``'s text."""
+    positive: int | None = None
+    negatives: list[int] = []
+    for row, text in zip(candidates, texts, strict=True):
+        if has_answer([text], example.answers, example.regex):
+            positive = row if positive is None else positive
+        elif len(negatives) < hard_negatives:
+            negatives.append(row)
+        if positive is not None and len(negatives) == hard_negatives:
+            break
+    return positive, tuple(negatives)
+
+
+def search_rows(index: LoadedIndex, queries: np.ndarray | Sequence[str], depth: int,
+                batch: int = 256) -> np.ndarray:
+    """The top ``depth`` rows of ``index`` for each query (vectors for a dense index, strings
+    for BM25), in batches: ``(n, depth)`` int64, -1 where the index holds fewer."""
+    depth = min(depth, index.manifest.passages)
+    parts = [index.search(queries[i : i + batch], depth).rows  # (batch, depth)
+             for i in range(0, len(queries), batch)]
+    return np.concatenate(parts) if parts else np.zeros((0, depth), dtype=np.int64)
+
+
+def mine(
+    examples: Sequence[Example],
+    dense_rows: np.ndarray,
+    store: PassageStore,
+    hard_negatives: int,
+    bm25_rows: np.ndarray | None = None,
+    which: Sequence[int] | None = None,
+    progress: bool = False,
+) -> Mining:
+    """Label examples from their dense (and BM25) candidates: ``dense_rows`` and ``bm25_rows``
+    are ``(n, depth)`` rankings of ``store``'s rows (:func:`search_rows`), one per example of
+    ``which`` (positions in ``examples``; None: every example)."""
+    from tqdm.auto import tqdm
+
+    positions = list(range(len(examples))) if which is None else list(which)
+    if len(dense_rows) != len(positions) or (bm25_rows is not None
+                                             and len(bm25_rows) != len(positions)):
+        raise ValueError("one ranking per mined example")
+    questions: list[Mined] = []
+    skipped = 0
+    for j, i in enumerate(tqdm(positions, desc="mining positives", unit="question",
+                               disable=not progress, dynamic_ncols=True)):
+        rankings = [dense_rows[j]] if bm25_rows is None else [dense_rows[j], bm25_rows[j]]
+        candidates = interleave(*rankings)
+        texts = [p.text for p in store.get(np.asarray(candidates, dtype=np.int64))]
+        positive, negatives = label(candidates, texts, examples[i], hard_negatives)
+        if positive is None:
+            skipped += 1
+        else:
+            questions.append(Mined(i, positive, negatives))
+    sources = ("dense",) if bm25_rows is None else ("dense", "bm25")
+    return Mining(questions, skipped, int(dense_rows.shape[1]), sources)
+
+
+def renew(old: Mining, fresh: Mining) -> Mining:
+    """``old``'s questions, in its order, with ``fresh``'s positive and hard negatives where
+    ``fresh`` found a positive (after an index refresh); the rest keep theirs. The training set
+    keeps its size, so the data order of a run does not change mid-run."""
+    found = {m.example: m for m in fresh.questions}
+    questions = [found.get(m.example, m) for m in old.questions]
+    return Mining(questions, old.skipped, old.depth, old.sources)
