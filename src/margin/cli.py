@@ -26,6 +26,8 @@ app.add_typer(index_app, name="index")
 KINDS = ("flat", "hnsw", "ivfpq", "hnswsq", "bm25")
 MAX_QUERY_CHARS = 4096  # longer stdin lines are refused rather than silently truncated
 Device = Annotated[str, typer.Option(help="Where the networks run: " + DEVICE_HELP)]
+ModelIndex = Annotated[str, typer.Option(
+    help="Index directory, 'default', or 'auto': the index the model carries, else 'default'.")]
 
 
 @app.callback()
@@ -191,7 +193,7 @@ def ask(
     model: Annotated[
         str, typer.Option(help="'default', a margin model or a transformers RAG directory.")
     ] = "default",
-    index: Annotated[str, typer.Option(help="Index directory, or 'default'.")] = "default",
+    index: ModelIndex = "auto",
     k: Annotated[
         int | None, typer.Option("--k", "-k", help="Passages per question (model default: 5).")
     ] = None,
@@ -334,7 +336,7 @@ def eval_(
         str, typer.Option("--format", help="auto, dpr-tsv, dpr-jsonl, kilt or jsonl.")
     ] = "auto",
     model: Annotated[str, typer.Option(help="'default' or a model directory.")] = "default",
-    index: Annotated[str, typer.Option(help="Dense index directory, or 'default'.")] = "default",
+    index: ModelIndex = "auto",
     bm25_index: Annotated[
         str, typer.Option(help="BM25 index for --retriever bm25 ('default': default corpus).")
     ] = "default",
@@ -394,7 +396,7 @@ def serve(
     ] = "default",
     index: Annotated[
         list[str] | None,
-        typer.Option(help="'default', DIR or NAME=DIR; repeat to register several (first active)."),
+        typer.Option(help="'auto', 'default', DIR or NAME=DIR; repeat for several (first active)."),
     ] = None,
     host: Annotated[str, typer.Option(help="Interface to bind (loopback by default).")] = (
         "127.0.0.1"

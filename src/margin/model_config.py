@@ -3,7 +3,9 @@
 It sits below the RAG model and its loaders (margin.rag, margin.models, margin.hf_rag), which all
 read it, so that none of them has to import another to know the shape of a model's settings.
 ``DIR/margin_model.json`` of a checkpoint is ``asdict(config)`` plus a format and a version
-(margin.models writes and reads it).
+(margin.models writes and reads it). A model may carry the index it was trained against in
+``DIR/index`` (:data:`MODEL_INDEX`); ``index="auto"`` (:data:`AUTO_INDEX`) means that one, else
+the default index.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from margin.generation.seq2seq import Seq2SeqFormat
 MODEL_FILE = "margin_model.json"
 MODEL_FORMAT = "margin-rag"
 MODEL_VERSION = 1
+MODEL_INDEX = "index"  # the folder, inside a model directory, of the index the model carries
+AUTO_INDEX = "auto"  # index name meaning: the model's own index if it carries one, else "default"
 DEFAULT_COSINE_SCALE = 20.0  # doc score scale for unit-norm (cosine) encoders; see margin.rag
 
 

@@ -7,17 +7,24 @@ A margin checkpoint is a plain directory (never pickle)::
                                    the fingerprint of the passage encoder its indexes must use
     DIR/generator/                 save_pretrained model (safetensors) + tokenizer
     DIR/question_encoder/          the question encoder's model directory (safetensors)
+    DIR/index/                     optional: the index the model was trained against, when the
+                                   default index will not do (another passage encoder)
 
 ``RAG.load(model=...)`` accepts ``"default"`` (SmolLM2-135M-Instruct over the default corpus with
 the all-MiniLM-L6-v2 retriever), such a directory, the name of one installed in
-``$MARGIN_HOME/models`` (``margin finetune`` installs ``finetuned``), or a directory written by
-transformers' ``RagSequenceForGeneration``/``RagTokenForGeneration.save_pretrained`` plus
-``RagTokenizer.save_pretrained`` (see margin.hf_rag).
+``$MARGIN_HOME/models`` (``margin finetune`` and :func:`install_model` install them), or a
+directory written by transformers' ``RagSequenceForGeneration``/``RagTokenForGeneration
+.save_pretrained`` plus ``RagTokenizer.save_pretrained`` (see margin.hf_rag). Its ``index="auto"``
+(the default) is the index the model carries, else the default index (:func:`resolve_model_index`);
+any index named explicitly is checked against the model's passage encoder fingerprint.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -32,14 +39,17 @@ from margin.generation.decoding import DecodeConfig
 from margin.generation.generator import Generator
 from margin.generation.seq2seq import Seq2SeqGenerator
 from margin.model_config import (
+    AUTO_INDEX,
     DEFAULT_COSINE_SCALE,
     MODEL_FILE,
     MODEL_FORMAT,
+    MODEL_INDEX,
     MODEL_VERSION,
     ModelConfig,
 )
 from margin.rag import RAG
 from margin.retrieval.encoders import Encoder, load_encoder, load_encoder_from_spec
+from margin.retrieval.manifest import MANIFEST, Manifest
 from margin.retrieval.reader import open_index
 from margin.retrieval.retriever import Retriever, resolve_index
 
@@ -107,19 +117,22 @@ def _postprocess(config: ModelConfig):
 # ----------------------------------------------------------------------------- loading
 
 
-def load_model(model: str | Path = "default", index: str | Path | None = "default",
+def load_model(model: str | Path = "default", index: str | Path | None = AUTO_INDEX,
                progress: bool = True, device: str | torch.device = "cpu") -> RAG:
     """A ready RAG: generator, question encoder and (unless ``index`` is None) retriever, the
-    networks on ``device`` (checked before anything loads; "auto": CUDA when there is one)."""
+    networks on ``device`` (checked before anything loads; "auto": CUDA when there is one).
+
+    ``index``: a directory, ``"default"``, ``"auto"`` (the index the model carries, else the
+    default one: :func:`resolve_model_index`) or None (no retriever).
+    """
     target = resolve_device(device)
+    index = resolve_model_index(model, index)
     if str(model) == "default":
         return _load_default(index, progress, str(target)).to(target)
+    margin_dir = _margin_dir(model)
+    if margin_dir is not None:
+        return _load_margin(margin_dir, index, progress).to(target)
     path = Path(model)
-    installed = _installed(str(model))
-    if not (path / MODEL_FILE).is_file() and installed is not None:
-        path = installed  # a name under $MARGIN_HOME/models, e.g. "finetuned"
-    if (path / MODEL_FILE).is_file():
-        return _load_margin(path, index, progress).to(target)
     if (path / "config.json").is_file() and _model_type(path) == "rag":
         from margin.hf_rag import load_hf_rag
 
@@ -130,6 +143,33 @@ def load_model(model: str | Path = "default", index: str | Path | None = "defaul
         f"{path} is neither a margin model (no {MODEL_FILE}) nor a transformers RAG checkpoint "
         "(config.json with model_type 'rag'); give 'default' or one of those"
     )
+
+
+def resolve_model_index(model: str | Path, index: str | Path | None) -> str | Path | None:
+    """The index :func:`load_model` opens for ``model``: ``index`` as given, except ``"auto"``
+    (:data:`~margin.model_config.AUTO_INDEX`), which is the index the model carries
+    (:func:`carried_index`) or else ``"default"``. Nothing is loaded: it looks at files only."""
+    if index is None or str(index) != AUTO_INDEX:
+        return index
+    own = carried_index(model)
+    return "default" if own is None else own
+
+
+def carried_index(model: str | Path) -> Path | None:
+    """``DIR/index`` of margin model ``model`` (a directory or an installed name), if it holds one:
+    the index it was trained against, installed with it (:func:`install_model`)."""
+    path = _margin_dir(model)
+    own = None if path is None else path / MODEL_INDEX
+    return own if own is not None and (own / MANIFEST).is_file() else None
+
+
+def _margin_dir(model: str | Path) -> Path | None:
+    """The margin model directory ``model`` names: a directory holding a margin_model.json, or
+    else a name installed in $MARGIN_HOME/models (e.g. "finetuned"); None for anything else."""
+    if str(model) == "default":
+        return None
+    path = Path(model)
+    return path if (path / MODEL_FILE).is_file() else _installed(str(model))
 
 
 def _installed(name: str) -> Path | None:
@@ -175,27 +215,25 @@ def _load_margin(path: Path, index: str | Path | None, progress: bool) -> RAG:
     retriever = None
     if index is not None:
         loaded = open_index(resolve_index(index, progress=progress))
-        _check_index(loaded, config, path)
+        check_index_encoder(loaded.path, loaded.manifest.encoder, config.index_encoder_fingerprint,
+                            path, carried_index(path))
         retriever = Retriever(loaded, encoder if loaded.dense is not None else None, check=False)
     return _assemble(generator, retriever, encoder, config)
 
 
-def _check_index(loaded, config: ModelConfig, path: Path) -> None:
-    check_index_encoder(loaded.path, loaded.manifest.encoder, config.index_encoder_fingerprint,
-                        path)
-
-
 def check_index_encoder(index: Path | str, built: dict | None, expected: str | None,
-                        model: Path | str) -> None:
+                        model: Path | str, own: Path | None = None) -> None:
     """Refuse an index whose passage encoder (its manifest's ``encoder``) is not the one model
-    ``model`` was trained against (fingerprint ``expected``); unknown on either side passes."""
+    ``model`` was trained against (fingerprint ``expected``); unknown on either side passes.
+    ``own``: the index the model carries, if any, which the message then points to."""
     if not built or not expected:
         return
     if built["fingerprint"] != expected:
+        fix = ("use an index built with the model's passage encoder" if own is None else
+               f"leave the index out (or give 'auto') to use the one the model carries, {own}")
         raise MarginError(
             f"index {index} was built with passage encoder sha256 "
-            f"{built['fingerprint'][:12]} but model {model} expects {expected[:12]}; "
-            "use an index built with the model's passage encoder"
+            f"{built['fingerprint'][:12]} but model {model} expects {expected[:12]}; {fix}"
         )
 
 
@@ -236,6 +274,72 @@ def save_model(rag: RAG, out: str | Path) -> Path:
         record.update(format=MODEL_FORMAT, version=MODEL_VERSION)
         (tmp / MODEL_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return out
+
+
+# ----------------------------------------------------------------------------- installing
+
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # installed model names
+
+
+def check_model_name(name: str) -> None:
+    """Refuse a name ``--model NAME`` could not find once installed (before any work is done)."""
+    if not MODEL_NAME.match(name) or name == "default":
+        raise MarginError(f"model name {name!r}: use 1-64 letters, digits, '.', '_' or '-' "
+                          "(and not 'default', the bundled model)")
+
+
+def install_model(src: str | Path, name: str, index: str | Path | None = None) -> Path:
+    """Install margin model directory ``src`` as ``$MARGIN_HOME/models/<name>`` (``--model name``,
+    ``RAG.load(name)``), with index ``index`` inside it as ``<name>/index``, the index that
+    ``index="auto"`` then opens. Without ``index`` the model keeps the one ``src`` carries, if any.
+
+    The index is checked against the model's passage encoder fingerprint first, and installed
+    as hard links where the filesystem allows (an index's files are written once: adding
+    passages writes new files and swaps the manifest, margin.retrieval.build), else copied. The
+    whole install is atomic: a crash leaves the previous install, if any, as it was.
+
+    >>> install_model("run/last", "mine", index="reencoded-index")  # doctest: +SKIP
+    """
+    from margin.assets import margin_home
+
+    check_model_name(name)
+    src = Path(src)
+    if not (src / MODEL_FILE).is_file():
+        raise MarginError(f"{src} is not a margin model (no {MODEL_FILE}); give a directory "
+                          "written by margin train or save_model")
+    index = carried_index(src) if index is None else resolve_index(index)
+    loaded = None if index is None else open_index(index)
+    if loaded is not None:
+        expected = ModelConfig.from_json(_read_json(src / MODEL_FILE)).index_encoder_fingerprint
+        check_index_encoder(loaded.path, loaded.manifest.encoder, expected, src)
+    target = margin_home() / "models" / name
+    with atomic_path(target) as tmp:
+        top = os.fspath(src)  # the index goes in below, checked and linked
+        shutil.copytree(src, tmp, ignore=lambda where, _: [MODEL_INDEX] if where == top else [])
+        if loaded is not None:
+            _link_index(loaded.path, loaded.manifest, tmp / MODEL_INDEX)
+            open_index(tmp / MODEL_INDEX)  # the copy opens, or nothing is installed
+    return target
+
+
+def _link_index(src: Path, manifest: Manifest, out: Path) -> None:
+    """The manifest and the files it names (not leftovers, nor a sharded layout) of index ``src``,
+    hard-linked (else copied) into the new directory ``out``; the manifest itself is copied."""
+    out.mkdir()
+    for rel in manifest.own_files():
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        if (src / rel).is_dir():
+            shutil.copytree(src / rel, out / rel, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(src / rel, out / rel)
+    shutil.copy2(src / MANIFEST, out / MANIFEST)
+
+
+def _link_or_copy(src: str | Path, dst: str | Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem, or one without hard links
+        shutil.copy2(src, dst)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

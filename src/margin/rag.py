@@ -148,12 +148,14 @@ class RAG:
 
     @classmethod
     def load(
-        cls, model: str = "default", index: str = "default", progress: bool = True,
+        cls, model: str = "default", index: str | None = "auto", progress: bool = True,
         device: str | torch.device = "cpu",
     ) -> RAG:
-        """Load a model (``"default"``, a margin checkpoint or a transformers RAG directory)
-        and an index (``"default"`` or a directory), its networks on ``device`` ("auto": a
-        CUDA GPU when there is one; see margin.devices)."""
+        """Load a model (``"default"``, a margin checkpoint, a name installed by ``margin
+        finetune`` or a transformers RAG directory) and an index: ``"auto"``, the index the
+        model carries (``RAG.load("finetuned")``) or else the default one; ``"default"``; a
+        directory, checked against the model's passage encoder; or None, no retriever. Its
+        networks go on ``device`` ("auto": a CUDA GPU when there is one; see margin.devices)."""
         from margin.models import load_model
 
         return load_model(model, index, progress=progress, device=device)

@@ -41,6 +41,7 @@ marginalised under the mode, and the argmax taken (over SUPPORTS/REFUTES for the
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,7 @@ def run_eval(cfg: EvalConfig, rags: Mapping[str, RAG] | None = None) -> list[dic
     mistake leaves ``cfg.out`` untouched and the corrected command starts afresh.
     """
     check_config(cfg)
+    cfg = _resolve_index(cfg)
     examples = read_examples(cfg.data, cfg.format, cfg.task, cfg.limit, regex=cfg.regex)
     _check_unique_ids(examples, cfg.data)
     plan_runs(cfg, default_mode="sequence")  # refuse an empty grid before loading anything
@@ -91,6 +93,14 @@ def run_eval(cfg: EvalConfig, rags: Mapping[str, RAG] | None = None) -> list[dic
             plot = plot_k_sweep(cfg.task, results, out / PLOT)
         write_text(out / REPORT, summary_report(cfg, results, plot))
     return results
+
+
+def _resolve_index(cfg: EvalConfig) -> EvalConfig:
+    """``cfg`` with index "auto" made the index it stands for (the model's own or "default"), so
+    that a run's settings name it and the frozen retriever opens the same one."""
+    from margin.models import resolve_model_index
+
+    return replace(cfg, index=str(resolve_model_index(cfg.model, cfg.index)))
 
 
 def load_rags(cfg: EvalConfig, retrievers: set[str]) -> dict[str, RAG]:

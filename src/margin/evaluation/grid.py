@@ -29,7 +29,7 @@ class EvalConfig:
     data: str = ""  # the examples file
     format: str = "auto"  # its format: auto, dpr-tsv, dpr-jsonl, kilt or jsonl
     model: str = "default"  # 'default', a margin checkpoint or a transformers RAG directory
-    index: str = "default"  # dense index directory, or 'default'
+    index: str = "auto"  # dense index DIR, 'default', or 'auto' (the model's own, else 'default')
     bm25_index: str = "default"  # BM25 index directory for --retriever bm25 ('default' corpus)
     retrievers: tuple[str, ...] = ("dense",)  # dense, dense-frozen, bm25, none; several: ablation
     ks: tuple[int, ...] = (5,)  # passages per question; several: a sweep and its plot

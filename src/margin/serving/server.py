@@ -44,6 +44,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from margin.errors import MarginError
+from margin.model_config import AUTO_INDEX
 from margin.rag import RAG
 from margin.serving.batching import BatcherBusy, MicroBatcher
 from margin.serving.config import ADMIN_TOKEN_ENV, ServeConfig
@@ -313,13 +314,15 @@ def _web_file(name: str) -> Response:
 
 
 def parse_index_options(values: Sequence[str]) -> dict[str, str]:
-    """``--index`` values -> {id: directory}: ``default``, ``DIR`` (id = its name), ``NAME=DIR``."""
+    """``--index`` values -> {id: directory}: ``default`` and ``auto`` (the model's own index, else
+    the default one; see margin.models.resolve_model_index), both with id "default", ``DIR`` (id =
+    its name), ``NAME=DIR``."""
     out: dict[str, str] = {}
     for value in values or ["default"]:
         name, sep, directory = value.partition("=")
         if not sep:
             directory = value
-            name = "default" if value == "default" else Path(value).resolve().name
+            name = "default" if value in ("default", AUTO_INDEX) else Path(value).resolve().name
         if not INDEX_NAME.match(name) or not directory:
             raise MarginError(
                 f"--index {value!r}: give default, DIR or NAME=DIR with a NAME of letters, "
@@ -339,8 +342,12 @@ def run_server(app: FastAPI, config: ServeConfig) -> None:
 
 
 def serve(model: str, indexes: Sequence[str], config: ServeConfig) -> None:
-    """Load ``model`` over the first of ``indexes`` (``--index`` values), register the others,
-    and serve (what ``margin serve`` runs)."""
-    named = parse_index_options(indexes)
+    """Load ``model`` over the first of ``indexes`` (``--index`` values; none: "auto", the index
+    the model carries, else the default one), register the others, and serve (what ``margin
+    serve`` runs)."""
+    from margin.models import resolve_model_index
+
+    named = {name: str(resolve_model_index(model, directory))
+             for name, directory in parse_index_options(indexes or [AUTO_INDEX]).items()}
     rag = RAG.load(model=model, index=next(iter(named.values())), device=config.device)
     run_server(create_app(rag, named, config), config)

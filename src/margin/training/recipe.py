@@ -5,12 +5,14 @@ The recipe (:data:`FINETUNE_RECIPE`) is one :class:`~margin.training.config.Trai
 questions are the training slices of development files after a held-out head
 (:func:`training_slice`), interleaved (:func:`interleave`) and mostly chosen so that their
 passages hold an answer (:func:`select_questions`, which says why); :func:`finetune` runs the
-loop (margin.training.train) on them and installs the model under ``$MARGIN_HOME/models``.
+loop (margin.training.train) on them and installs the model under ``$MARGIN_HOME/models``, with
+the index it trained against when the default index will not serve it (:func:`index_to_carry`).
 BENCHMARKS.md "Answer quality: the fine-tuned default" holds what it measured.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -116,6 +118,7 @@ class Finetuned:
     """What :func:`finetune` installed and what it trained on."""
 
     path: Path  # the installed model: $MARGIN_HOME/models/<name>
+    index: Path | None  # the index installed with it (<path>/index), None: the default one serves
     grounded: int  # questions selected with a gold answer in their passages
     ungrounded: int  # ... without one (all of them with ``all_questions``)
     total: int  # questions in the training slices
@@ -143,13 +146,15 @@ def finetune(
     The result lands in ``$MARGIN_HOME/models/<name>``, where ``RAG.load(name)`` and
     ``--model <name>`` find it; the run itself (log, state) stays in
     ``$MARGIN_HOME/runs/<name>`` so an interrupted fine-tune resumes when run again.
+    When ``index`` was built with another passage encoder than the default index, the model is
+    installed with a copy of it (:func:`index_to_carry`, margin.models.install_model), which
+    ``--model <name>`` then searches unless told another index.
     ``config.max_minutes`` bounds the whole call: loading and question selection count.
     """
-    import shutil
-
-    from margin._io import atomic_path
     from margin.assets import margin_home
+    from margin.models import check_model_name, install_model
 
+    check_model_name(name)  # before the hour of training, not after it
     if not 0.0 <= ungrounded < 1.0:
         raise MarginError(f"the ungrounded share must be in [0, 1), got {ungrounded}")
     began = time.perf_counter()
@@ -184,7 +189,41 @@ def finetune(
         config = replace(config, max_minutes=left)
     result = train(rag, examples, run_dir, config, resume=(run_dir / "state").exists(),
                    progress=progress, model_name=f"{model}|{index}")
-    target = margin_home() / "models" / name
-    with atomic_path(target) as tmp:
-        shutil.copytree(result.out / "last", tmp)
-    return Finetuned(target, *counts, total, result.steps, total_steps(len(examples), config))
+    carried = index_to_carry(rag)
+    target = install_model(result.out / "last", name, index=carried)
+    return Finetuned(target, carried, *counts, total, result.steps,
+                     total_steps(len(examples), config))
+
+
+def index_to_carry(rag: RAG) -> Path | None:
+    """The index ``rag`` searches, if a model trained against it needs it installed alongside:
+    one whose passage encoder (none for BM25) is not the default index's. None: the default
+    index serves the model as well (``index="auto"`` falls back to it)."""
+    from margin.retrieval.retriever import default_index_dir
+
+    if rag.retriever is None:
+        return None
+    path = rag.retriever.index.path
+    if path.resolve() == default_index_dir().resolve():
+        return None
+    built = rag.retriever.index_encoder
+    return None if built and built["fingerprint"] == default_passage_fingerprint() else path
+
+
+def default_passage_fingerprint() -> str:
+    """The weights' fingerprint of the default index's passage encoder: the default index's
+    manifest says it, or (not built yet) the packaged all-MiniLM-L6-v2 itself does."""
+    from margin.retrieval.manifest import MANIFEST, Manifest
+    from margin.retrieval.retriever import default_index_dir
+
+    built = default_index_dir()
+    if (built / MANIFEST).is_file():
+        return Manifest.read(built).encoder["fingerprint"]  # type: ignore[index]
+    return _packaged_fingerprint()
+
+
+@functools.cache
+def _packaged_fingerprint() -> str:
+    from margin.retrieval.encoders import load_encoder
+
+    return load_encoder("default", role="passage").fingerprint
