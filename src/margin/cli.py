@@ -26,6 +26,11 @@ app.add_typer(index_app, name="index")
 KINDS = ("flat", "hnsw", "ivfpq", "hnswsq", "bm25")
 MAX_QUERY_CHARS = 4096  # longer stdin lines are refused rather than silently truncated
 Device = Annotated[str, typer.Option(help="Where the networks run: " + DEVICE_HELP)]
+ChunkWords = Annotated[int, typer.Option(help="Most words in a passage (the paper's: 100).")]
+ChunkOverlap = Annotated[int, typer.Option(help="Words a passage repeats from the one before.")]
+Glob = Annotated[str | None, typer.Option(
+    help="For a folder corpus: which files, e.g. '*.md' (default: .txt .md .html .htm .pdf).")]
+Verbose = Annotated[bool, typer.Option("--verbose", help="List the files skipped.")]
 ModelIndex = Annotated[str, typer.Option(
     help="Index directory, 'default', or 'auto': the index the model carries, else 'default'.")]
 
@@ -41,8 +46,8 @@ def _root() -> None:
 @index_app.command("build")
 def index_build(
     out: Annotated[Path, typer.Option("--out", help="Directory to write the index to.")],
-    corpus: Annotated[
-        str, typer.Option(help="JSONL, DPR psgs_w100 TSV, Parquet, or 'default'.")
+    corpus: Annotated[str, typer.Option(
+        help="A folder of documents, JSONL, DPR psgs_w100 TSV, Parquet, or 'default'.")
     ] = "default",
     encoder: Annotated[
         str, typer.Option(help="Passage encoder: 'default', a model directory or hub name.")
@@ -61,51 +66,72 @@ def index_build(
         int | None, typer.Option(help="Encoder copies on Ray (default: one per CPU).")
     ] = None,
     device: Device = "auto",
+    chunk_words: ChunkWords = 100,
+    chunk_overlap: ChunkOverlap = 0,
+    glob: Glob = None,
+    verbose: Verbose = False,
 ) -> None:
     """Build an index; run it again after an interruption to resume."""
     from margin.devices import resolve_device
     from margin.retrieval.build import build_index
+    from margin.retrieval.documents import skipped_report
     from margin.retrieval.encoders import load_encoder
+    from margin.retrieval.passages import Chunking, read_corpus
 
     _check_choice("kind", kind, KINDS)
     _check_at_least("--ray-workers", ray_workers)  # 0 is not "one per CPU" (unset is)
+    skipped: list = []
+    passages = read_corpus(corpus, Chunking(chunk_words, chunk_overlap), glob, skipped)
     where = str(resolve_device(device))  # Ray workers pick their own (a GPU if given one)
     enc = None if kind == "bm25" else load_encoder(encoder, role="passage", device=where)
     if ray and enc is not None:
         from margin.retrieval.distributed import RayConfig, build_index_ray
 
         manifest = build_index_ray(
-            corpus, enc, out, kind=kind, shard_size=shard_size, overwrite=overwrite,
+            passages, enc, out, kind=kind, shard_size=shard_size, overwrite=overwrite,
             batch_size=batch_size, progress=True,
             ray_config=RayConfig(address=ray_address, workers=ray_workers),
         )
     else:
         manifest = build_index(
-            corpus, enc, out, kind=kind, shard_size=shard_size, overwrite=overwrite,
+            passages, enc, out, kind=kind, shard_size=shard_size, overwrite=overwrite,
             batch_size=batch_size, progress=True,
         )
     typer.echo(f"indexed {manifest.passages} passages ({kind}) into {out}")
+    for line in skipped_report(skipped, verbose):
+        typer.echo(line)
 
 
 @index_app.command("add")
 def index_add(
     index: Annotated[Path, typer.Option("--index", help="Index directory to extend.")],
-    corpus: Annotated[str, typer.Option(help="JSONL, DPR TSV or Parquet of new documents.")],
+    corpus: Annotated[str, typer.Option(
+        help="A folder of documents, JSONL, DPR TSV or Parquet of new documents.")],
     batch_size: Annotated[int, typer.Option(help="Encoding batch size.")] = 64,
     device: Device = "auto",
+    chunk_words: ChunkWords = 100,
+    chunk_overlap: ChunkOverlap = 0,
+    glob: Glob = None,
+    verbose: Verbose = False,
 ) -> None:
     """Append passages to an index without re-encoding the existing ones."""
     from margin.devices import resolve_device
     from margin.retrieval.build import add_to_index
+    from margin.retrieval.documents import skipped_report
     from margin.retrieval.encoders import load_encoder_from_spec
+    from margin.retrieval.passages import Chunking, read_corpus
     from margin.retrieval.reader import open_index
 
+    skipped: list = []
+    passages = read_corpus(corpus, Chunking(chunk_words, chunk_overlap), glob, skipped)
     where = str(resolve_device(device))
     manifest = open_index(index).manifest
     enc = None if manifest.encoder is None else load_encoder_from_spec(
         manifest.encoder["spec"], device=where)
-    new = add_to_index(index, corpus, enc, batch_size=batch_size, progress=True)
+    new = add_to_index(index, passages, enc, batch_size=batch_size, progress=True)
     typer.echo(f"{index} now holds {new.passages} passages (+{new.passages - manifest.passages})")
+    for line in skipped_report(skipped, verbose):
+        typer.echo(line)
 
 
 @index_app.command("verify")

@@ -11,11 +11,19 @@ shard is written atomically and carries, in its schema metadata, its row count a
 checksum *after* its last passage (a sha256 hash chain over the passages, see
 :func:`chain_checksum`). The checksum of the whole store is therefore the last shard's value: free
 to read, cheap to extend, and independent of how the passages were split into shards.
+
+Passages read from a folder of documents (:mod:`margin.retrieval.documents`) carry their file
+(:class:`~margin.retrieval.passages.SourceFile`); a shard of them also records, under the schema
+metadata key ``margin.documents``, each such file's path, size, modification time, sha256 and
+number of passages in the shard (:func:`documents_record`), which :meth:`PassageStore.files`
+reads back: what a sync compares the folder with. The columns are unchanged, so stores written
+before (no such key: no files) and readers written before (they ignore the key) keep working.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -27,12 +35,14 @@ import pyarrow.ipc as ipc
 
 from margin._io import atomic_path
 from margin.errors import MarginError
-from margin.retrieval.passages import Passage
+from margin.retrieval.passages import Passage, SourceFile
 
 SCHEMA = pa.schema([(name, pa.string()) for name in ("id", "title", "text", "source")])
 EMPTY_CHECKSUM = hashlib.sha256(b"margin passages v1").hexdigest()  # checksum of no passages
 _BATCH_ROWS = 8192  # rows per Arrow record batch inside a shard
 _SHARD_RE = re.compile(r"^shard-(\d{5,})\.arrow$")
+DOCUMENTS_KEY = "margin.documents"  # shard metadata: the files of a document folder it holds
+DOCUMENTS_VERSION = 1  # of that record's layout
 
 
 def shard_name(index: int, suffix: str = ".arrow") -> str:
@@ -67,6 +77,9 @@ def write_shard(path: Path, passages: Sequence[Passage], checksum_before: str) -
         "margin.checksum_before": checksum_before,
         "margin.checksum": checksum,
     }
+    documents = documents_record(passages)
+    if documents is not None:
+        metadata[DOCUMENTS_KEY] = json.dumps(documents, ensure_ascii=False)
     schema = SCHEMA.with_metadata(metadata)
     with atomic_path(Path(path)) as tmp:
         with pa.OSFile(str(tmp), "wb") as sink, ipc.new_file(sink, schema) as writer:
@@ -81,6 +94,25 @@ def write_shard(path: Path, passages: Sequence[Passage], checksum_before: str) -
     return checksum
 
 
+def documents_record(passages: Sequence[Passage]) -> dict | None:
+    """The files the passages were read from, for a shard's ``margin.documents`` metadata:
+    ``{"version": 1, "folders": {folder: [{"path", "size", "mtime_ns", "sha256", "passages"}]}}``
+    in order of first passage; None when no passage comes from a document folder."""
+    counts: dict[SourceFile, int] = {}
+    for p in passages:
+        if p.file is not None:
+            counts[p.file] = counts.get(p.file, 0) + 1
+    if not counts:
+        return None
+    folders: dict[str, list[dict]] = {}
+    for file, n in counts.items():
+        folders.setdefault(file.folder, []).append(
+            {"path": file.path, "size": file.size, "mtime_ns": file.mtime_ns,
+             "sha256": file.sha256, "passages": n}
+        )
+    return {"version": DOCUMENTS_VERSION, "folders": folders}
+
+
 class PassageStore:
     """Read-only view of a directory of passage shards, memory-mapped.
 
@@ -88,11 +120,19 @@ class PassageStore:
     >>> store.get([0, 41])[1].title  # doctest: +SKIP
     """
 
-    def __init__(self, root: Path, shards: list[str], tables: list[pa.Table], checksums: list[str]):
+    def __init__(
+        self,
+        root: Path,
+        shards: list[str],
+        tables: list[pa.Table],
+        checksums: list[str],
+        documents: list[str | None] | None = None,
+    ):
         self.root = root  # directory holding the shard files
         self.shards = shards  # shard file names, in row order
         self._tables = tables  # one zero-copy, memory-mapped table per shard
         self._checksums = checksums  # corpus checksum after each shard
+        self._documents = documents or [None] * len(shards)  # each shard's margin.documents JSON
         sizes = [t.num_rows for t in tables]
         self._offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])  # (n_shards + 1,)
         self._id_hashes: np.ndarray | None = None  # sorted 64-bit id hashes, built on first lookup
@@ -111,18 +151,20 @@ class PassageStore:
             if not root.is_dir():
                 raise MarginError(f"{root}: no such passage store; build the index first")
             shards = sorted(p.name for p in root.iterdir() if _SHARD_RE.match(p.name))
-        tables, checksums = [], []
+        tables, checksums, documents = [], [], []
         previous = start
         for name in shards:
-            table, before, after = _open_shard(root / name)
+            table, metadata = _open_shard(root / name)
+            before, after = metadata.get("margin.checksum_before"), metadata["margin.checksum"]
             if before is not None and before != previous:
                 raise MarginError(
                     f"{root / name}: shard out of order or from another store; rebuild the index"
                 )
             tables.append(table)
             checksums.append(after)
+            documents.append(metadata.get(DOCUMENTS_KEY))
             previous = after
-        return cls(root, list(shards), tables, checksums)
+        return cls(root, list(shards), tables, checksums, documents)
 
     def __len__(self) -> int:
         return int(self._offsets[-1])
@@ -138,6 +180,29 @@ class PassageStore:
     def checksum(self) -> str:
         """The corpus checksum (see :func:`chain_checksum`), read from the last shard's metadata."""
         return self._checksums[-1] if self._checksums else EMPTY_CHECKSUM
+
+    def files(self) -> list[tuple[SourceFile, int]]:
+        """The files of document folders the passages were read from, each with its number of
+        passages in the store, in row order (empty for a store of records, or one written before
+        files were recorded). A file whose passages span shards is listed once."""
+        counts: dict[SourceFile, int] = {}
+        for name, raw in zip(self.shards, self._documents, strict=True):
+            if raw is None:
+                continue
+            try:
+                record = json.loads(raw)
+                if record["version"] != DOCUMENTS_VERSION:
+                    raise ValueError(f"version {record['version']} is not supported")
+                for folder, files in record["folders"].items():
+                    for f in files:
+                        file = SourceFile(folder, f["path"], f["size"], f["mtime_ns"], f["sha256"])
+                        counts[file] = counts.get(file, 0) + int(f["passages"])
+            except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                raise MarginError(
+                    f"{self.root / name}: its record of document files is corrupt ({exc}); "
+                    "rebuild the index"
+                ) from None
+        return list(counts.items())
 
     def verify(self) -> str:
         """Recompute the checksum from the text itself (reads every passage); return it."""
@@ -217,8 +282,9 @@ class PassageStore:
         return self._id_hashes, self._id_rows
 
 
-def _open_shard(path: Path) -> tuple[pa.Table, str | None, str]:
-    """Memory-map one shard: (zero-copy table, checksum before it or None, checksum after it)."""
+def _open_shard(path: Path) -> tuple[pa.Table, dict[str, str]]:
+    """Memory-map one shard: (zero-copy table, its schema metadata: the checksum after it under
+    ``margin.checksum``, the one before it under ``margin.checksum_before`` if recorded)."""
     if not path.is_file():
         raise MarginError(f"{path} is missing; rebuild the index (or restore the file)")
     try:
@@ -231,7 +297,7 @@ def _open_shard(path: Path) -> tuple[pa.Table, str | None, str]:
         raise MarginError(f"{path} is not a margin passage shard; rebuild the index")
     if int(metadata.get("margin.rows", -1)) != table.num_rows:
         raise MarginError(f"{path} is truncated ({table.num_rows} rows); rebuild the index")
-    return table, metadata.get("margin.checksum_before"), metadata["margin.checksum"]
+    return table, metadata
 
 
 def _passages(table: pa.Table, path: Path) -> list[Passage]:
