@@ -134,6 +134,21 @@ def index_add(
         typer.echo(line)
 
 
+@index_app.command("refresh")
+def index_refresh(
+    index: Annotated[Path, typer.Option("--index", help="Index directory to re-encode.")],
+    encoder: Annotated[str, typer.Option(help="New passage encoder: a directory or 'default'.")],
+    out: Annotated[Path, typer.Option("--out", help="New directory for the re-encoded index.")],
+    batch_size: Annotated[int, typer.Option(help="Encoding batch size.")] = 64,
+    device: Device = "auto",
+) -> None:
+    """Re-encode an index's passages with a changed passage encoder, into a new index."""
+    from margin.retrieval.refresh import refresh_index
+
+    new = refresh_index(index, encoder, out, batch_size=batch_size, device=device)
+    typer.echo(f"re-encoded {new.passages} passages ({new.kind}) into {out}")
+
+
 @index_app.command("verify")
 def index_verify(
     index: Annotated[Path, typer.Option("--index", help="Index directory to check.")],
