@@ -279,6 +279,8 @@ def test_refresh_every_snapshots_the_passage_encoder_and_swaps_between_steps(
     state = json.loads((out / "state" / "state.json").read_text())
     assert state["current_index"] == str(result.index)
     assert state["mining"] == "mining-step4.json"
+    kept = sorted(p.name for p in (out / "refresh").iterdir())
+    assert kept == ["index-step4"]  # what the saved state no longer needs is gone
 
 
 def test_options_that_cannot_work_are_refused_in_one_line(index, tmp_path, capsys):

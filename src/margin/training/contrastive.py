@@ -26,7 +26,7 @@ one re-encoding old (docs/training.md).
 A run writes to its output directory::
 
     OUT/log.jsonl          one JSON object per logged step, dev evaluation, refresh and run end
-    OUT/mining-step<N>.json  the positives and hard negatives in use from step N on
+    OUT/mining-step<N>.json  the positives and hard negatives in use after step N
     OUT/last/, OUT/best/   question_encoder/ (+ passage_encoder/ when it trains), retriever.json;
                            best by dev recall@5 (when dev data is given)
     OUT/state/             what ``--resume`` needs (margin.checkpoint)
@@ -43,6 +43,7 @@ trained against (its directory records that pairing: margin.retrieval.encoders.s
 from __future__ import annotations
 
 import random
+import re
 import shutil
 import sys
 import time
@@ -351,6 +352,7 @@ def train_retriever(
                     "config": asdict(config), **run_id, "mining": mining_file,
                     "current_index": str(current.path), "log_bytes": _size(out / "log.jsonl"),
                 })
+                _prune(out / "refresh", current.path)
             if on_step is not None:
                 on_step(rec)
     finally:
@@ -446,6 +448,19 @@ def _start_refresh(refresher: Any, p_enc: Encoder | None, out: Path, step: int) 
     else:
         shutil.rmtree(snapshot, ignore_errors=True)
         _append(out / "log.jsonl", {"step": step, "refresh_skipped": "one still running"})
+
+
+def _prune(work: Path, current: Path) -> None:
+    """Remove what a saved state no longer needs: refreshed indexes older than the one in use,
+    and the snapshots they (or it) were encoded from. Its logs stay (refresh times)."""
+    match = re.fullmatch(r"index-step(\d+)", current.name)
+    if current.parent != work or match is None:
+        return
+    for path in work.iterdir():
+        old = re.fullmatch(r"(index|encoder)-step(\d+)", path.name)
+        if old and path.is_dir() and (int(old[2]) < int(match[1]) or (
+                old[1] == "encoder" and int(old[2]) == int(match[1]))):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _make_refresher(index: Path, work: Path, device: str) -> Any:

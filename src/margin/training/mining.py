@@ -36,6 +36,7 @@ from margin.retrieval.reader import LoadedIndex
 from margin.retrieval.store import PassageStore
 
 MINING_FORMAT = "margin-mining"
+_CHUNK = 256  # questions whose candidates' texts are read from the store in one go
 
 
 @dataclass(frozen=True)
@@ -137,16 +138,23 @@ def mine(
         raise ValueError("one ranking per mined example")
     questions: list[Mined] = []
     skipped = 0
-    for j, i in enumerate(tqdm(positions, desc="mining positives", unit="question",
-                               disable=not progress, dynamic_ncols=True)):
-        rankings = [dense_rows[j]] if bm25_rows is None else [dense_rows[j], bm25_rows[j]]
-        candidates = interleave(*rankings)
-        texts = [p.text for p in store.get(np.asarray(candidates, dtype=np.int64))]
-        positive, negatives = label(candidates, texts, examples[i], hard_negatives)
-        if positive is None:
-            skipped += 1
-        else:
-            questions.append(Mined(i, positive, negatives))
+    bar = tqdm(total=len(positions), desc="mining positives", unit="question",
+               disable=not progress, dynamic_ncols=True)
+    for start in range(0, len(positions), _CHUNK):
+        chunk = range(start, min(start + _CHUNK, len(positions)))
+        candidates = [interleave(*([dense_rows[j]] if bm25_rows is None
+                                   else [dense_rows[j], bm25_rows[j]])) for j in chunk]
+        rows = np.unique(np.fromiter((r for c in candidates for r in c), dtype=np.int64))
+        text_of = dict(zip(rows.tolist(), (p.text for p in store.get(rows)), strict=True))
+        for j, found in zip(chunk, candidates, strict=True):
+            positive, negatives = label(found, [text_of[r] for r in found],
+                                        examples[positions[j]], hard_negatives)
+            if positive is None:
+                skipped += 1
+            else:
+                questions.append(Mined(positions[j], positive, negatives))
+        bar.update(len(chunk))
+    bar.close()
     sources = ("dense",) if bm25_rows is None else ("dense", "bm25")
     return Mining(questions, skipped, int(dense_rows.shape[1]), sources)
 
