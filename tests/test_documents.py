@@ -251,3 +251,20 @@ def test_cli_builds_from_a_folder_and_reports_the_skipped_files(folder, tmp_path
     assert main([*argv, "--overwrite", "--chunk-words", "5", "--chunk-overlap", "5"]) != 0
     error = capsys.readouterr().err
     assert error.startswith("margin: error: --chunk-overlap must be") and error.count("\n") == 1
+
+
+def test_passages_copied_from_a_store_keep_their_files(folder, tmp_path):
+    """A store's passages carry their files again when read (as a refresh or a sync copies
+    them), so a shard written from them records the same files."""
+    passages = list(read_folder(folder))
+    first = tmp_path / "a" / "shard-00000.arrow"
+    write_shard(first, [Passage("r", "Record", "no file"), *passages], EMPTY_CHECKSUM)
+    store = PassageStore.open(first.parent)
+    copied = store.get(range(len(store)))
+    assert copied[0].file is None and [p.file for p in copied[1:]] == [p.file for p in passages]
+    write_shard(tmp_path / "b" / "shard-00000.arrow", copied[::-1], EMPTY_CHECKSUM)  # reversed
+    assert sorted(PassageStore.open(tmp_path / "b").files(), key=str) == sorted(
+        store.files(), key=str)
+    interleaved = [passages[2], passages[0], passages[3]]  # the PDF's two pages apart
+    with pytest.raises(MarginError, match="savanna.pdf are not consecutive"):
+        write_shard(tmp_path / "c" / "shard-00000.arrow", interleaved, EMPTY_CHECKSUM)

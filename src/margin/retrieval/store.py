@@ -15,9 +15,11 @@ to read, cheap to extend, and independent of how the passages were split into sh
 Passages read from a folder of documents (:mod:`margin.retrieval.documents`) carry their file
 (:class:`~margin.retrieval.passages.SourceFile`); a shard of them also records, under the schema
 metadata key ``margin.documents``, each such file's path, size, modification time, sha256 and
-number of passages in the shard (:func:`documents_record`), which :meth:`PassageStore.files`
-reads back: what a sync compares the folder with. The columns are unchanged, so stores written
-before (no such key: no files) and readers written before (they ignore the key) keep working.
+rows in the shard (:func:`documents_record`), which :meth:`PassageStore.files` reads back (what
+a sync compares the folder with) and :meth:`PassageStore.get` puts back on each passage, so
+passages copied from one store into another keep their files. The columns are unchanged, so
+stores written before (no such key: no files) and readers written before (they ignore the key)
+keep working.
 """
 
 from __future__ import annotations
@@ -96,19 +98,27 @@ def write_shard(path: Path, passages: Sequence[Passage], checksum_before: str) -
 
 def documents_record(passages: Sequence[Passage]) -> dict | None:
     """The files the passages were read from, for a shard's ``margin.documents`` metadata:
-    ``{"version": 1, "folders": {folder: [{"path", "size", "mtime_ns", "sha256", "passages"}]}}``
-    in order of first passage; None when no passage comes from a document folder."""
-    counts: dict[SourceFile, int] = {}
-    for p in passages:
-        if p.file is not None:
-            counts[p.file] = counts.get(p.file, 0) + 1
-    if not counts:
+    ``{"version": 1, "folders": {folder: [{"path", "size", "mtime_ns", "sha256", "first",
+    "passages"}]}}``, a file's passages being rows ``first ..< first + passages`` of the shard;
+    None when no passage comes from a document folder."""
+    runs: dict[SourceFile, list[int]] = {}  # file -> [first row, passages]
+    for row, p in enumerate(passages):
+        if p.file is None:
+            continue
+        run = runs.setdefault(p.file, [row, 0])
+        if run[0] + run[1] != row:
+            raise MarginError(
+                f"the passages of {p.file.path} are not consecutive; give each file's passages "
+                "one after another"
+            )
+        run[1] += 1
+    if not runs:
         return None
     folders: dict[str, list[dict]] = {}
-    for file, n in counts.items():
+    for file, (first, n) in runs.items():
         folders.setdefault(file.folder, []).append(
             {"path": file.path, "size": file.size, "mtime_ns": file.mtime_ns,
-             "sha256": file.sha256, "passages": n}
+             "sha256": file.sha256, "first": first, "passages": n}
         )
     return {"version": DOCUMENTS_VERSION, "folders": folders}
 
@@ -133,6 +143,7 @@ class PassageStore:
         self._tables = tables  # one zero-copy, memory-mapped table per shard
         self._checksums = checksums  # corpus checksum after each shard
         self._documents = documents or [None] * len(shards)  # each shard's margin.documents JSON
+        self._files: dict[int, list[tuple[SourceFile, int, int]]] = {}  # parsed, by shard
         sizes = [t.num_rows for t in tables]
         self._offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])  # (n_shards + 1,)
         self._id_hashes: np.ndarray | None = None  # sorted 64-bit id hashes, built on first lookup
@@ -186,23 +197,43 @@ class PassageStore:
         passages in the store, in row order (empty for a store of records, or one written before
         files were recorded). A file whose passages span shards is listed once."""
         counts: dict[SourceFile, int] = {}
-        for name, raw in zip(self.shards, self._documents, strict=True):
-            if raw is None:
-                continue
+        for shard in range(len(self.shards)):
+            for file, _, n in self._shard_files(shard):
+                counts[file] = counts.get(file, 0) + n
+        return list(counts.items())
+
+    def _shard_files(self, shard: int) -> list[tuple[SourceFile, int, int]]:
+        """(file, first local row, passages) of each file recorded in a shard, by first row."""
+        if shard not in self._files:
+            raw, runs = self._documents[shard], []
             try:
-                record = json.loads(raw)
+                record = json.loads(raw) if raw is not None else {"version": DOCUMENTS_VERSION}
                 if record["version"] != DOCUMENTS_VERSION:
                     raise ValueError(f"version {record['version']} is not supported")
-                for folder, files in record["folders"].items():
+                for folder, files in record.get("folders", {}).items():
                     for f in files:
                         file = SourceFile(folder, f["path"], f["size"], f["mtime_ns"], f["sha256"])
-                        counts[file] = counts.get(file, 0) + int(f["passages"])
+                        runs.append((file, int(f["first"]), int(f["passages"])))
             except (ValueError, TypeError, KeyError, AttributeError) as exc:
                 raise MarginError(
-                    f"{self.root / name}: its record of document files is corrupt ({exc}); "
-                    "rebuild the index"
+                    f"{self.root / self.shards[shard]}: its record of document files is corrupt "
+                    f"({exc}); rebuild the index"
                 ) from None
-        return list(counts.items())
+            self._files[shard] = sorted(runs, key=lambda run: run[1])
+        return self._files[shard]
+
+    def _with_files(self, shard: int, local: np.ndarray, passages: list[Passage]) -> list[Passage]:
+        """``passages`` (rows ``local`` of ``shard``) with the files they were read from."""
+        runs = self._shard_files(shard)
+        if not runs:
+            return passages
+        firsts = np.array([first for _, first, _ in runs])  # (n_files,)
+        which = np.searchsorted(firsts, local, side="right") - 1  # (n,) the run a row may be in
+        out = []
+        for row, w, p in zip(local, which, passages, strict=True):
+            file, first, n = runs[w] if w >= 0 else (None, 0, 0)
+            out.append(Passage(p.id, p.title, p.text, p.source, file) if row < first + n else p)
+        return out
 
     def verify(self) -> str:
         """Recompute the checksum from the text itself (reads every passage); return it."""
@@ -216,7 +247,8 @@ class PassageStore:
         return checksum
 
     def get(self, rows: Sequence[int] | np.ndarray) -> list[Passage]:
-        """Passages at global row numbers ``rows`` (across shards), in the order given."""
+        """Passages at global row numbers ``rows`` (across shards), in the order given; those
+        read from a document folder carry their file (so copying passages keeps the record)."""
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)  # (n,)
         if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
             bad = rows[(rows < 0) | (rows >= len(self))][0]
@@ -225,9 +257,10 @@ class PassageStore:
         out: list[Passage | None] = [None] * rows.size
         for s in np.unique(shard_of):
             where = np.nonzero(shard_of == s)[0]
-            local = pa.array(rows[where] - self._offsets[s])
-            table = self._tables[s].take(local)
-            for i, passage in zip(where, _passages(table, self.root / self.shards[s]), strict=True):
+            local = rows[where] - self._offsets[s]  # (m,)
+            table = self._tables[s].take(pa.array(local))
+            passages = self._with_files(s, local, _passages(table, self.root / self.shards[s]))
+            for i, passage in zip(where, passages, strict=True):
                 out[i] = passage
         return out  # type: ignore[return-value]
 
