@@ -14,7 +14,15 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import DOCS, TRAIN_DOCS, TRAIN_TASK, KeywordEncoder, one_thread
+from helpers import (
+    DOCS,
+    TINY_BERT,
+    TRAIN_DOCS,
+    TRAIN_TASK,
+    KeywordEncoder,
+    bert_tokenizer,
+    one_thread,
+)
 from margin.cli import main
 from margin.errors import MarginError
 from margin.evaluation.examples import Example
@@ -303,3 +311,52 @@ def test_options_that_cannot_work_are_refused_in_one_line(index, tmp_path, capsy
         assert main(["train-retriever", "--train", str(data), "--index", str(index), "--out",
                      str(out), "--steps", "1", "--device", "cpu"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+@pytest.fixture(scope="module")
+def dpr(tmp_path_factory):
+    """A tiny random DPR pair (context and question towers) and an index built with the first."""
+    from transformers import DPRConfig, DPRContextEncoder, DPRQuestionEncoder
+
+    root = tmp_path_factory.mktemp("dpr")
+    with one_thread():
+        for seed, (key, cls) in enumerate((("ctx", DPRContextEncoder),
+                                           ("q", DPRQuestionEncoder))):
+            torch.manual_seed(seed)
+            cls(DPRConfig(**TINY_BERT)).save_pretrained(root / key)
+            bert_tokenizer().save_pretrained(root / key)
+        passages = [Passage(str(i), t, x) for i, (t, x) in enumerate(TRAIN_DOCS)]
+        build_index(passages, load_encoder(root / "ctx", role="passage"), root / "index",
+                    progress=False)
+    return root
+
+
+@pytest.mark.parametrize("kind", ["dpr", "sentence-transformers"])
+def test_passages_embedded_with_gradient_are_the_indexed_vectors(kind, dpr, st_model):
+    encoder = load_encoder(dpr / "ctx" if kind == "dpr" else st_model, role="passage")
+    passages = [Passage(str(i), t, x) for i, (t, x) in enumerate(TRAIN_DOCS)]
+    encoder.module.eval()
+    with one_thread():
+        vectors = encoder.embed_passages(passages)  # (6, dim), in the autograd graph
+        assert vectors.requires_grad
+        np.testing.assert_allclose(vectors.detach().numpy(), encoder.encode_passages(passages),
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_a_dpr_pair_trains_with_scale_one_and_pairs_with_its_new_index(dpr, tmp_path):
+    with one_thread():
+        result = train_retriever(
+            EXAMPLES, tmp_path / "run", RetrieverTrainConfig(**{**FAST, "steps": 2,
+                                                                "passage_encoder": "train"}),
+            index=dpr / "index", query_encoder=dpr / "q", progress=False)
+        passage = load_encoder(result.passage_encoder, role="passage")
+        build_index(open_index(dpr / "index").store.get(np.arange(6)), passage,
+                    tmp_path / "new-index", progress=False)
+    assert json.loads((tmp_path / "run" / "last" / "retriever.json").read_text())["scale"] == 1.0
+    retriever = Retriever.load(tmp_path / "new-index", query_encoder=result.question_encoder,
+                               device="cpu")
+    assert retriever.retrieve(["where is paris ?"], k=1).passages[0]
+    with pytest.raises(MarginError, match="trained against another passage encoder"):
+        Retriever.load(dpr / "index", query_encoder=result.question_encoder, device="cpu")
+    # the untrained DPR question encoder still goes with the original index, as before
+    assert Retriever.load(dpr / "index", query_encoder=dpr / "q", device="cpu").encoder
