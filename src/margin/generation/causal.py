@@ -50,6 +50,13 @@ from margin.generation.kv_cache import (
     prefix_layout,
     unpadded_rows,
 )
+from margin.generation.passage_cache import (
+    HeadSpan,
+    PassageCache,
+    encode_cached,
+    usable,
+    weights_stamp,
+)
 from margin.retrieval.passages import Passage
 
 PromptFn = Callable[[object, str, Passage | None], str]
@@ -80,6 +87,7 @@ class CausalFormat:
     max_prompt_length: int = 2048  # a longer prompt has its passage cut (never the question)
     share_prefix: bool = True  # run the rows' common token prefix once (batch 1), not per row
     suffix_padding: float = 0.1  # rows' own suffixes batch together while pads add <= this share
+    passage_cache_mb: float = 256.0  # KV of seen prompt prefixes and passages, LRU (MiB); 0: off
 
 
 class CausalGenerator(Generator):
@@ -96,6 +104,14 @@ class CausalGenerator(Generator):
         self.eos_token_ids = _eos_ids(eos)
         pad = gc.pad_token_id if gc.pad_token_id is not None else tokenizer.pad_token_id  # type: ignore[attr-defined]
         self.pad_token_id = int(pad if pad is not None else self.eos_token_ids[0])
+        self.passage_cache: PassageCache | None = None
+        self._stamp: int | None = None
+        self.set_passage_cache(int(self.fmt.passage_cache_mb * 2**20))
+
+    def set_passage_cache(self, max_bytes: int) -> None:
+        """Keep the KV of up to ``max_bytes`` of seen prompt prefixes and passages (LRU) for
+        later prompts (margin.generation.passage_cache); 0 turns the cache off."""
+        self.passage_cache = PassageCache(max_bytes) if max_bytes > 0 else None
 
     def _tokenize(self, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
         return self.tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]  # type: ignore[operator]
@@ -109,17 +125,58 @@ class CausalGenerator(Generator):
         else:
             k = _check_passages(questions, passages)
             pairs = [(q, p) for q, ps in zip(questions, passages, strict=True) for p in ps]
-        ids = [self._prompt_ids(q, p) for q, p in pairs]
+        prompts = [self._prompt_ids(q, p) for q, p in pairs]
+        ids = [row for row, _ in prompts]
+        spans = None
+        if self.passage_cache is not None and passages is not None:
+            refs: dict[str, list[int]] = {}  # per question: its prompt's head, passage empty
+            spans = [
+                self._head_span(q, p, row, refs)
+                for (q, _), (row, p) in zip(pairs, prompts, strict=True)
+            ]
         longest = max(len(r) for r in ids)
         input_ids = torch.full((len(ids), longest), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(ids), longest), dtype=torch.long)
         for i, row in enumerate(ids):  # LEFT padding: the answer follows the prompt directly
             input_ids[i, longest - len(row) :] = torch.tensor(row, dtype=torch.long)
             mask[i, longest - len(row) :] = 1
-        return GenInputs(input_ids.to(self.device), mask.to(self.device), k)
+        return GenInputs(input_ids.to(self.device), mask.to(self.device), k, spans)
 
-    def _prompt_ids(self, question: str, passage: Passage | None) -> list[int]:
-        """The prompt's token ids, its passage cut to fit max_prompt_length (see the top)."""
+    def _head_ids(self, question: str, passage: Passage) -> list[int]:
+        """The ids of the prompt up to the newline before the question (empty if none)."""
+        text = self.fmt.prompt_fn(self.tokenizer, question, passage)
+        at = text.rfind(question)
+        cut = text.rfind("\n", 0, at) + 1 if at > 0 else 0
+        has_template = bool(getattr(self.tokenizer, "chat_template", None))
+        return self._tokenize([text[:cut]], not has_template)[0] if cut > 0 else []
+
+    def _head_span(
+        self, question: str, passage: Passage | None, ids: list[int], refs: dict[str, list[int]]
+    ) -> HeadSpan | None:
+        """Where the prompt ``ids`` split into template prefix | passage | question, or None.
+
+        The head (prefix + passage) ends at the newline before the question; it is kept only
+        when its ids, tokenised alone, are the first ids of the whole prompt (no BPE merge
+        across the cut), so its cached KV is exactly the whole prompt's. The prefix is what the
+        head shares with the same prompt's head over an empty passage.
+        """
+        if passage is None:
+            return None
+        head = self._head_ids(question, passage)
+        if question not in refs:
+            refs[question] = self._head_ids(question, Passage(passage.id, "", "", passage.source))
+        ref = refs[question]
+        prefix = 0
+        while prefix < min(len(ref), len(head) - 1) and ref[prefix] == head[prefix]:
+            prefix += 1
+        if prefix == 0 or not 0 < len(head) < len(ids) or ids[: len(head)] != head:
+            return None
+        return HeadSpan(prefix, len(head))
+
+    def _prompt_ids(
+        self, question: str, passage: Passage | None
+    ) -> tuple[list[int], Passage | None]:
+        """The prompt's token ids and its passage, cut to fit max_prompt_length (see the top)."""
         has_template = bool(getattr(self.tokenizer, "chat_template", None))
         limit = self.fmt.max_prompt_length
 
@@ -129,7 +186,7 @@ class CausalGenerator(Generator):
 
         short = passage is None or len(passage.title) + len(passage.text) <= limit * TOKEN_CHARS
         if short and len(ids := ids_of(passage)) <= limit:  # fits: as it is (most prompts)
-            return ids
+            return ids, passage
         fitted = passage
         if passage is not None:
             fitted = fit_passage(passage, lambda p: len(ids_of(p)), limit)
@@ -140,7 +197,7 @@ class CausalGenerator(Generator):
                 f"the question and the prompt template alone are {len(ids)} tokens, over "
                 f"max_prompt_length={limit}; shorten the question or raise max_prompt_length"
             )
-        return ids
+        return ids, fitted
 
     def build_targets(self, answers: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """The answers written as generation writes them: the prompt's target form (e.g. a
@@ -159,6 +216,17 @@ class CausalGenerator(Generator):
         return target.to(self.device), mask.to(self.device)
 
     def encode(self, inputs: GenInputs) -> Encoded:
+        cache = self.passage_cache
+        if cache is not None and inputs.spans is not None and usable(self.model, inputs.spans):
+            stamp = weights_stamp(self.model)
+            if stamp != self._stamp:  # new weights: nothing cached before is theirs
+                cache.clear()
+                self._stamp = stamp
+            prompt = encode_cached(
+                self._extend, cache, stamp, inputs.input_ids, inputs.attention_mask,
+                inputs.spans, self.pad_token_id,  # type: ignore[arg-type]
+            )
+            return Encoded(inputs, prompt=prompt)
         rows = unpadded_rows(inputs.input_ids, inputs.attention_mask)
         shared = common_prefix_length(rows) if self.fmt.share_prefix else 0
         ids, mask = prefix_layout(rows, shared, self.pad_token_id)  # (R, S)

@@ -39,6 +39,7 @@ from transformers.cache_utils import Cache
 
 from margin.errors import MarginError
 from margin.generation.kv_cache import PromptCache, StartCache, _is_identity
+from margin.generation.passage_cache import HeadSpan
 from margin.retrieval.passages import Passage
 
 SCORE_CHUNK = 2**26  # logits (pairs x tokens x vocabulary) scored at once: 256 MiB of float32
@@ -53,6 +54,7 @@ class GenInputs:
     input_ids: torch.Tensor  # (B*k, S) seq2seq: right-padded; causal: left-padded
     attention_mask: torch.Tensor  # (B*k, S) 1 for real tokens
     n_docs: int  # k, passages per question (1 in the closed-book case)
+    spans: list[HeadSpan | None] | None = None  # causal: each row's prefix|passage|question split
 
     @property
     def batch_size(self) -> int:

@@ -1,0 +1,160 @@
+"""The passage KV cache (margin.generation.passage_cache) gives the uncached prompts' results.
+
+A cold and a warm cache run the same arithmetic, so their logits are bit-identical
+(torch.equal). Against the uncached encode, which runs passage and question in one batched
+forward, the same matmuls run in other shapes: the logits agree to float rounding (atol 1e-5 on
+logits of order 1) and the decoded tokens are the same.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import PREAMBLE, tiny_llama
+from margin.generation.causal import CausalFormat, CausalGenerator
+from margin.generation.decoding import DecodeConfig, decode
+from margin.generation.passage_cache import PassageCache, weights_stamp
+from margin.retrieval.passages import Passage
+
+
+def newline_prompt(tokenizer, question, passage):
+    """PREAMBLE, the passage, then the question on its own line (the cache's cut)."""
+    context = "" if passage is None else f"context : {passage.text}"
+    return f"{PREAMBLE}{context}\nquestion : {question} :"
+
+
+P = [
+    Passage("a", "", "the eiffel tower is in paris"),
+    Passage("b", "", "the louvre is an art museum in paris"),
+    Passage("c", "", "the seine is a river in france"),
+]
+Q1, Q2 = "where is the eiffel tower ?", "what is the capital of france ?"
+
+
+def gen(mb: float = 1.0, **kw) -> CausalGenerator:
+    model, tok = tiny_llama()
+    return CausalGenerator(model, tok, CausalFormat(newline_prompt, passage_cache_mb=mb, **kw))
+
+
+@torch.no_grad()
+def test_spans_cut_the_prompt_where_its_own_tokens_are():
+    g = gen()
+    inputs = g.build_inputs([Q1], [P])
+    tok = g.tokenizer
+    for row, (span, p) in enumerate(zip(inputs.spans, P, strict=True)):
+        ids = inputs.input_ids[row][inputs.attention_mask[row].bool()].tolist()
+        assert ids[: span.prefix] == tok(PREAMBLE + "context :", add_special_tokens=False)[
+            "input_ids"
+        ][: span.prefix]
+        assert ids[span.prefix : span.head] == tok(p.text)["input_ids"][-len(
+            ids[span.prefix : span.head]):]
+        assert ids[span.head :] == tok(f"question : {Q1} :", add_special_tokens=False)["input_ids"]
+
+
+@torch.no_grad()
+def test_cold_and_warm_cache_give_bit_identical_logits():
+    g = gen()
+    cold = g.encode(g.build_inputs([Q1], [P])).prompt
+    # run once each: the prefix (read again by rows 2 and 3) and the 3 passages
+    assert g.passage_cache.misses == 4 and g.passage_cache.hits == 2
+    warm = g.encode(g.build_inputs([Q1], [P])).prompt
+    assert g.passage_cache.misses == 4 and g.passage_cache.hits == 2 + 6
+    assert torch.equal(cold.next_logits, warm.next_logits)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(cold.layers, warm.layers, strict=True))
+    # a new question over the same passages: all from the cache, the same bits as a fresh cache
+    again = g.encode(g.build_inputs([Q2], [P[::-1]])).prompt
+    fresh = gen()
+    alone = fresh.encode(fresh.build_inputs([Q2], [P[::-1]])).prompt
+    assert g.passage_cache.misses == 4 and g.passage_cache.hits == 8 + 6
+    assert fresh.passage_cache.misses == 4
+    assert torch.equal(again.next_logits, alone.next_logits)
+
+
+@torch.no_grad()
+def test_cached_prompts_score_and_decode_as_uncached():
+    cached, plain = gen(), gen(mb=0)
+    assert plain.passage_cache is None
+    qs, ps = [Q1, Q2], [P, P[1:] + P[:1]]
+    cin, pin = cached.build_inputs(qs, ps), plain.build_inputs(qs, ps)
+    assert pin.spans is None and torch.equal(cin.input_ids, pin.input_ids)
+    cached.encode(cin)  # warm the cache, then compare the warm path
+    a, b = cached.encode(cin).prompt, plain.encode(pin).prompt
+    torch.testing.assert_close(a.next_logits, b.next_logits, atol=1e-5, rtol=1e-5)
+    assert torch.equal(a.lengths, b.lengths) and torch.equal(a.last_tokens, b.last_tokens)
+    target, tmask = cached.build_targets(["paris", "france"])
+    torch.testing.assert_close(
+        cached.token_logprobs(cin, target, tmask), plain.token_logprobs(pin, target, tmask),
+        atol=1e-5, rtol=1e-5,
+    )
+    scores = torch.tensor([[1.0, 0.5, 0.0], [0.2, 0.1, 0.3]])
+    for method, beams in (("token", 1), ("token", 3), ("thorough", 2)):
+        cfg = DecodeConfig(num_beams=beams, max_new_tokens=6)
+        got = [d.best.token_ids for d in decode(cached, cin, scores, cfg, method)]
+        want = [d.best.token_ids for d in decode(plain, pin, scores, cfg, method)]
+        assert got == want, (method, beams)
+
+
+@torch.no_grad()
+def test_a_cut_passage_is_cached_as_cut():
+    long = Passage("long", "", " ".join(["the seine is a river in france"] * 8))
+    g = gen(max_prompt_length=60)
+    inputs = g.build_inputs([Q1], [[long]])
+    span = inputs.spans[0]
+    assert inputs.attention_mask.sum() == 60  # the passage was cut to fit
+    g.encode(inputs)
+    keys = [k for k in g.passage_cache._entries if len(k) == 3]
+    assert [len(k[2]) for k in keys] == [span.head - span.prefix]  # the cut passage's tokens
+
+
+@torch.no_grad()
+def test_no_cut_no_cache():
+    """A prompt with no newline before its question has no safe cut: the uncached path."""
+    model, tok = tiny_llama()
+    g = CausalGenerator(model, tok, CausalFormat(lambda t, q, p: f"{PREAMBLE}{p.text} {q} :"))
+    inputs = g.build_inputs([Q1], [P])
+    assert inputs.spans == [None, None, None]
+    g.encode(inputs)
+    assert len(g.passage_cache) == 0
+    assert g._head_span(Q1, P[0], [5, 6, 7], {}) is None  # ids that do not start with the head
+
+
+def test_training_and_new_weights_bypass_or_clear_the_cache():
+    g = gen()
+    inputs = g.build_inputs([Q1], [P])
+    g.encode(inputs)  # autograd on: not cached
+    assert len(g.passage_cache) == 0
+    with torch.no_grad():
+        before = g.encode(inputs).prompt.next_logits
+        stamp = weights_stamp(g.model)
+        assert len(g.passage_cache) == 4
+        w = g.model.model.layers[0].mlp.down_proj.weight
+        w.mul_(2.0)  # an in-place update, as an optimizer step
+        try:
+            assert weights_stamp(g.model) != stamp
+            after = g.encode(inputs).prompt.next_logits
+            plain = gen(mb=0).encode(gen(mb=0).build_inputs([Q1], [P])).prompt.next_logits
+            assert not torch.equal(before, after)
+            torch.testing.assert_close(after, plain, atol=1e-5, rtol=1e-5)
+            assert g.passage_cache.misses == 4 + 4  # cleared: all run again on the new weights
+            assert len(g.passage_cache) == 4
+        finally:
+            w.div_(2.0)
+
+
+def test_lru_keeps_the_recent_entries_within_the_bound():
+    one = [(torch.zeros(1, 1, 4, 8), torch.zeros(1, 1, 4, 8))]  # 256 bytes
+    cache = PassageCache(max_bytes=600)
+    for key in ("a", "b"):
+        cache.put((key,), one)
+    assert cache.get(("a",)) is not None  # "a" is now the most recent
+    cache.put(("c",), one)
+    assert cache.get(("b",)) is None and cache.get(("a",)) is not None
+    assert cache.bytes == 512 <= cache.max_bytes and len(cache) == 2
+    cache.put(("big",), [(torch.zeros(1, 1, 40, 8), torch.zeros(1, 1, 40, 8))])
+    assert cache.get(("big",)) is None and len(cache) == 2  # alone over the bound: not kept
+
+
+@pytest.mark.parametrize("mb", [0, 0.0])
+def test_zero_megabytes_turns_the_cache_off(mb):
+    assert gen(mb=mb).passage_cache is None
