@@ -9,8 +9,9 @@ from typing import Annotated
 
 import typer
 
+from margin.cli_index import index_app
+from margin.cli_options import Device, ModelIndex, check_at_least
 from margin.cli_retriever import train_retriever
-from margin.devices import DEVICE_HELP
 from margin.errors import MarginError
 
 app = typer.Typer(
@@ -20,150 +21,14 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-index_app = typer.Typer(help="Build and extend passage indexes.", no_args_is_help=True)
-app.add_typer(index_app, name="index")
+app.add_typer(index_app, name="index")  # the group lives in margin.cli_index
 
-KINDS = ("flat", "hnsw", "ivfpq", "hnswsq", "bm25")
 MAX_QUERY_CHARS = 4096  # longer stdin lines are refused rather than silently truncated
-Device = Annotated[str, typer.Option(help="Where the networks run: " + DEVICE_HELP)]
-ChunkWords = Annotated[int, typer.Option(help="Most words in a passage (the paper's: 100).")]
-ChunkOverlap = Annotated[int, typer.Option(help="Words a passage repeats from the one before.")]
-Glob = Annotated[str | None, typer.Option(
-    help="For a folder corpus: which files, e.g. '*.md' (default: .txt .md .html .htm .pdf).")]
-Verbose = Annotated[bool, typer.Option("--verbose", help="List the files skipped.")]
-ModelIndex = Annotated[str, typer.Option(
-    help="Index directory, 'default', or 'auto': the index the model carries, else 'default'.")]
 
 
 @app.callback()
 def _root() -> None:
     """Retrieval-Augmented Generation (Lewis et al., 2020): index, search, ask."""
-
-
-# ----------------------------------------------------------------------------- index
-
-
-@index_app.command("build")
-def index_build(
-    out: Annotated[Path, typer.Option("--out", help="Directory to write the index to.")],
-    corpus: Annotated[str, typer.Option(
-        help="A folder of documents, JSONL, DPR psgs_w100 TSV, Parquet, or 'default'.")
-    ] = "default",
-    encoder: Annotated[
-        str, typer.Option(help="Passage encoder: 'default', a model directory or hub name.")
-    ] = "default",
-    kind: Annotated[str, typer.Option(help="flat, hnsw, ivfpq, hnswsq or bm25.")] = "flat",
-    shard_size: Annotated[int, typer.Option(help="Passages per shard (unit of resumption).")] = (
-        100_000
-    ),
-    batch_size: Annotated[int, typer.Option(help="Encoding batch size.")] = 64,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing index at --out.")] = False,
-    ray: Annotated[bool, typer.Option("--ray", help="Encode the shards on Ray workers.")] = False,
-    ray_address: Annotated[
-        str | None, typer.Option(help="Ray cluster to join ('auto', ray://...); default: local.")
-    ] = None,
-    ray_workers: Annotated[
-        int | None, typer.Option(help="Encoder copies on Ray (default: one per CPU).")
-    ] = None,
-    device: Device = "auto",
-    chunk_words: ChunkWords = 100,
-    chunk_overlap: ChunkOverlap = 0,
-    glob: Glob = None,
-    verbose: Verbose = False,
-) -> None:
-    """Build an index; run it again after an interruption to resume."""
-    from margin.devices import resolve_device
-    from margin.retrieval.build import build_index
-    from margin.retrieval.documents import skipped_report
-    from margin.retrieval.encoders import load_encoder
-    from margin.retrieval.passages import Chunking, read_corpus
-
-    _check_choice("kind", kind, KINDS)
-    _check_at_least("--ray-workers", ray_workers)  # 0 is not "one per CPU" (unset is)
-    skipped: list = []
-    passages = read_corpus(corpus, Chunking(chunk_words, chunk_overlap), glob, skipped)
-    where = str(resolve_device(device))  # Ray workers pick their own (a GPU if given one)
-    enc = None if kind == "bm25" else load_encoder(encoder, role="passage", device=where)
-    if ray and enc is not None:
-        from margin.retrieval.distributed import RayConfig, build_index_ray
-
-        manifest = build_index_ray(
-            passages, enc, out, kind=kind, shard_size=shard_size, overwrite=overwrite,
-            batch_size=batch_size, progress=True,
-            ray_config=RayConfig(address=ray_address, workers=ray_workers),
-        )
-    else:
-        manifest = build_index(
-            passages, enc, out, kind=kind, shard_size=shard_size, overwrite=overwrite,
-            batch_size=batch_size, progress=True,
-        )
-    typer.echo(f"indexed {manifest.passages} passages ({kind}) into {out}")
-    for line in skipped_report(skipped, verbose):
-        typer.echo(line)
-
-
-@index_app.command("add")
-def index_add(
-    index: Annotated[Path, typer.Option("--index", help="Index directory to extend.")],
-    corpus: Annotated[str, typer.Option(
-        help="A folder of documents, JSONL, DPR TSV or Parquet of new documents.")],
-    batch_size: Annotated[int, typer.Option(help="Encoding batch size.")] = 64,
-    device: Device = "auto",
-    chunk_words: ChunkWords = 100,
-    chunk_overlap: ChunkOverlap = 0,
-    glob: Glob = None,
-    verbose: Verbose = False,
-) -> None:
-    """Append passages to an index without re-encoding the existing ones."""
-    from margin.devices import resolve_device
-    from margin.retrieval.build import add_to_index
-    from margin.retrieval.documents import skipped_report
-    from margin.retrieval.encoders import load_encoder_from_spec
-    from margin.retrieval.passages import Chunking, read_corpus
-    from margin.retrieval.reader import open_index
-
-    skipped: list = []
-    passages = read_corpus(corpus, Chunking(chunk_words, chunk_overlap), glob, skipped)
-    where = str(resolve_device(device))
-    manifest = open_index(index).manifest
-    enc = None if manifest.encoder is None else load_encoder_from_spec(
-        manifest.encoder["spec"], device=where)
-    new = add_to_index(index, passages, enc, batch_size=batch_size, progress=True)
-    typer.echo(f"{index} now holds {new.passages} passages (+{new.passages - manifest.passages})")
-    for line in skipped_report(skipped, verbose):
-        typer.echo(line)
-
-
-@index_app.command("refresh")
-def index_refresh(
-    index: Annotated[Path, typer.Option("--index", help="Index directory to re-encode.")],
-    encoder: Annotated[str, typer.Option(help="New passage encoder: a directory or 'default'.")],
-    out: Annotated[Path, typer.Option("--out", help="New directory for the re-encoded index.")],
-    batch_size: Annotated[int, typer.Option(help="Encoding batch size.")] = 64,
-    device: Device = "auto",
-) -> None:
-    """Re-encode an index's passages with a changed passage encoder, into a new index."""
-    from margin.retrieval.refresh import refresh_index
-
-    new = refresh_index(index, encoder, out, batch_size=batch_size, device=device)
-    typer.echo(f"re-encoded {new.passages} passages ({new.kind}) into {out}")
-
-
-@index_app.command("verify")
-def index_verify(
-    index: Annotated[Path, typer.Option("--index", help="Index directory to check.")],
-    encoder: Annotated[bool, typer.Option(
-        help="Also load the index's encoder and compare its weights' fingerprint.")] = True,
-) -> None:
-    """Check every file's sha256, counts, dimensions and the encoder; one line per problem."""
-    from margin.retrieval.reader import verify_index
-
-    problems = verify_index(index, encoder=encoder)
-    if problems:  # one line each, the last as the command's error (and its exit code)
-        for problem in problems[:-1]:
-            typer.echo(f"margin: error: {problem}", err=True)
-        raise MarginError(problems[-1])
-    typer.echo(f"{index}: every check passed")
 
 
 # ----------------------------------------------------------------------------- search
@@ -188,7 +53,7 @@ def search(
     """Top-k passages for each query, with scores."""
     from margin.retrieval.retriever import Retriever
 
-    _check_at_least("--k", k)
+    check_at_least("--k", k)
     questions = _read_queries(queries)
     retriever = Retriever.load(index, query_encoder=query_encoder, device=device,
                                allow_encoder_mismatch=allow_encoder_mismatch)
@@ -255,7 +120,7 @@ def ask(
 
     items = _read_queries(questions)
     for name, value in (("--k", k), ("--beams", beams), ("--max-new-tokens", max_new_tokens)):
-        _check_at_least(name, value)  # 0 is the user's, not "the model's default"
+        check_at_least(name, value)  # 0 is the user's, not "the model's default"
     if mode is not None:
         decoding_method(mode, decoding)  # reject a bad combination before loading anything
     rag = RAG.load(model=model, index=index, device=device)
@@ -281,7 +146,7 @@ def demo(
 
     from margin.rag import RAG
 
-    _check_at_least("--k", k)
+    check_at_least("--k", k)
     console = Console(stderr=True)
     start = time.perf_counter()
     console.print("[dim]loading the default model and index (built on first use)...[/dim]")
@@ -580,17 +445,6 @@ def _read_queries(queries: list[str] | None) -> list[str]:
         if len(q) > MAX_QUERY_CHARS:
             raise MarginError(f"query {i} is {len(q)} characters; the limit is {MAX_QUERY_CHARS}")
     return items
-
-
-def _check_at_least(name: str, value: int | None, least: int = 1) -> None:
-    """Refuse a number the user gave below ``least``; None (the option unset) passes."""
-    if value is not None and value < least:
-        raise MarginError(f"{name} must be at least {least}, got {value}")
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise MarginError(f"unknown {name} {value!r}; use one of {', '.join(choices)}")
 
 
 def _quiet_libraries() -> None:

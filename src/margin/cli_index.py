@@ -1,0 +1,149 @@
+"""``margin index ...``: build, extend, refresh and verify passage indexes.
+
+Apart from margin.cli for its size (tests/test_layout.py: no module over 600 lines); margin.cli
+registers the group: ``app.add_typer(index_app, name="index")``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from margin.cli_options import (
+    KINDS,
+    ChunkOverlap,
+    ChunkWords,
+    Device,
+    Glob,
+    Verbose,
+    check_at_least,
+    check_choice,
+)
+from margin.errors import MarginError
+
+index_app = typer.Typer(help="Build and extend passage indexes.", no_args_is_help=True)
+
+
+@index_app.command("build")
+def index_build(
+    out: Annotated[Path, typer.Option("--out", help="Directory to write the index to.")],
+    corpus: Annotated[str, typer.Option(
+        help="A folder of documents, JSONL, DPR psgs_w100 TSV, Parquet, or 'default'.")
+    ] = "default",
+    encoder: Annotated[
+        str, typer.Option(help="Passage encoder: 'default', a model directory or hub name.")
+    ] = "default",
+    kind: Annotated[str, typer.Option(help="flat, hnsw, ivfpq, hnswsq or bm25.")] = "flat",
+    shard_size: Annotated[int, typer.Option(help="Passages per shard (unit of resumption).")] = (
+        100_000
+    ),
+    batch_size: Annotated[int, typer.Option(help="Encoding batch size.")] = 64,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing index at --out.")] = False,
+    ray: Annotated[bool, typer.Option("--ray", help="Encode the shards on Ray workers.")] = False,
+    ray_address: Annotated[
+        str | None, typer.Option(help="Ray cluster to join ('auto', ray://...); default: local.")
+    ] = None,
+    ray_workers: Annotated[
+        int | None, typer.Option(help="Encoder copies on Ray (default: one per CPU).")
+    ] = None,
+    device: Device = "auto",
+    chunk_words: ChunkWords = 100,
+    chunk_overlap: ChunkOverlap = 0,
+    glob: Glob = None,
+    verbose: Verbose = False,
+) -> None:
+    """Build an index; run it again after an interruption to resume."""
+    from margin.devices import resolve_device
+    from margin.retrieval.build import build_index
+    from margin.retrieval.documents import skipped_report
+    from margin.retrieval.encoders import load_encoder
+    from margin.retrieval.passages import Chunking, read_corpus
+
+    check_choice("kind", kind, KINDS)
+    check_at_least("--ray-workers", ray_workers)  # 0 is not "one per CPU" (unset is)
+    skipped: list = []
+    passages = read_corpus(corpus, Chunking(chunk_words, chunk_overlap), glob, skipped)
+    where = str(resolve_device(device))  # Ray workers pick their own (a GPU if given one)
+    enc = None if kind == "bm25" else load_encoder(encoder, role="passage", device=where)
+    if ray and enc is not None:
+        from margin.retrieval.distributed import RayConfig, build_index_ray
+
+        manifest = build_index_ray(
+            passages, enc, out, kind=kind, shard_size=shard_size, overwrite=overwrite,
+            batch_size=batch_size, progress=True,
+            ray_config=RayConfig(address=ray_address, workers=ray_workers),
+        )
+    else:
+        manifest = build_index(
+            passages, enc, out, kind=kind, shard_size=shard_size, overwrite=overwrite,
+            batch_size=batch_size, progress=True,
+        )
+    typer.echo(f"indexed {manifest.passages} passages ({kind}) into {out}")
+    for line in skipped_report(skipped, verbose):
+        typer.echo(line)
+
+
+@index_app.command("add")
+def index_add(
+    index: Annotated[Path, typer.Option("--index", help="Index directory to extend.")],
+    corpus: Annotated[str, typer.Option(
+        help="A folder of documents, JSONL, DPR TSV or Parquet of new documents.")],
+    batch_size: Annotated[int, typer.Option(help="Encoding batch size.")] = 64,
+    device: Device = "auto",
+    chunk_words: ChunkWords = 100,
+    chunk_overlap: ChunkOverlap = 0,
+    glob: Glob = None,
+    verbose: Verbose = False,
+) -> None:
+    """Append passages to an index without re-encoding the existing ones."""
+    from margin.devices import resolve_device
+    from margin.retrieval.build import add_to_index
+    from margin.retrieval.documents import skipped_report
+    from margin.retrieval.encoders import load_encoder_from_spec
+    from margin.retrieval.passages import Chunking, read_corpus
+    from margin.retrieval.reader import open_index
+
+    skipped: list = []
+    passages = read_corpus(corpus, Chunking(chunk_words, chunk_overlap), glob, skipped)
+    where = str(resolve_device(device))
+    manifest = open_index(index).manifest
+    enc = None if manifest.encoder is None else load_encoder_from_spec(
+        manifest.encoder["spec"], device=where)
+    new = add_to_index(index, passages, enc, batch_size=batch_size, progress=True)
+    typer.echo(f"{index} now holds {new.passages} passages (+{new.passages - manifest.passages})")
+    for line in skipped_report(skipped, verbose):
+        typer.echo(line)
+
+
+@index_app.command("refresh")
+def index_refresh(
+    index: Annotated[Path, typer.Option("--index", help="Index directory to re-encode.")],
+    encoder: Annotated[str, typer.Option(help="New passage encoder: a directory or 'default'.")],
+    out: Annotated[Path, typer.Option("--out", help="New directory for the re-encoded index.")],
+    batch_size: Annotated[int, typer.Option(help="Encoding batch size.")] = 64,
+    device: Device = "auto",
+) -> None:
+    """Re-encode an index's passages with a changed passage encoder, into a new index."""
+    from margin.retrieval.refresh import refresh_index
+
+    new = refresh_index(index, encoder, out, batch_size=batch_size, device=device)
+    typer.echo(f"re-encoded {new.passages} passages ({new.kind}) into {out}")
+
+
+@index_app.command("verify")
+def index_verify(
+    index: Annotated[Path, typer.Option("--index", help="Index directory to check.")],
+    encoder: Annotated[bool, typer.Option(
+        help="Also load the index's encoder and compare its weights' fingerprint.")] = True,
+) -> None:
+    """Check every file's sha256, counts, dimensions and the encoder; one line per problem."""
+    from margin.retrieval.reader import verify_index
+
+    problems = verify_index(index, encoder=encoder)
+    if problems:  # one line each, the last as the command's error (and its exit code)
+        for problem in problems[:-1]:
+            typer.echo(f"margin: error: {problem}", err=True)
+        raise MarginError(problems[-1])
+    typer.echo(f"{index}: every check passed")
