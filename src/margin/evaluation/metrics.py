@@ -108,9 +108,21 @@ def has_answer(passages: Sequence[str], golds: Sequence[str], regex: bool = Fals
             except re.error:
                 continue
         return any(c.search(p) for c in compiled for p in passages)
-    needles = [f" {n} " for n in (normalize_answer(g) for g in golds) if n]
-    texts = [f" {normalize_answer(p)} " for p in passages]
+    needles = answer_needles(golds)
+    texts = [padded_normal(p) for p in passages]
     return any(n in t for n in needles for t in texts)
+
+
+def answer_needles(golds: Sequence[str]) -> list[str]:
+    """The text golds as :func:`has_answer` looks for them: normalised, padded with a space on
+    each side (whole words), those that normalise to nothing left out."""
+    return [f" {n} " for n in (normalize_answer(g) for g in golds) if n]
+
+
+def padded_normal(text: str) -> str:
+    """A passage as :func:`has_answer` searches it: normalised, padded with a space each side.
+    Normalise a passage once and test many questions' :func:`answer_needles` against it."""
+    return f" {normalize_answer(text)} "
 
 
 def answer_recall_at_k(

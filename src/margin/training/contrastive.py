@@ -60,7 +60,7 @@ from margin.checkpoint import load_state, read_state_record, save_state, trainab
 from margin.devices import resolve_device
 from margin.errors import MarginError
 from margin.evaluation.examples import Example
-from margin.evaluation.metrics import has_answer
+from margin.evaluation.metrics import answer_needles, has_answer, padded_normal
 from margin.model_config import DEFAULT_COSINE_SCALE
 from margin.retrieval.encoders import Encoder, load_encoder_from_spec, save_pairing
 from margin.retrieval.reader import LoadedIndex, ensure_encoder_matches, open_index
@@ -175,9 +175,13 @@ def false_negatives(texts: Sequence[str], examples: Sequence[Example],
     """``(B, N)`` True where column j holds question i's answer but is not its positive: another
     question's passage that answers it too, which DPR's loss must not push down."""
     out = np.zeros((len(examples), len(texts)), dtype=bool)  # (B, N)
+    normal = [padded_normal(text) for text in texts]  # each passage normalised once
     for i, ex in enumerate(examples):
+        needles = answer_needles(ex.answers)
         for j, text in enumerate(texts):
-            out[i, j] = j != positive[i] and has_answer([text], ex.answers, ex.regex)
+            holds = (has_answer([text], ex.answers, ex.regex) if ex.regex
+                     else any(n in normal[j] for n in needles))
+            out[i, j] = j != positive[i] and holds
     return out
 
 

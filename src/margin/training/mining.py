@@ -31,7 +31,7 @@ import numpy as np
 from margin._io import write_json_atomic
 from margin.errors import MarginError
 from margin.evaluation.examples import Example
-from margin.evaluation.metrics import has_answer
+from margin.evaluation.metrics import answer_needles, has_answer, padded_normal
 from margin.retrieval.reader import LoadedIndex
 from margin.retrieval.store import PassageStore
 
@@ -92,14 +92,23 @@ def interleave(*rankings: Sequence[int]) -> list[int]:
 
 
 def label(
-    candidates: Sequence[int], texts: Sequence[str], example: Example, hard_negatives: int
+    candidates: Sequence[int], texts: Sequence[str], example: Example, hard_negatives: int,
+    normal: Sequence[str] | None = None,
 ) -> tuple[int | None, tuple[int, ...]]:
     """The positive (first candidate whose text holds a gold answer; None if none does) and the
-    first ``hard_negatives`` candidates without one. ``texts[i]`` is ``candidates[i]``'s text."""
+    first ``hard_negatives`` candidates without one. ``texts[i]`` is ``candidates[i]``'s text;
+    ``normal[i]`` the same text as :func:`~margin.evaluation.metrics.padded_normal` gives it,
+    when the caller normalised each passage once for many questions (the same answer as
+    ``has_answer``, without normalising a passage per question)."""
     positive: int | None = None
     negatives: list[int] = []
-    for row, text in zip(candidates, texts, strict=True):
-        if has_answer([text], example.answers, example.regex):
+    needles = answer_needles(example.answers)
+    for i, (row, text) in enumerate(zip(candidates, texts, strict=True)):
+        if example.regex or normal is None:
+            holds = has_answer([text], example.answers, example.regex)
+        else:
+            holds = any(n in normal[i] for n in needles)
+        if holds:
             positive = row if positive is None else positive
         elif len(negatives) < hard_negatives:
             negatives.append(row)
@@ -146,9 +155,11 @@ def mine(
                                    else [dense_rows[j], bm25_rows[j]])) for j in chunk]
         rows = np.unique(np.fromiter((r for c in candidates for r in c), dtype=np.int64))
         text_of = dict(zip(rows.tolist(), (p.text for p in store.get(rows)), strict=True))
+        normal_of = {row: padded_normal(text) for row, text in text_of.items()}  # once a chunk
         for j, found in zip(chunk, candidates, strict=True):
             positive, negatives = label(found, [text_of[r] for r in found],
-                                        examples[positions[j]], hard_negatives)
+                                        examples[positions[j]], hard_negatives,
+                                        [normal_of[r] for r in found])
             if positive is None:
                 skipped += 1
             else:
