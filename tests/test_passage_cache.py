@@ -158,3 +158,24 @@ def test_lru_keeps_the_recent_entries_within_the_bound():
 @pytest.mark.parametrize("mb", [0, 0.0])
 def test_zero_megabytes_turns_the_cache_off(mb):
     assert gen(mb=mb).passage_cache is None
+
+
+@pytest.mark.parametrize(("argv", "size"), [([], None), (["--passage-cache-mb", "1.5"], 1572864),
+                                            (["--passage-cache-mb", "0"], 0)])
+def test_ask_flag_sizes_the_generators_cache(argv, size, monkeypatch):
+    from margin.cli import main
+    from margin.rag import RAG
+
+    seen = []
+
+    class Model:
+        class generator:  # noqa: N801 - stands in for a CausalGenerator
+            set_passage_cache = staticmethod(seen.append)
+
+        def ask(self, questions, **kw):
+            return []
+
+    monkeypatch.setattr(RAG, "load", classmethod(lambda cls, **kw: Model()))
+    assert main(["ask", *argv, "paris"]) == 0
+    assert seen == ([] if size is None else [size])
+    assert main(["ask", "--passage-cache-mb", "-1", "paris"]) != 0 and len(seen) <= 1

@@ -113,6 +113,8 @@ def ask(
         int | None, typer.Option(help="Longest answer in tokens (model default if unset).")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per question.")] = False,
+    passage_cache_mb: Annotated[float | None, typer.Option(help="MiB of passage KV kept "
+        "for later questions (causal models; 0: off; default 256).")] = None,
     device: Device = "auto",
 ) -> None:
     """Answer questions with provenance: passages, priors p(z|x) and posteriors p(z|x,y)."""
@@ -123,7 +125,11 @@ def ask(
         check_at_least(name, value)  # 0 is the user's, not "the model's default"
     if mode is not None:
         decoding_method(mode, decoding)  # reject a bad combination before loading anything
+    if passage_cache_mb is not None and not passage_cache_mb >= 0:
+        raise MarginError(f"--passage-cache-mb is {passage_cache_mb}; give 0 (off) or more MiB")
     rag = RAG.load(model=model, index=index, device=device)
+    if passage_cache_mb is not None and hasattr(rag.generator, "set_passage_cache"):
+        rag.generator.set_passage_cache(int(passage_cache_mb * 2**20))
     answers = rag.ask(
         items, k=k, mode=mode, decoding=decoding, num_beams=beams, max_new_tokens=max_new_tokens
     )
