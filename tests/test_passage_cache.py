@@ -111,7 +111,8 @@ def test_a_cut_passage_is_cached_as_cut():
 def test_no_cut_no_cache():
     """A prompt with no newline before its question has no safe cut: the uncached path."""
     model, tok = tiny_llama()
-    g = CausalGenerator(model, tok, CausalFormat(lambda t, q, p: f"{PREAMBLE}{p.text} {q} :"))
+    g = CausalGenerator(model, tok, CausalFormat(lambda t, q, p: f"{PREAMBLE}{p.text} {q} :",
+                                                 passage_cache_mb=16))
     inputs = g.build_inputs([Q1], [P])
     assert inputs.spans == [None, None, None]
     g.encode(inputs)
@@ -179,3 +180,9 @@ def test_ask_flag_sizes_the_generators_cache(argv, size, monkeypatch):
     assert main(["ask", *argv, "paris"]) == 0
     assert seen == ([] if size is None else [size])
     assert main(["ask", "--passage-cache-mb", "-1", "paris"]) != 0 and len(seen) <= 1
+
+
+def test_the_cache_is_off_unless_asked_for():
+    """Off by default: no clean measurement has shown it faster yet (docs/performance.md)."""
+    model, tok = tiny_llama()
+    assert CausalGenerator(model, tok, CausalFormat(newline_prompt)).passage_cache is None

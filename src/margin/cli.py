@@ -114,7 +114,7 @@ def ask(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per question.")] = False,
     passage_cache_mb: Annotated[float | None, typer.Option(help="MiB of passage KV kept "
-        "for later questions (causal models; 0: off; default 256).")] = None,
+        "for later questions (causal models; default 0: off).")] = None,
     device: Device = "auto",
 ) -> None:
     """Answer questions with provenance: passages, priors p(z|x) and posteriors p(z|x,y)."""

@@ -87,7 +87,7 @@ class CausalFormat:
     max_prompt_length: int = 2048  # a longer prompt has its passage cut (never the question)
     share_prefix: bool = True  # run the rows' common token prefix once (batch 1), not per row
     suffix_padding: float = 0.1  # rows' own suffixes batch together while pads add <= this share
-    passage_cache_mb: float = 256.0  # KV of seen prompt prefixes and passages, LRU (MiB); 0: off
+    passage_cache_mb: float = 0.0  # KV of seen prompt prefixes and passages, LRU (MiB); 0: off
 
 
 class CausalGenerator(Generator):
