@@ -13,11 +13,17 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from functools import cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -375,3 +381,20 @@ TRAIN_TASK = [  # (question, answer): every answer is a word of a passage
 TRAIN_CONFIG = ModelConfig(generator_kind="causal", prompt="chat", doc_score_scale=5.0,
                            decode=DecodeConfig(max_new_tokens=3),
                            stop_at_newline=False)
+
+
+def kill_after_shards(script: str, args: Sequence[str], work: Path, shards: int = 3) -> bytes:
+    """Run ``python -c script *args`` and ``kill -9`` it once ``work`` holds ``shards`` embedding
+    shards (a crash mid-build); returns what it printed. It must not have finished by then."""
+    with subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE) as proc:
+        deadline = time.monotonic() + 60
+        while len(list((work / "embeddings").glob("shard-*.npy"))) < shards:
+            assert proc.poll() is None, proc.communicate()[1].decode()
+            assert time.monotonic() < deadline, f"the build never wrote {shards} shards"
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+        stdout, _ = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL and b"finished" not in stdout
+    return stdout
+

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,7 +11,7 @@ import numpy as np
 import pytest
 
 import margin
-from helpers import DOCS, KeywordEncoder, TableEncoder, clustered
+from helpers import DOCS, KeywordEncoder, TableEncoder, clustered, kill_after_shards
 from margin.errors import MarginError
 from margin.retrieval.build import add_to_index, build_index
 from margin.retrieval.index import IndexConfig
@@ -238,19 +234,7 @@ def test_resume_after_sigkill(keyword_encoder, tmp_path):
     corpus = write_jsonl(tmp_path / "c.jsonl", many_docs(60))  # 12 shards, 0.25 s each
     out = tmp_path / "idx"
     work = tmp_path / ".idx.building"
-    with subprocess.Popen(
-        [sys.executable, "-c", CRASH_SCRIPT, str(TESTS), str(corpus), str(out)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    ) as proc:
-        deadline = time.monotonic() + 60
-        while len(list((work / "embeddings").glob("shard-*.npy"))) < 3:
-            assert proc.poll() is None, proc.communicate()[1].decode()
-            assert time.monotonic() < deadline, "the build never wrote 3 shards"
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
-        stdout, _ = proc.communicate()
-    assert proc.returncode == -signal.SIGKILL and b"finished" not in stdout
+    kill_after_shards(CRASH_SCRIPT, [str(TESTS), str(corpus), str(out)], work)
     assert not out.exists()
     with pytest.raises(MarginError, match="interrupted"):
         open_index(out)

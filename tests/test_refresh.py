@@ -8,10 +8,6 @@ overwrite, and, in the background, hand the trainer a complete index once, betwe
 from __future__ import annotations
 
 import hashlib
-import os
-import signal
-import subprocess
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -19,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import KEYWORDS, KeywordEncoder, TableEncoder, clustered, one_thread
+from helpers import KEYWORDS, KeywordEncoder, TableEncoder, clustered, kill_after_shards, one_thread
 from margin.cli import main
 from margin.errors import MarginError
 from margin.retrieval.build import build_index
@@ -168,19 +164,7 @@ def test_refresh_resumes_after_sigkill(tmp_path):
     passages = many_keyword_docs(60)
     build_index(passages, KeywordEncoder(), tmp_path / "old", shard_size=5, progress=False)
     out, work = tmp_path / "new", work_dir(tmp_path / "new")
-    with subprocess.Popen(
-        [sys.executable, "-c", CRASH_SCRIPT, str(TESTS), str(tmp_path / "old"), str(out)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    ) as proc:
-        deadline = time.monotonic() + 60
-        while len(list((work / "embeddings").glob("shard-*.npy"))) < 3:
-            assert proc.poll() is None, proc.communicate()[1].decode()
-            assert time.monotonic() < deadline, "the refresh never wrote 3 shards"
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
-        stdout, _ = proc.communicate()
-    assert proc.returncode == -signal.SIGKILL and b"finished" not in stdout
+    kill_after_shards(CRASH_SCRIPT, [str(TESTS), str(tmp_path / "old"), str(out)], work)
     assert not out.exists()
     with pytest.raises(MarginError, match="interrupted"):
         open_index(out)
