@@ -274,16 +274,17 @@ def _jsonl_passages(path: Path, chunking: Chunking | None) -> Iterator[Passage]:
                 f'{path}:{lineno}: expected a JSON object like {{"title": ..., "text": ...}}; '
                 "fix that line or remove it"
             )
-        where = f"{path}:{lineno}"
-        title, text = _field(doc, "title", where), _field(doc, "text", where)
-        doc_id = doc.get("id")
-        yield from split_document(
-            title,
-            text,
-            str(doc_id) if doc_id is not None else None,
-            str(doc.get("source") or ""),
-            chunking,
-        )
+        yield from _document(doc, f"{path}:{lineno}", chunking)
+
+
+def _document(doc: dict, where: str, chunking: Chunking | None) -> Iterator[Passage]:
+    """The passages of one JSONL line or Parquet row (``where`` names it in errors)."""
+    title, text = _field(doc, "title", where), _field(doc, "text", where)
+    doc_id = doc.get("id")
+    yield from split_document(
+        title, text, str(doc_id) if doc_id is not None else None,
+        str(doc.get("source") or ""), chunking,
+    )
 
 
 def read_dpr_tsv(path: str | Path) -> Iterator[Passage]:
@@ -366,16 +367,7 @@ def _parquet_passages(
     for batch in file.iter_batches(batch_size=batch_size, columns=columns):
         for doc in batch.to_pylist():
             row += 1
-            where = f"{path}: row {row}"
-            title, text = _field(doc, "title", where), _field(doc, "text", where)
-            doc_id = doc.get("id")
-            yield from split_document(
-                title,
-                text,
-                str(doc_id) if doc_id is not None else None,
-                doc.get("source") or "",
-                chunking,
-            )
+            yield from _document(doc, f"{path}: row {row}", chunking)
 
 
 def read_default(chunking: Chunking | None = None) -> Iterator[Passage]:
