@@ -227,7 +227,8 @@ def test_finetune_installs_the_model_with_the_reencoded_index(world, home, tmp_p
     titles = [t for t, _ in DOCS]  # some title is in any top 2: every question is grounded
     data.write_text("".join(f"{q}\t{[a, *titles]}\n" for q, a in TASK))
     assert main(["finetune", str(data), "--model", str(world.new_model), "--index",
-                 str(world.new_index), "--heldout", "5", "--steps", "1", "--device", "cpu"]) == 0
+                 str(world.new_index), "--heldout", "5", "--steps", "1", "--device", "cpu",
+                 "--retriever", "none"]) == 0
     capsys.readouterr()
     own = home / "models" / "finetuned" / "index"
     assert open_index(own).manifest.encoder == open_index(world.new_index).manifest.encoder
@@ -240,3 +241,49 @@ def test_finetune_installs_the_model_with_the_reencoded_index(world, home, tmp_p
     shutil.copytree(default_index_dir(), other)
     assert index_to_carry(RAG.load(world.plain_model, index=str(other))) is None
     assert index_to_carry(rag) == own
+
+
+def test_finetune_trains_the_retriever_first_and_installs_the_model_with_its_new_index(
+        world, home, tmp_path, capsys):
+    """The full recipe (issue 26, item 4): contrastive training of both encoders, the index
+    re-encoded with the trained passage encoder, the RAG fine-tune over it, all installed; run
+    again, it resumes and redoes nothing."""
+    data = tmp_path / "dev.tsv"
+    data.write_text("".join(f"{q}\t{[a]}\n" for q, a in TASK * 3))
+    args = ["finetune", str(data), "--model", str(world.plain_model), "--index",
+            str(world.default_index), "--heldout", "2", "--steps", "1", "--device", "cpu"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    run = home / "runs" / "finetuned"
+    trained = load_encoder(run / "retriever" / "last" / "passage_encoder", role="passage")
+    assert trained.fingerprint[:12] != world.default_fp  # the passage encoder learnt
+    refreshed = open_index(run / "index").manifest
+    assert refreshed.encoder["fingerprint"] == trained.fingerprint  # re-encoded with it
+    assert f"searching {home / 'models' / 'finetuned' / 'index'}" in out
+    assert "retriever: " in out and " steps on " in out
+    own = home / "models" / "finetuned" / "index"
+    assert open_index(own).manifest.encoder["fingerprint"] == trained.fingerprint
+    rag = RAG.load("finetuned")
+    assert rag.retriever.index.path == own
+    with pytest.raises(MarginError, match=f"expects {trained.fingerprint[:12]}"):
+        RAG.load("finetuned", index=str(world.default_index))  # the old index no longer fits
+    # the RAG stage trained over the new retrieval: its question encoder started from stage 1's
+    stage1 = load_encoder(run / "retriever" / "last" / "question_encoder", role="question")
+    assert stage1.fingerprint != load_encoder(world.plain_model / "question_encoder",
+                                              role="question").fingerprint
+    def logs() -> tuple[bytes, list[str]]:  # the RAG run logs its end again when resumed
+        steps = [line for line in (run / "log.jsonl").read_text().splitlines() if "loss" in line]
+        return (run / "retriever" / "log.jsonl").read_bytes(), steps
+
+    before = logs()
+    assert main(args) == 0  # resumed: both stages read back, nothing trained again
+    assert logs() == before
+
+
+def test_finetune_refuses_an_unknown_retriever_stage(home, tmp_path, capsys):
+    data = tmp_path / "dev.tsv"
+    data.write_text("".join(f"{q}\t{[a]}\n" for q, a in TASK * 3))
+    assert main(["finetune", str(data), "--heldout", "2", "--retriever", "both"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown --retriever 'both'" in err
+    assert not (home / "runs" / "finetuned").exists()

@@ -345,7 +345,7 @@ def test_finetune_installs_a_model_usable_by_name(make_rag, index, tmp_path, mon
     every_title = [t for t, _ in DOCS]  # some title is in any top 2: every question is grounded
     data.write_text("".join(f"{q}\t{[a, *every_title]}\n" for q, a in TASK))
     assert main(["finetune", str(data), "--model", str(model_dir), "--index", str(index),
-                 "--heldout", "5", "--steps", "1"]) == 0
+                 "--retriever", "none", "--heldout", "5", "--steps", "1"]) == 0
     out = capsys.readouterr().out
     assert "trained on 3 questions with a gold answer in their passages and 0 without" in out
     assert "--model finetuned" in out
@@ -434,7 +434,7 @@ def test_finetune_says_when_its_budget_cut_the_steps(
     data = tmp_path / "dev.tsv"
     data.write_text("".join(f"{q}\t{[a, *(t for t, _ in DOCS)]}\n" for q, a in TASK))
     args = ["finetune", str(data), "--model", str(model_dir), "--index", str(index),
-            "--heldout", "5", "--steps", "6"]
+            "--retriever", "none", "--heldout", "5", "--steps", "6"]
     assert main([*args, "--max-minutes", "-1"]) == 2
     assert "max_minutes must be positive" in capsys.readouterr().err
     fake_clock.tick = 15.0  # 2 micro-batches a step: 30 s; 2.25 minutes hold 4 steps
@@ -479,7 +479,7 @@ def test_finetune_mixes_in_the_asked_share_of_ungrounded_questions(
     rows = [(q, every_title if i % 2 else ["tokyo"]) for i, (q, _) in enumerate(TASK * 2)]
     data.write_text("".join(f"{q}\t{answers}\n" for q, answers in rows))
     args = ["finetune", str(data), "--model", str(model_dir), "--index", str(index),
-            "--heldout", "0", "--steps", "1"]  # 1 step x 4 x 2 = 8 questions
+            "--retriever", "none", "--heldout", "0", "--steps", "1"]  # 1 step x 4 x 2 = 8 questions
     assert main([*args, "--ungrounded", "0.25"]) == 0
     assert "trained on 6 questions with a gold answer in their passages and 2 without" in (
         capsys.readouterr().out)
@@ -518,16 +518,17 @@ def test_finetune_without_grounded_questions_fails_in_one_line_unless_all_questi
     data = tmp_path / "dev.tsv"
     data.write_text("".join(f"{q}\t['tokyo']\n" for q, _ in TASK))
     assert main(["finetune", str(data), "--model", str(model_dir), "--index", str(index),
-                 "--heldout", "5", "--steps", "1"]) == 2
+                 "--retriever", "none", "--heldout", "5", "--steps", "1"]) == 2
     err = capsys.readouterr().err.splitlines()[-1]  # after the selection's progress bar
     assert err.startswith("margin: error: none of the 3 training questions")
     assert "--all-questions" in err
     assert not (tmp_path / "home" / "models" / "finetuned").exists()
     assert main(["finetune", str(data), "--model", str(model_dir), "--index", str(index),
-                 "--heldout", "5", "--steps", "1", "--all-questions"]) == 0
+                 "--retriever", "none", "--heldout", "5", "--steps", "1", "--all-questions"]) == 0
     assert "trained on 3 questions (the training slices hold 3)" in capsys.readouterr().out
     assert main(["finetune", str(data), "--model", str(model_dir), "--index", str(index),
-                 "--heldout", "5", "--all-questions", "--ungrounded", "0.5"]) == 2
+                 "--retriever", "none", "--heldout", "5", "--all-questions", "--ungrounded",
+                 "0.5"]) == 2
     assert "drop one of the two" in capsys.readouterr().err
     assert (tmp_path / "home" / "models" / "finetuned" / "margin_model.json").is_file()
 

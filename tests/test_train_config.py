@@ -18,7 +18,12 @@ import typer.main
 import margin.training.train
 from margin.cli import app, main
 from margin.training.config import TrainConfig
-from margin.training.recipe import FINETUNE_RECIPE, FINETUNE_UNGROUNDED, HELDOUT
+from margin.training.recipe import (
+    FINETUNE_RECIPE,
+    FINETUNE_UNGROUNDED,
+    HELDOUT,
+    RETRIEVER_STAGES,
+)
 from margin.training.train import TrainResult
 
 FIELDS = {f.name: f for f in fields(TrainConfig)}
@@ -93,7 +98,8 @@ def test_finetune_flags_default_to_the_recipe_and_say_its_values():
               for name in finetune}
     stated = {name: m.group(1) for name, m in stated.items() if m}
     recipe = {name: getattr(FINETUNE_RECIPE, name) for name in stated if name in FIELDS}
-    assert set(stated) == {"k", "mode", "precision", "max_minutes", "ungrounded"}
+    assert set(stated) == {"k", "mode", "precision", "max_minutes", "ungrounded", "retriever"}
+    assert stated["retriever"] == finetune["retriever"].default == RETRIEVER_STAGES[0]
     for name, value in recipe.items():
         assert stated[name] == (value if isinstance(value, str) else f"{value:g}"), name
     assert float(stated["ungrounded"]) == FINETUNE_UNGROUNDED

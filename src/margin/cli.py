@@ -365,9 +365,14 @@ def finetune(
     max_minutes: Annotated[float | None, typer.Option(
         help="Time budget of the whole run: fewer steps if the recipe's would not fit "
              "(recipe: 55; 0: none).")] = None,
+    retriever: Annotated[str, typer.Option(
+        help="First train the retriever: 'train' the question and passage encoders and "
+             "re-encode the index, 'question' the question encoder alone, or 'none' "
+             "(recipe: train).")] = "train",
     device: Device = "auto",
 ) -> None:
-    """Fine-tune the default model on training slices and install it as --name (`make finetune`)."""
+    """Train the retriever, then fine-tune the default model over it, on training slices, and
+    install the result as --name (`make finetune`)."""
     from dataclasses import replace
 
     from margin.training.recipe import FINETUNE_RECIPE, FINETUNE_UNGROUNDED
@@ -393,7 +398,13 @@ def finetune(
         config = replace(config, max_minutes=max_minutes or None)
     done = run_finetune(data, name=name, config=config, model=model, index=index,
                         heldout=heldout, limit=limit, all_questions=all_questions,
-                        ungrounded=FINETUNE_UNGROUNDED if ungrounded is None else ungrounded)
+                        ungrounded=FINETUNE_UNGROUNDED if ungrounded is None else ungrounded,
+                        retriever=retriever)
+    if done.retriever is not None:
+        learned = done.retriever
+        typer.echo(f"retriever: {learned.steps} steps on {learned.questions} questions with an "
+                   f"answer-bearing passage ({learned.skipped} without one skipped); searching "
+                   f"{done.path / 'index' if done.index else learned.index}")
     if all_questions:
         chosen = f"{done.ungrounded} questions"
     else:

@@ -42,6 +42,7 @@ trained against (its directory records that pairing: margin.retrieval.encoders.s
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import shutil
@@ -294,9 +295,11 @@ def train_retriever(
         load_state(state_dir, params, optimizer, scheduler)
         step, epoch, position = record["step"], record["epoch"], record["position"]
         best, mining_file = record.get("best"), record["mining"]
-        _truncate(out / "log.jsonl", record["log_bytes"])
+        if step < total:  # a finished run keeps its log as it is
+            _truncate(out / "log.jsonl", record["log_bytes"])
         if record["current_index"] != str(current.path):
             current = open_index(record["current_index"])
+    resumed_at = step
     refresher = _make_refresher(current.path, out / "refresh", device) if config.refresh_every \
         else None
     saving = dict(config=config, scale=scale, frozen_fp=built["fingerprint"])
@@ -367,8 +370,9 @@ def train_retriever(
     for module in modules.values():
         module.eval()
     wall = time.perf_counter() - start_time
-    _append(out / "log.jsonl", {"done": True, "steps": step, "wall_s": wall,
-                                "best_dev_recall": best[0] if best else None})
+    if step > resumed_at or not _logged_done(out / "log.jsonl"):  # else: a finished run read back
+        _append(out / "log.jsonl", {"done": True, "steps": step, "wall_s": wall,
+                                    "best_dev_recall": best[0] if best else None})
     where = out / ("best" if best else "last")
     return RetrieverTrainResult(
         step, loss_value, n, mining.skipped, best[0] if best else None, best[1] if best else None,
@@ -452,6 +456,12 @@ def _start_refresh(refresher: Any, p_enc: Encoder | None, out: Path, step: int) 
     else:
         shutil.rmtree(snapshot, ignore_errors=True)
         _append(out / "log.jsonl", {"step": step, "refresh_skipped": "one still running"})
+
+
+def _logged_done(log: Path) -> bool:
+    """Whether the last line of ``log`` is a run's end record."""
+    lines = log.read_bytes().splitlines() if log.is_file() else []
+    return bool(lines) and json.loads(lines[-1]).get("done") is True
 
 
 def _prune(work: Path, current: Path) -> None:
