@@ -155,8 +155,8 @@ def test_bad_questions_and_k(rag):
         rag.ask(["paris", "  "], k=2)
     with pytest.raises(MarginError, match="no question"):
         rag.ask([], k=2)
-    with pytest.raises(MarginError, match="larger than the index"):
-        rag.ask(["paris"], k=50)
+    with pytest.raises(MarginError, match="larger than the index"):  # ask takes every passage
+        rag.retrieve(["paris"], k=50)  # instead (tests/test_index_info.py)
     with pytest.raises(MarginError, match="not a single string"):
         rag.ask("paris", k=2)
 

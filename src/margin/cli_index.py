@@ -73,12 +73,12 @@ def index_build(
         manifest = build_index_ray(
             passages, enc, out, kind=kind, shard_size=shard_size, overwrite=overwrite,
             batch_size=batch_size, progress=True,
-            ray_config=RayConfig(address=ray_address, workers=ray_workers),
+            ray_config=RayConfig(address=ray_address, workers=ray_workers), source=corpus,
         )
     else:
         manifest = build_index(
             passages, enc, out, kind=kind, shard_size=shard_size, overwrite=overwrite,
-            batch_size=batch_size, progress=True,
+            batch_size=batch_size, progress=True, source=corpus,
         )
     typer.echo(f"indexed {manifest.passages} passages ({kind}) into {out}")
     for line in skipped_report(skipped, verbose):
@@ -147,3 +147,32 @@ def index_verify(
             typer.echo(f"margin: error: {problem}", err=True)
         raise MarginError(problems[-1])
     typer.echo(f"{index}: every check passed")
+
+
+@index_app.command("info")
+def index_info(
+    index: Annotated[str, typer.Option("--index", help="Index directory, or 'default'.")],
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object, stable keys.")] = False,
+    verify: Annotated[bool, typer.Option(
+        help="Hash every file against its sha256 (about 2 s per GB); --no-verify compares sizes "
+             "only.")] = True,
+) -> None:
+    """Kind, passages, documents, encoder, sizes, dates, corpus and checksums of an index."""
+    import json
+
+    from margin.retrieval.info import describe_index, format_info
+
+    directory = Path(index)
+    if index == "default":
+        from margin.retrieval.retriever import default_index_dir
+
+        directory = default_index_dir()
+        if not (directory / "manifest.json").is_file():
+            raise MarginError(f"the default index is not built yet ({directory}); the first "
+                              "`margin search` or `margin ask` builds it")
+    info = describe_index(directory, verify=verify)
+    if as_json:
+        typer.echo(json.dumps(info.to_json(), ensure_ascii=False))
+    else:
+        for line in format_info(info):
+            typer.echo(line)

@@ -20,6 +20,7 @@ would be nearly uniform, so their models set a larger scale (documented in docs/
 from __future__ import annotations
 
 import copy
+import logging
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +44,8 @@ LOSS_MODES: tuple[str, ...] = (*MODES, "both")  # RAG.loss also averages the two
 MAX_QUESTION_WORDS = 128  # longer questions are truncated (with a warning) to fit the context
 MAX_QUESTION_CHARS = 1000  # and so are longer ones without spaces (as the server's request bound)
 DECODINGS: tuple[str, ...] = ("greedy", "beam", "thorough", "fast")
+
+log = logging.getLogger("margin")
 
 
 @dataclass(frozen=True)
@@ -261,7 +264,7 @@ class RAG:
         id each question took (see :func:`margin.generation.decoding.decode_rag_token`).
         """
         questions = _check_questions(questions)
-        k = _given_or_default("k", k, self.default_k)
+        k = _at_most_the_index(_given_or_default("k", k, self.default_k), self._retriever())
         mode = self.default_mode if mode is None else mode
         method = decoding_method(mode, decoding)
         with torch.no_grad():
@@ -441,6 +444,17 @@ def _given_or_default(name: str, value: int | None, default: int) -> int:
     if value < 1:
         raise MarginError(f"{name} must be at least 1, got {value}")
     return value
+
+
+def _at_most_the_index(k: int, retriever: RetrieverProtocol) -> int:
+    """``k``, or every passage of an index that holds fewer (with a one-line warning): the
+    marginals of Sec. 2.1 sum over whichever top-k passages there are, so fewer are fine."""
+    n = len(retriever)
+    if k <= n:
+        return k
+    log.warning("the index holds %d passages, fewer than k=%d; using %d (pass --k %d to silence "
+                "this)", n, k, n, n)
+    return n
 
 
 def _check_questions(questions: Sequence[str]) -> list[str]:

@@ -80,6 +80,7 @@ def build_index(
     overwrite: bool = False,
     progress: bool = True,
     batch_size: int = 64,
+    source: str | Path | None = None,
 ) -> Manifest:
     """Build an index directory ``out`` from ``corpus``; resume an interrupted build of it.
 
@@ -87,8 +88,12 @@ def build_index(
     passages.
     encoder: encodes passages for dense kinds; None for ``kind="bm25"``.
     kind: "flat", "hnsw", "ivfpq" or "bm25"; defaults to ``config``'s kind, else "flat".
+    source: the folder or file that ``corpus``, given as passages, was read from (the CLI reads
+        it first, with its chunking): recorded as the manifest's ``corpus``.
     """
-    out, config, work = prepare_build(corpus, encoder, out, kind, config, shard_size, overwrite)
+    out, config, work = prepare_build(
+        corpus, encoder, out, kind, config, shard_size, overwrite, source
+    )
     try:
         passages = read_corpus(corpus) if isinstance(corpus, str | Path) else iter(corpus)
         shards = _write_shards(
@@ -108,6 +113,7 @@ def prepare_build(
     config: IndexConfig | BM25Config | None,
     shard_size: int,
     overwrite: bool,
+    source: str | Path | None = None,
 ) -> tuple[Path, IndexConfig | BM25Config, Path]:
     """Check a build request and create (or resume) its work directory: (out, config, work).
 
@@ -135,7 +141,7 @@ def prepare_build(
         )
     work = work_dir(out)
     plan = {
-        "corpus": _corpus_source(corpus),
+        "corpus": _corpus_source(corpus if source is None else source),
         "encoder": None if encoder is None else encoder.fingerprint,
         "kind": kind,
         "config": asdict(config),
@@ -164,6 +170,7 @@ def finish_build(
     store = PassageStore.open(work / "passages", [f"{s.name}.arrow" for s in shards])
     _check_unique_ids(store)
     index_file, params = _build_search(work, store, shards, config, encoder, generation=0)
+    corpus = json.loads((work / PLAN).read_text(encoding="utf-8"))["corpus"]
     now = _now()
     kind = _kind_of(config)
     manifest = Manifest(
@@ -178,6 +185,7 @@ def finish_build(
         created_at=now,
         updated_at=now,
         margin_version=_margin_version(),
+        corpus=None if corpus == "<passages>" else corpus,
     )
     manifest = replace(manifest, files=_checksums.record(work, manifest.own_files()))
     write_json_atomic(work / MANIFEST, manifest.to_json())
@@ -434,7 +442,7 @@ def _corpus_source(corpus: str | Path | Iterable[Passage]) -> str:
     if str(corpus) == "default":
         return "default"
     if isinstance(corpus, str | Path):
-        return str(Path(corpus).resolve())
+        return str(Path(corpus).expanduser().resolve())
     return "<passages>"
 
 

@@ -103,6 +103,7 @@ def build_index_ray(
     batch_size: int = 64,
     ray_config: RayConfig | None = None,
     encoder_factory: Callable[[], Encoder] | None = None,
+    source: str | Path | None = None,
 ) -> Manifest:
     """Build (or resume) the index ``out`` as :func:`margin.retrieval.build.build_index` does,
     encoding
@@ -113,13 +114,17 @@ def build_index_ray(
     encoder_factory: builds a worker's copy of the encoder, called once in each Ray actor;
         None: :func:`worker_encoder` on ``encoder.spec``, on the worker's GPU if it has one
         (the weights must be readable at the same path, or hub cache, on every node).
+    source: as :func:`~margin.retrieval.build.build_index`'s, the folder or file read into
+        ``corpus``.
     """
     ray_config = ray_config or RayConfig()
     if isinstance(config, BM25Config) or kind == "bm25":
         raise MarginError("a BM25 index needs no encoding; build it without --ray")
     if ray_config.in_flight < 1:
         raise MarginError(f"in_flight must be >= 1, got {ray_config.in_flight}")
-    out, config, work = prepare_build(corpus, encoder, out, kind, config, shard_size, overwrite)
+    out, config, work = prepare_build(
+        corpus, encoder, out, kind, config, shard_size, overwrite, source
+    )
     assert isinstance(config, IndexConfig)
     if encoder_factory is None:
         encoder_factory = functools.partial(worker_encoder, dict(encoder.spec))

@@ -73,6 +73,7 @@ class Manifest:
     margin_version: str  # margin version that wrote it
     generation: int = 0  # bumped by each add_to_index (names the new index file)
     files: dict[str, dict[str, Any]] | None = None  # path -> {"bytes", "sha256"}; None: older
+    corpus: str | None = None  # built from: a folder/file's absolute path, "default"; None: unknown
     metric: str = "ip"  # inner product, as MIPS in the paper
     format: str = FORMAT  # marker
     format_version: int = FORMAT_VERSION  # layout version

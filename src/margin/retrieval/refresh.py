@@ -97,6 +97,7 @@ def refresh_index(
         shard_size=old.manifest.shard_size,
         progress=progress,
         batch_size=batch_size,
+        source=old.manifest.corpus,
     )
 
 
