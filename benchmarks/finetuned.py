@@ -125,7 +125,7 @@ def evaluate(datasets: dict[str, Path], n: int, out: Path, zero_shot_out: Path,
     if zero_shot:
         kinds.append(("zero-shot", "default", lambda name: zero_shot_out / name / "main"))
     for kind, model, where in kinds:
-        rag = load_model(model, "default", progress=False, device=device)
+        rag = load_model(model, "auto", progress=False, device=device)  # the index it carries
         for name, path in datasets.items():
             cfg = EvalConfig(data=str(path), out=str(where(name)), limit=n, batch_size=batch_size,
                              progress=False, retrievers=("none", "dense"),
@@ -213,6 +213,8 @@ def main() -> None:
     ap.add_argument("--limit", type=int, help="finetune: margin finetune --limit (a smoke test)")
     ap.add_argument("--mode", choices=LOSS_MODES,
                     help="finetune: the objective (margin finetune --mode)")
+    ap.add_argument("--max-minutes", type=float,
+                    help="finetune: margin finetune --max-minutes (the recipe's budget)")
     ap.add_argument("--device", default="cpu", help="eval: where the models answer (cpu, cuda)")
     ap.add_argument("--modes", default="token,sequence",
                     help="eval: the RAG modes answered (closed book is always)")
@@ -239,7 +241,9 @@ def main() -> None:
                  *(["--steps", str(args.steps)] if args.steps else []),
                  *(["--precision", args.precision] if args.precision else []),
                  *(["--limit", str(args.limit)] if args.limit else []),
-                 *(["--mode", args.mode] if args.mode else [])]
+                 *(["--mode", args.mode] if args.mode else []),
+                 *(["--max-minutes", str(args.max_minutes)] if args.max_minutes is not None
+                   else [])]
         finetune(args.out, datasets, extra, args.model)
         return
     if args.write and len(datasets) < len(DATASETS):
