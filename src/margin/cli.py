@@ -189,10 +189,15 @@ def train(
     grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 3e-5,
     retriever_lr: Annotated[float | None, typer.Option(
-        help="The question encoder's peak learning rate (default: --lr).")] = None,
+        help="The question (and passage) encoder's peak learning rate (default: --lr).")] = None,
     warmup: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 0,
     freeze_retriever: Annotated[bool, typer.Option(help="Freeze the question encoder.")] = False,
     freeze_generator: Annotated[bool, typer.Option(help="Keep the generator fixed.")] = False,
+    passage_encoder: Annotated[str, typer.Option(
+        help="frozen (the paper), or train it too, re-encoding the index.")] = "frozen",
+    refresh_every: Annotated[int, typer.Option(
+        help="With a trained passage encoder: steps between index refreshes (0: at the end).")
+    ] = 0,
     target: Annotated[str, typer.Option(help="first answer, or sample one per epoch.")] = "first",
     lora: Annotated[bool, typer.Option(help="LoRA on the generator.")] = False,
     lora_r: Annotated[int, typer.Option(help="LoRA rank.")] = 16,
@@ -211,14 +216,16 @@ def train(
         help="Ray cluster for --ray-retrieval; under torchrun 'auto' (ray start --head).")] = None,
     device: Device = "auto",
 ) -> None:
-    """Fine-tune RAG end to end (Sec. 2.4): question encoder and generator learn, index frozen."""
+    """Fine-tune RAG end to end (Sec. 2.4): question encoder and generator learn, index frozen
+    (unless --passage-encoder train)."""
     from margin.training.config import TrainConfig
     from margin.training.train import run
 
     config = TrainConfig(
         mode=mode, k=k, steps=steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
         lr=lr, retriever_lr=retriever_lr, warmup=warmup, freeze_retriever=freeze_retriever,
-        freeze_generator=freeze_generator, target=target, lora=lora, lora_r=lora_r,
+        freeze_generator=freeze_generator, passage_encoder=passage_encoder,
+        refresh_every=refresh_every, target=target, lora=lora, lora_r=lora_r,
         gradient_checkpointing=gradient_checkpointing, precision=precision,
         eval_every=eval_every, save_every=save_every, seed=seed, device=device,
         max_minutes=max_minutes,

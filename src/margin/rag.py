@@ -221,16 +221,25 @@ class RAG:
         hits = retriever.retrieve_by_vector(search, k=k, with_vectors=True)
         return hits, self._scores(q, hits)
 
-    def doc_scores(self, questions: Sequence[str], hits: Retrieved) -> torch.Tensor:
+    def doc_scores(
+        self, questions: Sequence[str], hits: Retrieved, vectors: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Scores (B, k) whose softmax is p(z|x); differentiable w.r.t. the question encoder.
 
         Dense: s · d(z)ᵀq(x) with q(x) recomputed in torch (Sec. 2.4). BM25: the BM25 scores,
         constants for autograd (the paper's BM25 ablation has no retriever gradient). For hits
         retrieved here, :meth:`retrieve_scored` gives the same scores without encoding again.
+        ``vectors`` (B, k, d): d(z) to score with instead of the hits' stored vectors, e.g. from
+        a passage encoder being trained (margin.training.end2end), which then learns too.
         """
-        if hits.vectors is None or self.question_encoder is None:
+        if vectors is None and (hits.vectors is None or self.question_encoder is None):
             return self._scores(None, hits)
-        return self._scores(self.question_encoder.embed_queries(list(questions)), hits)
+        if self.question_encoder is None:
+            raise MarginError("passage vectors need a question encoder to score them against")
+        q = self.question_encoder.embed_queries(list(questions))  # (B, d)
+        if vectors is None:
+            return self._scores(q, hits)
+        return doc_scores(q, vectors, self.doc_score_scale)  # (B, k)
 
     def _scores(self, q: torch.Tensor | None, hits: Retrieved) -> torch.Tensor:
         """s · d(z)ᵀq(x) (B, k) from question vectors ``q`` (B, d); without them or the hits'
@@ -372,13 +381,15 @@ class RAG:
         mode: str | None = None,
         hits: Retrieved | None = None,
         reduction: str = "mean",
+        passage_vectors: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Negative marginal log-likelihood −log p(y|x) of the answers (Sec. 2.4), batched.
 
         ``k`` and ``mode`` default to the model's own (``default_k``, ``default_mode``), as in
         :meth:`ask`. Gradient reaches the generator and, through the document prior, the question
         encoder. Pass ``hits`` to reuse a retrieval (e.g. cached while the question encoder is
-        frozen).
+        frozen), and with them ``passage_vectors`` (B, k, d) to score them with d(z) computed by
+        the caller (a passage encoder being trained: :meth:`doc_scores`).
         ``mode="both"`` is the mean of the RAG-Token and RAG-Sequence NLLs, from one forward
         (not in the paper, which trains one model per mode: for one model decoded both ways).
         """
@@ -390,9 +401,11 @@ class RAG:
         if len(answers) != len(questions):
             raise MarginError(f"got {len(questions)} questions but {len(answers)} answers")
         if hits is None:
+            if passage_vectors is not None:
+                raise MarginError("passage_vectors score given hits; pass the hits too")
             hits, scores = self._retrieve_scored(questions, k)
         else:
-            scores = self.doc_scores(questions, hits)
+            scores = self.doc_scores(questions, hits, passage_vectors)
         doc_logprior = scores_log_prior(scores)  # (B, k)
         inputs: GenInputs = self.generator.build_inputs(list(questions), hits.passages)
         target_ids, target_mask = self.generator.build_targets(list(answers))  # (B, T)

@@ -16,6 +16,7 @@ from margin.rag import LOSS_MODES
 from margin.training.precision import PRECISIONS, autocast_dtype
 
 TARGETS = ("first", "sample")
+PASSAGE_ENCODER = ("frozen", "train")  # what `passage_encoder` may be
 
 
 @dataclass
@@ -34,13 +35,17 @@ class TrainConfig:
     batch_size: int = 4  # questions per forward/backward (micro-batch)
     grad_accum: int = 1  # micro-batches summed into each optimizer step
     lr: float = 3e-5  # AdamW peak learning rate
-    retriever_lr: float | None = None  # the question encoder's peak lr; None: `lr` (LoRA wants
-    # a far higher lr than a fully trained encoder: give them their own)
+    retriever_lr: float | None = None  # the question (and trained passage) encoder's peak lr;
+    # None: `lr` (LoRA wants a far higher lr than a fully trained encoder: give them their own)
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     warmup: int = 0  # optimizer steps of linear warm-up from 0 to `lr`, then linear decay to 0
     max_grad_norm: float = 1.0  # clip the global gradient norm to this (0: no clipping)
     freeze_retriever: bool = False  # keep the question encoder fixed (Table 6 "frozen")
     freeze_generator: bool = False  # keep the generator fixed (train only the retriever)
+    passage_encoder: str = "frozen"  # "frozen": d(z) is the index's stored vector (the paper);
+    # "train": d(z) re-encoded from the passage's text with gradient (margin.training.end2end)
+    refresh_every: int = 0  # with a trained passage encoder: steps between background index
+    # refreshes (0: re-encoded once, at the end)
     target: str = "first"  # training target: "first" gold answer, or one "sample"d per epoch
     lora: bool = False  # train LoRA adapters (peft) on the generator instead of all its weights
     lora_r: int = 16  # LoRA rank
@@ -79,7 +84,7 @@ class TrainConfig:
                      "retrieval_batch_size", "lora_r"):
             if getattr(self, name) < 1:
                 raise MarginError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("warmup", "eval_every", "save_every"):  # 0 means none / only at the end
+        for name in ("warmup", "eval_every", "save_every", "refresh_every"):  # 0: none / at the end
             if getattr(self, name) < 0:
                 raise MarginError(f"{name} must be at least 0, got {getattr(self, name)}")
         if self.steps is not None and self.steps < 1:
@@ -89,5 +94,14 @@ class TrainConfig:
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise MarginError(f"max_minutes must be positive, got {self.max_minutes}; leave it "
                               "unset for no time budget")
+        if self.passage_encoder not in PASSAGE_ENCODER:
+            raise MarginError(f"unknown passage_encoder {self.passage_encoder!r}; use 'frozen' or "
+                              "'train'")
+        if self.refresh_every and self.passage_encoder != "train":
+            raise MarginError("--refresh-every re-encodes the index with a trained passage "
+                              "encoder; add --passage-encoder train or drop it")
+        if self.passage_encoder == "train" and self.freeze_retriever:
+            raise MarginError("--freeze-retriever keeps the retriever fixed but --passage-encoder "
+                              "train trains its passage encoder; drop one of them")
         if self.freeze_generator and self.lora:
             raise MarginError("--lora trains the generator; drop it or drop --freeze-generator")

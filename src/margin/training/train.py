@@ -8,10 +8,12 @@ supervision on which passage to retrieve. What learns:
 - the question encoder q(x), through the document prior p(z|x) = softmax_z(s · d(z)ᵀq(x)),
   recomputed in torch from the passage vectors the index returns.
 
-The passage encoder d(z) and the index stay frozen: re-indexing is costly. Retrieval runs outside
-autograd, a batch at a time. When the question encoder is frozen (``freeze_retriever``, the
-paper's "frozen retriever" ablation, Table 6) or retrieval is BM25, the top-k never changes, so it
-is computed once for the whole training set and reused every epoch.
+The passage encoder d(z) and the index stay frozen, as in the paper: re-indexing is costly (with
+``passage_encoder="train"`` d(z) learns too and the index is re-encoded as it goes:
+margin.training.end2end). Retrieval runs outside autograd, a batch at a time. When the question
+encoder is frozen (``freeze_retriever``, the paper's "frozen retriever" ablation, Table 6) or
+retrieval is BM25, the top-k never changes, so it is computed once for the whole training set and
+reused every epoch.
 
 A run writes to its output directory::
 
@@ -19,6 +21,7 @@ A run writes to its output directory::
     OUT/last/       the latest model checkpoint (margin format: ``margin ask --model OUT/last``)
     OUT/best/       the checkpoint with the best dev exact match (when dev data is given)
     OUT/state/      what ``--resume`` needs (margin.checkpoint): weights, optimizer, RNGs, position
+    OUT/refresh/    with a trained passage encoder: its snapshots and the re-encoded indexes
 
 Example::
 
@@ -51,7 +54,6 @@ import torch
 from margin.checkpoint import (
     load_state,
     read_state_record,
-    save_checkpoint,
     save_state,
     trainable_tensors,
 )
@@ -60,6 +62,7 @@ from margin.errors import MarginError, require
 from margin.evaluation.examples import Example
 from margin.evaluation.metrics import exact_match
 from margin.rag import RAG
+from margin.retrieval.encoders import Encoder
 from margin.retrieval.retriever import Retrieved, ensure_default_bm25_index
 from margin.training.config import TrainConfig
 from margin.training.data_parallel import (
@@ -71,6 +74,7 @@ from margin.training.data_parallel import (
     sum_value,
     with_ray_retrieval,
 )
+from margin.training.end2end import PassageTower, load_passage_encoder, save_with_index
 from margin.training.precision import FrozenCasts, autocast_dtype
 from margin.training.schedule import (
     lr_factor,
@@ -133,12 +137,13 @@ class TopK:
 class _Parts:
     """What the loop holds besides the RAG."""
 
-    modules: dict[str, torch.nn.Module]  # "generator" and "question_encoder", whatever trains
+    modules: dict[str, torch.nn.Module]  # "generator", "question_encoder", "passage_encoder"
     params: dict[str, torch.nn.Parameter]  # their trainable parameters, by name
     peft_model: Any  # the LoRA wrapper of the generator, or None
     device: torch.device
     dtype: torch.dtype | None  # autocast dtype, None for fp32
     casts: FrozenCasts | None = None  # LoRA's frozen weights kept in `dtype` too
+    passage_encoder: Encoder | None = None  # d(z), when it trains (margin.training.end2end)
 
 
 def prepare(rag: RAG, config: TrainConfig) -> _Parts:
@@ -176,6 +181,10 @@ def prepare(rag: RAG, config: TrainConfig) -> _Parts:
         encoder.module.to(device)
         encoder.module.requires_grad_(learn_q)
         modules["question_encoder"] = encoder.module
+    passages = None
+    if config.passage_encoder == "train":  # a copy of the index's own, learning from here on
+        passages = load_passage_encoder(rag, str(device))
+        modules["passage_encoder"] = passages.module.requires_grad_(True)
     if config.gradient_checkpointing:
         _enable_checkpointing(rag, learn_g, learn_q)
     for module in modules.values():
@@ -183,16 +192,18 @@ def prepare(rag: RAG, config: TrainConfig) -> _Parts:
     params = trainable_tensors(modules)
     dtype = autocast_dtype(config.precision, device)
     casts = FrozenCasts(gen_model, dtype) if dtype is not None and peft_model is not None else None
-    return _Parts(modules, params, peft_model, device, dtype, casts)
+    return _Parts(modules, params, peft_model, device, dtype, casts, passages)
 
 
 def param_groups(params: dict[str, torch.nn.Parameter], config: TrainConfig) -> list[dict]:
-    """AdamW's parameter groups: one at ``lr``, or, with ``retriever_lr``, the question encoder's
-    parameters in a second group at that rate (the schedule scales both alike)."""
+    """AdamW's parameter groups: one at ``lr``, or, with ``retriever_lr``, the question (and a
+    trained passage) encoder's parameters in a second group at that rate (the schedule scales
+    both alike)."""
     if config.retriever_lr is None:
         return [{"params": list(params.values()), "lr": config.lr}]
-    encoder = [p for n, p in params.items() if n.startswith("question_encoder.")]
-    rest = [p for n, p in params.items() if not n.startswith("question_encoder.")]
+    towers = ("question_encoder.", "passage_encoder.")
+    encoder = [p for n, p in params.items() if n.startswith(towers)]
+    rest = [p for n, p in params.items() if not n.startswith(towers)]
     groups = [{"params": rest, "lr": config.lr}, {"params": encoder, "lr": config.retriever_lr}]
     return [g for g in groups if g["params"]]
 
@@ -274,8 +285,13 @@ def train(
             f"--device {config.device} would put all {world.size} processes on one GPU; each "
             "takes its own (LOCAL_RANK) with --device auto or cuda"
         )
+    if world.size > 1 and config.passage_encoder == "train":
+        raise MarginError("--passage-encoder train re-encodes the index in one process; drop it "
+                          "or run without torchrun")
     start_time = _clock()
     parts = prepare(rag, config)
+    tower = None if parts.passage_encoder is None else PassageTower(
+        parts.passage_encoder, out / "refresh", config.refresh_every, str(parts.device))
     n, total = len(examples), total_steps(len(examples), config)
     planned = total  # the length asked for; `total` is cut to fit config.max_minutes
     data_id = _data_fingerprint(examples)
@@ -298,6 +314,8 @@ def train(
         best = tuple(record["best"]) if record.get("best") else None  # type: ignore[assignment]
         if world.main and "log_bytes" in record:  # the lines of steps after the save are redone
             _truncate(out / "log.jsonl", record["log_bytes"])
+        if tower is not None:  # on the index the run was using, its pending refresh going on
+            tower.resume(rag, record)
     elif state_dir.exists():
         raise MarginError(f"{out} already holds a training run; pass --resume or a new --out")
     elif world.main and (out / "log.jsonl").exists():  # a run stopped before its first save:
@@ -306,7 +324,7 @@ def train(
     learn_q = "question_encoder" in parts.modules and any(
         p.requires_grad for p in parts.modules["question_encoder"].parameters()
     )
-    topk = TopK(rag, [e.input for e in examples], config.k, cached=not learn_q,
+    topk = TopK(rag, [e.input for e in examples], config.k, cached=not learn_q and tower is None,
                 batch=config.retrieval_batch_size)
     batches = micro_batches(n, config, epoch, position)
     decode_mode = "token" if config.mode == "both" else config.mode  # for dev EM and checkpoints
@@ -315,83 +333,96 @@ def train(
     seen, tick = 0, time.perf_counter()
     timed_from: tuple[int, float] | None = None  # (step, elapsed s) after this call's first step
     loss_value = float("nan")
-    while step < total:
-        optimizer.zero_grad(set_to_none=True)
-        step_loss = 0.0
-        with parts.casts.active() if parts.casts else nullcontext():
-            for _ in range(config.grad_accum):
-                rows, epoch, position = next(batches)
-                mine = world.shard(rows)
-                seen += len(rows)
-                if not len(mine):  # a short last batch with fewer rows than processes
-                    continue
-                # this process's share of the micro-batch mean: its rows' mean x its share of rows
-                loss = _batch_loss(rag, examples, mine, epoch, topk, config, parts)
-                scaled = loss * (len(mine) / len(rows)) / config.grad_accum
-                (scaler.scale(scaled) if scaler else scaled).backward()
-                step_loss += scaled.item()
-        sum_gradients(list(parts.params.values()), world)
-        step_loss = sum_value(step_loss, world)
-        if scaler:
-            scaler.unscale_(optimizer)
-        grads = [p for p in parts.params.values() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(
-            grads, config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
-        )
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        step += 1
-        window.append(step_loss)
-        if config.max_minutes is not None:  # before the scheduler's step: the next lr sees a cut
-            # every process reads the same clock (the mean of theirs), so they agree on the cut
-            elapsed = sum_value(_clock() - start_time, world) / world.size
-            if timed_from is None:  # the first step pays one-off costs: time from its end
-                timed_from = (step, elapsed)
-            elif step - timed_from[0] >= 2:
-                step_s = (elapsed - timed_from[1]) / (step - timed_from[0])
-                fit = steps_within(60 * config.max_minutes, elapsed, step, step_s, total)
-                if fit < total:
-                    _cut_to_budget(out, world, bar, config.max_minutes, step_s, planned, fit,
-                                   first=total == planned)
-                    total = fit
-        scheduler.step()
-        record: dict[str, Any] = {"step": step, "epoch": epoch, "loss": step_loss,
-                                  "lr": scheduler.get_last_lr()[0], "grad_norm": float(norm)}
-        if step % config.log_every == 0 or step == total:
-            elapsed = time.perf_counter() - tick
-            loss_value = sum(window) / len(window)
-            record.update(mean_loss=loss_value, examples_per_s=seen / max(elapsed, 1e-9),
-                          elapsed_s=_clock() - start_time)
-            if world.main:
-                _append(out / "log.jsonl", record)
-            if bar is not None:
-                bar.set_postfix(loss=f"{loss_value:.3f}", ex_s=f"{seen / max(elapsed, 1e-9):.2f}")
-                bar.update(config.log_every if step % config.log_every == 0 else step - bar.n)
-            window, seen, tick = [], 0, time.perf_counter()
-        evaluate_now = dev and world.main and (
-            step == total or (config.eval_every and step % config.eval_every == 0)
-        )
-        if evaluate_now:
-            assert dev is not None
-            subset = list(dev)[: config.eval_limit] if config.eval_limit else list(dev)
-            em = evaluate(rag, subset, config.k, decode_mode, config.eval_batch_size)
-            _append(out / "log.jsonl", {"step": step, "dev_em": em, "dev_n": len(subset)})
-            if best is None or em > best[0]:
-                best = (em, step)
-                save_checkpoint(rag, out / "best", parts.peft_model, decode_mode, config.k)
-        saving = step == total or (config.save_every and step % config.save_every == 0)
-        if saving and world.main:
-            save_checkpoint(rag, out / "last", parts.peft_model, decode_mode, config.k)
-            save_state(state_dir, parts.params, optimizer, scheduler, {
-                "step": step, "epoch": epoch, "position": position, "total": total,
-                "best": list(best) if best else None, "config": asdict(config),
-                "model": model_name, "data": data_id, "log_bytes": _size(out / "log.jsonl"),
-            })
-        if on_step is not None:
-            on_step(record)
+    try:
+        while step < total:
+            if tower is not None:  # between two steps: a step never retrieves from two indexes
+                _note(out, tower.before_step(rag, step))
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            with parts.casts.active() if parts.casts else nullcontext():
+                for _ in range(config.grad_accum):
+                    rows, epoch, position = next(batches)
+                    mine = world.shard(rows)
+                    seen += len(rows)
+                    if not len(mine):  # a short last batch with fewer rows than processes
+                        continue
+                    # this process's share of the micro-batch mean: its rows' mean x its share
+                    loss = _batch_loss(rag, examples, mine, epoch, topk, config, parts, tower)
+                    scaled = loss * (len(mine) / len(rows)) / config.grad_accum
+                    (scaler.scale(scaled) if scaler else scaled).backward()
+                    step_loss += scaled.item()
+            sum_gradients(list(parts.params.values()), world)
+            step_loss = sum_value(step_loss, world)
+            if scaler:
+                scaler.unscale_(optimizer)
+            grads = [p for p in parts.params.values() if p.grad is not None]
+            norm = torch.nn.utils.clip_grad_norm_(
+                grads, config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
+            )
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            step += 1
+            window.append(step_loss)
+            if config.max_minutes is not None:  # before the scheduler's step: the next lr sees it
+                # every process reads the same clock (the mean of theirs), so they agree on a cut
+                elapsed = sum_value(_clock() - start_time, world) / world.size
+                if timed_from is None:  # the first step pays one-off costs: time from its end
+                    timed_from = (step, elapsed)
+                elif step - timed_from[0] >= 2:
+                    step_s = (elapsed - timed_from[1]) / (step - timed_from[0])
+                    fit = steps_within(60 * config.max_minutes, elapsed, step, step_s, total)
+                    if fit < total:
+                        _cut_to_budget(out, world, bar, config.max_minutes, step_s, planned, fit,
+                                       first=total == planned)
+                        total = fit
+            scheduler.step()
+            record: dict[str, Any] = {"step": step, "epoch": epoch, "loss": step_loss,
+                                      "lr": scheduler.get_last_lr()[0], "grad_norm": float(norm)}
+            if step % config.log_every == 0 or step == total:
+                elapsed = time.perf_counter() - tick
+                loss_value = sum(window) / len(window)
+                record.update(mean_loss=loss_value, examples_per_s=seen / max(elapsed, 1e-9),
+                              elapsed_s=_clock() - start_time)
+                if world.main:
+                    _append(out / "log.jsonl", record)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss_value:.3f}",
+                                    ex_s=f"{seen / max(elapsed, 1e-9):.2f}")
+                    bar.update(config.log_every if step % config.log_every == 0 else step - bar.n)
+                window, seen, tick = [], 0, time.perf_counter()
+            if tower is not None:  # a background refresh every N steps; the last one here
+                _note(out, tower.after_step(rag, step, total, progress))
+            evaluate_now = dev and world.main and (
+                step == total or (config.eval_every and step % config.eval_every == 0)
+            )
+            if evaluate_now:
+                assert dev is not None
+                subset = list(dev)[: config.eval_limit] if config.eval_limit else list(dev)
+                em = evaluate(rag, subset, config.k, decode_mode, config.eval_batch_size)
+                _append(out / "log.jsonl", {"step": step, "dev_em": em, "dev_n": len(subset)})
+                if best is None or em > best[0]:
+                    best = (em, step)
+                    save_with_index(rag, out / "best", tower, parts.peft_model, decode_mode,
+                                    config.k)
+            saving = step == total or (config.save_every and step % config.save_every == 0)
+            if saving and world.main:
+                save_with_index(rag, out / "last", tower, parts.peft_model, decode_mode, config.k)
+                save_state(state_dir, parts.params, optimizer, scheduler, {
+                    "step": step, "epoch": epoch, "position": position, "total": total,
+                    "best": list(best) if best else None, "config": asdict(config),
+                    "model": model_name, "data": data_id, "log_bytes": _size(out / "log.jsonl"),
+                    **(tower.state(rag) if tower is not None else {}),
+                })
+                if tower is not None:
+                    tower.prune(rag)
+            if on_step is not None:
+                on_step(record)
+    finally:
+        if tower is not None:  # a refresh still running is stopped
+            tower.close()
     if bar is not None:
         bar.close()
     for module in parts.modules.values():
@@ -425,9 +456,10 @@ def _cut_to_budget(out: Path, world: World, bar, minutes: float, step_s: float, 
 
 def _batch_loss(
     rag: RAG, examples: Sequence[Example], rows: np.ndarray, epoch: int, topk: TopK,
-    config: TrainConfig, parts: _Parts,
+    config: TrainConfig, parts: _Parts, tower: PassageTower | None = None,
 ) -> torch.Tensor:
-    """Mean −log p(y|x) of one micro-batch (Sec. 2.4), retrieval outside autograd."""
+    """Mean −log p(y|x) of one micro-batch (Sec. 2.4), retrieval outside autograd; with a
+    trained passage encoder (``tower``) the passages' vectors are re-encoded with gradient."""
     batch = [examples[i] for i in rows]
     targets = [
         pick_target(e.answers, config.target, random.Random(f"{config.seed}:{epoch}:{i}"))
@@ -438,7 +470,9 @@ def _batch_loss(
     ctx = (torch.autocast(parts.device.type, dtype=parts.dtype) if parts.dtype is not None
            else nullcontext())
     with ctx:
-        return rag.loss([e.input for e in batch], targets, k=config.k, mode=config.mode, hits=hits)
+        vectors = None if tower is None else tower.vectors(hits)  # (B, k, d)
+        return rag.loss([e.input for e in batch], targets, k=config.k, mode=config.mode, hits=hits,
+                        passage_vectors=vectors)
 
 
 def _check_resumable(record: dict[str, Any], config: TrainConfig, model: str, data: str) -> None:
@@ -446,7 +480,7 @@ def _check_resumable(record: dict[str, Any], config: TrainConfig, model: str, da
     for f in fields(TrainConfig):
         if f.name in _RESUMABLE_CHANGES:
             continue
-        if saved.get(f.name) != getattr(config, f.name):
+        if saved.get(f.name, f.default) != getattr(config, f.name):  # new fields: the default
             raise MarginError(
                 f"--resume with {f.name}={getattr(config, f.name)!r} but the run used "
                 f"{saved.get(f.name)!r}; resume with the original settings or use a new --out"
@@ -466,6 +500,11 @@ def _data_fingerprint(examples: Sequence[Example]) -> str:
     for e in examples:
         h.update(json.dumps([e.input, list(e.answers)]).encode())
     return h.hexdigest()[:16]
+
+
+def _note(out: Path, record: dict[str, Any] | None) -> None:
+    if record is not None:
+        _append(out / "log.jsonl", record)
 
 
 def _size(path: Path) -> int:
