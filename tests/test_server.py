@@ -399,16 +399,17 @@ def test_a_streamed_answer_survives_a_failure_in_its_batch_without_repeating_tok
 
 def test_a_prompt_too_long_for_the_generator_fails_only_its_own_request(world, llama, monkeypatch):
     """A realistic failure: a causal generator with a short context and a long question. Each
-    request gets, batched, exactly what it gets alone."""
+    request gets, batched, exactly what it gets alone. (Micro-batched: continuous batching's
+    prefill groups are tests/test_continuous_batching.py's.)"""
     root, _ = world
     generator = CausalGenerator(llama.model, llama.tokenizer, CausalFormat(max_prompt_length=64))
     rag = RAG(generator, Retriever(open_index(root / "2016"), QuestionKeywords(KEYWORDS)),
               default_decode=DecodeConfig(max_new_tokens=3), default_k=2)
     long_question = "capital of germany " + "where is the tower " * 20  # about 90 tokens
     bodies = ({"question": QUESTIONS[0]}, {"question": long_question})
-    with TestClient(create_app(rag, None, ServeConfig())) as c:
+    with TestClient(create_app(rag, None, ServeConfig(continuous_batching=False))) as c:
         alone = [c.post("/v1/ask", json=b) for b in bodies]
-    app = create_app(rag, None, ServeConfig(batch=BATCH_OF_TWO))
+    app = create_app(rag, None, ServeConfig(batch=BATCH_OF_TWO, continuous_batching=False))
     calls = poison(app, monkeypatch, MarginError("unused"))  # nothing is POISON: records calls
     with TestClient(app) as c:
         batched = post_together(c, *bodies)
@@ -697,3 +698,18 @@ def test_margin_serve_is_a_command_with_the_documented_options():
     assert result.exit_code == 0
     for option in ("--model", "--index", "--host", "--port", "--index-root"):
         assert option in result.output
+
+
+def test_margin_serve_flags_reach_its_config(monkeypatch, capsys):
+    import margin.serving.server
+    from margin.cli import main
+
+    seen: list[ServeConfig] = []
+    monkeypatch.setattr(margin.serving.server, "serve", lambda model, indexes, c: seen.append(c))
+    assert main(["serve", "--passage-cache-mb", "8", "--no-continuous-batching"]) == 0
+    assert seen[0].passage_cache_mb == 8 and seen[0].continuous_batching is False
+    assert main(["serve", "--continuous-batching"]) == main(["serve"]) == 0
+    assert all(c.passage_cache_mb is None and c.continuous_batching for c in seen[1:])
+    capsys.readouterr()
+    assert main(["serve", "--passage-cache-mb", "-1"]) != 0 and len(seen) == 3
+    assert "--passage-cache-mb is -1" in capsys.readouterr().err

@@ -310,12 +310,30 @@ def decode_rag_token(
     beams = beam_search(next_logprobs, advance, B, gen, cfg, track,
                         drop_finished=on_token is None).cpu()
     assert beams.track is not None
-    prior = prior.cpu()
     R = cfg.num_return_sequences
-    tokens, lengths = beams.tokens[:, :R], beams.lengths[:, :R]  # (B, R, L)
+    return token_decoded(gen, prior.cpu(), beams.tokens[:, :R], beams.lengths[:, :R],
+                         beams.filled[:, :R], beams.track[:, :R])
+
+
+def token_decoded(
+    gen: Generator,
+    prior: torch.Tensor,
+    tokens: torch.Tensor,
+    lengths: torch.Tensor,
+    filled: torch.Tensor,
+    track: torch.Tensor,
+) -> list[Decoded]:
+    """RAG-Token hypotheses as answers: their marginal log p(y|x) (Sec. 2.1) and provenance
+    from the per-passage token scores the search kept.
+
+    ``prior`` (B, k) log p(z|x); ``tokens`` (B, R, L) and ``lengths`` (B, R) the R best
+    hypotheses of each question, ``filled`` (B, R) which exist; ``track`` (B, R, L, k) their
+    tokens' log p(y_i|x,z,y_<i). Also continuous batching's (margin.generation.continuous).
+    """
+    B, R = tokens.shape[:2]
     # per-passage token scores, kept by the search: log p(y_i|x,z,y_<i) (B*R, k, L)
     flat_mask = _score_mask(tokens.flatten(0, 1), lengths.flatten(), gen)  # (B*R, L)
-    tok_lp = beams.track[:, :R].flatten(0, 1).transpose(1, 2)  # (B*R, k, L)
+    tok_lp = track.flatten(0, 1).transpose(1, 2)  # (B*R, k, L)
     tok_lp = tok_lp.masked_fill(~flat_mask[:, None, :], 0.0)
     pri = prior.repeat_interleave(R, 0)  # (B*R, k)
     logprob = rag_token_logprob(pri, tok_lp, flat_mask)  # (B*R,)
@@ -326,7 +344,7 @@ def decode_rag_token(
         hyps = []
         for r in range(R):
             i, n = b * R + r, int(lengths[b, r])
-            if not bool(beams.filled[b, r]):
+            if not bool(filled[b, r]):
                 continue
             ids = tuple(tokens[b, r, :n].tolist())
             hyps.append(

@@ -105,6 +105,16 @@ class GrowingCache(DynamicCache):
     ):
         Cache.__init__(self, layers=[GrowingLayer(k, v, rows, room) for k, v in layers])
 
+    @classmethod
+    def over(cls, buffers: Sequence[KV], length: int) -> GrowingCache:
+        """A cache over per-layer (keys, values) buffers (n, h, length + room, d_head) that the
+        caller filled up to ``length``, taken as they are (no copy); the rest is room."""
+        cache = cls([(k[:, :, :0], v[:, :, :0]) for k, v in buffers], room=0)
+        for layer, (k, v) in zip(cache.layers, buffers, strict=True):
+            layer._k, layer._v, layer.room = k, v, k.shape[-2] - length  # type: ignore[union-attr]
+            layer._view(length)  # type: ignore[union-attr]
+        return cache
+
 
 @dataclass
 class PromptCache:

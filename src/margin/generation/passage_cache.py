@@ -36,6 +36,7 @@ SmolLM2-135M (30 layers, 3 KV heads of 64) that is 46,080 bytes, so a 150-token 
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -57,40 +58,47 @@ class HeadSpan:
 
 
 class PassageCache:
-    """KV blocks of token spans, least recently used evicted first, at most ``max_bytes``."""
+    """KV blocks of token spans, least recently used evicted first, at most ``max_bytes``.
+
+    Safe to share between threads (``margin serve`` prefills on two workers).
+    """
 
     def __init__(self, max_bytes: int):
         self.max_bytes = int(max_bytes)
         self.bytes = 0
         self.hits = self.misses = 0
         self._entries: OrderedDict[tuple, list[KV]] = OrderedDict()
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def get(self, key: tuple) -> list[KV] | None:
-        kv = self._entries.get(key)
-        if kv is None:
-            self.misses += 1
-            return None
-        self.hits += 1
-        self._entries.move_to_end(key)
-        return kv
+        with self._lock:
+            kv = self._entries.get(key)
+            if kv is None:
+                self.misses += 1
+                return None
+            self.hits += 1
+            self._entries.move_to_end(key)
+            return kv
 
     def put(self, key: tuple, kv: list[KV]) -> None:
         """Keep ``kv`` (per layer (1, h, n, d_head)) unless it alone is over the bound."""
         size = kv_bytes(kv)
-        if size > self.max_bytes or key in self._entries:
-            return
-        while self.bytes + size > self.max_bytes:
-            _, old = self._entries.popitem(last=False)
-            self.bytes -= kv_bytes(old)
-        self._entries[key] = kv
-        self.bytes += size
+        with self._lock:
+            if size > self.max_bytes or key in self._entries:
+                return
+            while self.bytes + size > self.max_bytes:
+                _, old = self._entries.popitem(last=False)
+                self.bytes -= kv_bytes(old)
+            self._entries[key] = kv
+            self.bytes += size
 
     def clear(self) -> None:
-        self._entries.clear()
-        self.bytes = 0
+        with self._lock:
+            self._entries.clear()
+            self.bytes = 0
 
 
 def kv_bytes(kv: Sequence[KV]) -> int:

@@ -30,5 +30,8 @@ class ServeConfig:
     max_new_tokens: int = 64  # longest answer a request may ask for, in tokens
     timeout_s: float = 60.0  # per-request limit, queueing included; 504 after it
     batch: BatchConfig = field(default_factory=BatchConfig)  # micro-batching (max_batch=1: off)
+    continuous_batching: bool = True  # RAG-Token greedy joins the running decode between steps
+    max_running_rows: int = 40  # (question, passage) rows decoding at once; a larger request: alone
+    passage_cache_mb: float | None = None  # causal passage KV cache (MiB); None: the model's (off)
     cors_origins: tuple[str, ...] = ()  # origins allowed cross-site; empty: CORS off
     device: str = "auto"  # where the networks run: auto (CUDA if any, else CPU), cpu, cuda[:N]

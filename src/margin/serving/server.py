@@ -8,8 +8,11 @@ and carries it to the end, so requests in flight finish on the index they starte
 ones use the new one; every response names the index id and version (a hash of its manifest) that
 answered it.
 
-One worker thread runs the model (margin.serving.batching), so concurrent requests are
-micro-batched and the model is never run by two threads at once. Inputs are bounded (body size,
+Two worker threads run the model. RAG-Token greedy requests on a causal model decode in one
+running batch that new requests join between steps (margin.serving.continuous, on by default:
+``ServeConfig.continuous_batching``); every other request (beam search, RAG-Sequence, search, and
+all of a seq2seq model's) is micro-batched on the other (margin.serving.batching), so a slow
+RAG-Sequence request never holds a token request behind it. Inputs are bounded (body size,
 questions, their length, k, beams, answer length) with a 4xx JSON error naming the field
 (margin.serving.schemas, margin.serving.http_errors); a request that runs past ``timeout_s`` gets
 a 504; nothing returns a stack trace. Answers can be streamed token by token
@@ -48,6 +51,11 @@ from margin.model_config import AUTO_INDEX
 from margin.rag import RAG
 from margin.serving.batching import BatcherBusy, MicroBatcher
 from margin.serving.config import ADMIN_TOKEN_ENV, ServeConfig
+from margin.serving.continuous import (
+    ContinuousBatcher,
+    decodes_continuously,
+    joins_running_batch,
+)
 from margin.serving.http_errors import ApiError, BodyLimit, install_errors
 from margin.serving.registry import (
     INDEX_NAME,
@@ -91,20 +99,34 @@ def create_app(
     """The service: ``rag`` answering over ``indexes`` (id -> directory or "default"; the first
     is active), or over ``rag``'s own index, registered as "default", when ``indexes`` is None."""
     config = config or ServeConfig()
+    _set_passage_cache(rag, config.passage_cache_mb)
     registry = start_registry(rag, indexes)
     batcher = MicroBatcher(run_batch, config.batch, name="margin-model")
+    continuous = None  # the running batch of RAG-Token greedy requests, when it applies
+    if config.continuous_batching and decodes_continuously(rag.generator):
+        continuous = ContinuousBatcher(rag.generator, run_batch, config.max_running_rows,
+                                       config.batch.max_pending)
     fingerprint = encoder_fingerprint(rag)
+
+    def worker(key: AskKey | SearchKey) -> MicroBatcher | ContinuousBatcher:
+        """Where a request waits: the running batch, or the micro-batcher."""
+        if continuous is not None and joins_running_batch(key):
+            return continuous
+        return batcher
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
         yield
         batcher.close()
+        if continuous is not None:
+            continuous.close()
 
     app = FastAPI(
         title="margin", summary="Retrieval-Augmented Generation with provenance",
         docs_url=None, redoc_url=None, lifespan=lifespan,  # the docs UIs load a CDN
     )
     app.state.registry, app.state.batcher, app.state.config = registry, batcher, config
+    app.state.continuous = continuous
     app.openapi = openapi_with_bounds(app, config)  # type: ignore[method-assign]
     install_errors(app)
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
@@ -127,7 +149,7 @@ def create_app(
     @app.get("/readyz")
     def readyz() -> JSONResponse:
         """Readiness: the model and an active index are loaded and the model worker runs."""
-        ready = batcher.alive
+        ready = batcher.alive and (continuous is None or continuous.alive)
         body = {"ready": ready, "index": registry.active.describe()}
         return JSONResponse(body, status_code=200 if ready else 503)
 
@@ -198,8 +220,9 @@ def create_app(
         entry = registry.active  # this request's index, whatever is switched meanwhile
         key = ask_key(body, entry, config)
         if body.stream:
-            return await stream_answers(batcher, entry, key, questions, config.timeout_s)
-        answers = await _wait(batcher, key, [Question(q) for q in questions], config.timeout_s)
+            return await stream_answers(worker(key), entry, key, questions, config.timeout_s)
+        answers = await _wait(worker(key), key, [Question(q) for q in questions],
+                              config.timeout_s)
         return _named(entry, answers_json(entry, answers))
 
     @app.get("/", response_class=HTMLResponse)
@@ -243,7 +266,9 @@ def run_batch(key: AskKey | SearchKey, items: list[Question]) -> list[Any]:
     )
 
 
-async def _wait(batcher: MicroBatcher, key, items: list[Question], timeout: float) -> list:
+async def _wait(
+    batcher: MicroBatcher | ContinuousBatcher, key, items: list[Question], timeout: float
+) -> list:
     """Queue the work for the model worker and wait for it, within the request timeout."""
     try:
         future = batcher.submit(key, items)
@@ -258,6 +283,16 @@ async def _wait(batcher: MicroBatcher, key, items: list[Question], timeout: floa
     except Exception:
         log.exception("request failed")
         raise ApiError(500, "internal error") from None
+
+
+def _set_passage_cache(rag: RAG, mb: float | None) -> None:
+    """``ServeConfig.passage_cache_mb`` onto a causal generator (None: leave it as built)."""
+    if mb is None:
+        return
+    if not mb >= 0:
+        raise MarginError(f"--passage-cache-mb is {mb}; give 0 (off) or more MiB")
+    if hasattr(rag.generator, "set_passage_cache"):
+        rag.generator.set_passage_cache(int(mb * 2**20))
 
 
 # ----------------------------------------------------------------------------- admin

@@ -14,7 +14,7 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi.responses import StreamingResponse
 
@@ -24,6 +24,9 @@ from margin.serving.batching import BatcherBusy, MicroBatcher
 from margin.serving.http_errors import ApiError
 from margin.serving.registry import IndexEntry
 from margin.serving.schemas import AskKey, answers_json
+
+if TYPE_CHECKING:
+    from margin.serving.continuous import ContinuousBatcher
 
 log = logging.getLogger("margin.serving.server")  # the service's one log, whichever module writes
 
@@ -66,7 +69,8 @@ class Question:
 
 
 async def stream_answers(
-    batcher: MicroBatcher, entry: IndexEntry, key: AskKey, questions: list[str], timeout: float
+    batcher: MicroBatcher | ContinuousBatcher, entry: IndexEntry, key: AskKey,
+    questions: list[str], timeout: float,
 ) -> StreamingResponse:
     """Server-sent events: ``token`` events as RAG-Token greedy decides them, then ``answer``
     (the same JSON as without streaming) or ``error``."""
