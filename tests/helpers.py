@@ -115,6 +115,36 @@ class TableEncoder(KeywordEncoder):
         return np.stack([self.table[p.id] for p in passages])
 
 
+def make_pdf(pages: list[str], title: str) -> bytes:
+    """A minimal PDF written by hand: one Helvetica text line per page, a metadata title."""
+    objects = {
+        1: b"<< /Type /Catalog /Pages 2 0 R >>",
+        3: b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+        4: b"<< /Title (" + title.encode() + b") >>",
+    }
+    kids = []
+    for i, text in enumerate(pages):
+        page, content = 5 + 2 * i, 6 + 2 * i
+        kids.append(f"{page} 0 R")
+        stream = f"BT /F1 12 Tf 72 720 Td ({text}) Tj ET".encode()
+        objects[page] = (
+            f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] "
+            f"/Resources << /Font << /F1 3 0 R >> >> /Contents {content} 0 R >>"
+        ).encode()
+        objects[content] = b"<< /Length %d >>\nstream\n%s\nendstream" % (len(stream), stream)
+    objects[2] = f"<< /Type /Pages /Kids [{' '.join(kids)}] /Count {len(pages)} >>".encode()
+    out, offsets = bytearray(b"%PDF-1.4\n"), {}
+    for number in sorted(objects):
+        offsets[number] = len(out)
+        out += b"%d 0 obj\n%s\nendobj\n" % (number, objects[number])
+    xref, size = len(out), max(objects) + 1
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % size
+    out += b"".join(b"%010d 00000 n \n" % offsets[n] for n in range(1, size))
+    out += b"trailer\n<< /Size %d /Root 1 0 R /Info 4 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (
+        size, xref)
+    return bytes(out)
+
+
 # A tiny corpus: the keyword in each title is the hand-obvious answer to a one-word query.
 DOCS = [
     {"title": "Paris", "text": "Paris is the capital of France and sits on a river."},

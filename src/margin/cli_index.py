@@ -76,9 +76,12 @@ def index_build(
             ray_config=RayConfig(address=ray_address, workers=ray_workers), source=corpus,
         )
     else:
+        from margin.retrieval.sync import reading_record
+
         manifest = build_index(
             passages, enc, out, kind=kind, shard_size=shard_size, overwrite=overwrite,
             batch_size=batch_size, progress=True, source=corpus,
+            document_folders=reading_record(corpus, Chunking(chunk_words, chunk_overlap), glob),
         )
     typer.echo(f"indexed {manifest.passages} passages ({kind}) into {out}")
     for line in skipped_report(skipped, verbose):
@@ -104,17 +107,65 @@ def index_add(
     from margin.retrieval.encoders import load_encoder_from_spec
     from margin.retrieval.passages import Chunking, read_corpus
     from margin.retrieval.reader import open_index
+    from margin.retrieval.sync import reading_record
 
     skipped: list = []
-    passages = read_corpus(corpus, Chunking(chunk_words, chunk_overlap), glob, skipped)
+    chunking = Chunking(chunk_words, chunk_overlap)
+    passages = read_corpus(corpus, chunking, glob, skipped)
     where = str(resolve_device(device))
     manifest = open_index(index).manifest
     enc = None if manifest.encoder is None else load_encoder_from_spec(
         manifest.encoder["spec"], device=where)
-    new = add_to_index(index, passages, enc, batch_size=batch_size, progress=True)
+    new = add_to_index(index, passages, enc, batch_size=batch_size, progress=True,
+                       document_folders=reading_record(corpus, chunking, glob))
     typer.echo(f"{index} now holds {new.passages} passages (+{new.passages - manifest.passages})")
     for line in skipped_report(skipped, verbose):
         typer.echo(line)
+
+
+@index_app.command("sync")
+def index_sync(
+    index: Annotated[Path, typer.Option("--index", help="Index directory to bring in step.")],
+    corpus: Annotated[Path | None, typer.Option(
+        help="The folder of documents (default: the one folder the index was built from).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Encoding batch size.")] = 64,
+    device: Device = "auto",
+    chunk_words: Annotated[int | None, typer.Option(
+        help="Most words in a passage (default: as the index was built).")] = None,
+    chunk_overlap: Annotated[int | None, typer.Option(
+        help="Words a passage repeats from the one before (default: as built).")] = None,
+    glob: Annotated[str | None, typer.Option(
+        help="Which files of the folder, e.g. '*.md' (default: as built).")] = None,
+    verbose: Verbose = False,
+) -> None:
+    """Add new files, re-encode changed ones, remove deleted ones; the rest is not re-encoded."""
+    from margin.retrieval.documents import skipped_report
+    from margin.retrieval.sync import sync_index
+
+    report = sync_index(
+        index, corpus, chunk_words=chunk_words, chunk_overlap=chunk_overlap, glob=glob,
+        batch_size=batch_size, device=device,
+    )
+    typer.echo(report.summary())
+    for line in skipped_report(report.skipped, verbose):
+        typer.echo(line)
+
+
+@index_app.command("remove")
+def index_remove(
+    index: Annotated[Path, typer.Option("--index", help="Index directory to remove from.")],
+    source: Annotated[str | None, typer.Option(
+        help="The document's path as search results show it (or its absolute path).")] = None,
+    id: Annotated[str | None, typer.Option(
+        "--id", help="A passage id, or a document id whose passages are ID-1, ID-2, ...")
+    ] = None,
+) -> None:
+    """Remove one document's passages (no re-encoding; see docs/documents.md for the cost)."""
+    from margin.retrieval.sync import remove_document
+
+    removed, manifest = remove_document(index, source, id)
+    typer.echo(f"removed {removed} passages from {index} ({manifest.passages} left)")
 
 
 @index_app.command("refresh")

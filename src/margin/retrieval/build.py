@@ -81,6 +81,7 @@ def build_index(
     progress: bool = True,
     batch_size: int = 64,
     source: str | Path | None = None,
+    document_folders: dict[str, dict[str, Any]] | None = None,
 ) -> Manifest:
     """Build an index directory ``out`` from ``corpus``; resume an interrupted build of it.
 
@@ -90,9 +91,11 @@ def build_index(
     kind: "flat", "hnsw", "ivfpq" or "bm25"; defaults to ``config``'s kind, else "flat".
     source: the folder or file that ``corpus``, given as passages, was read from (the CLI reads
         it first, with its chunking): recorded as the manifest's ``corpus``.
+    document_folders: how the folders of documents among the corpus were read, recorded for
+        ``margin index sync`` (:func:`margin.retrieval.sync.reading_record`).
     """
     out, config, work = prepare_build(
-        corpus, encoder, out, kind, config, shard_size, overwrite, source
+        corpus, encoder, out, kind, config, shard_size, overwrite, source, document_folders
     )
     try:
         passages = read_corpus(corpus) if isinstance(corpus, str | Path) else iter(corpus)
@@ -114,6 +117,7 @@ def prepare_build(
     shard_size: int,
     overwrite: bool,
     source: str | Path | None = None,
+    document_folders: dict[str, dict[str, Any]] | None = None,
 ) -> tuple[Path, IndexConfig | BM25Config, Path]:
     """Check a build request and create (or resume) its work directory: (out, config, work).
 
@@ -147,6 +151,7 @@ def prepare_build(
         "config": asdict(config),
         "shard_size": shard_size,
         "format_version": FORMAT_VERSION,
+        "document_folders": document_folders,
     }
     _prepare_work_dir(work, plan, dense=encoder is not None)
     return out, config, work
@@ -168,9 +173,11 @@ def finish_build(
         raise MarginError("the corpus has no passages; nothing to index")
 
     store = PassageStore.open(work / "passages", [f"{s.name}.arrow" for s in shards])
-    _check_unique_ids(store)
-    index_file, params = _build_search(work, store, shards, config, encoder, generation=0)
-    corpus = json.loads((work / PLAN).read_text(encoding="utf-8"))["corpus"]
+    check_unique_ids(store)
+    dim = None if encoder is None else encoder.dim
+    index_file, params = build_search(work, store, shards, config, dim, generation=0)
+    plan = json.loads((work / PLAN).read_text(encoding="utf-8"))
+    corpus = plan["corpus"]
     now = _now()
     kind = _kind_of(config)
     manifest = Manifest(
@@ -186,6 +193,7 @@ def finish_build(
         updated_at=now,
         margin_version=_margin_version(),
         corpus=None if corpus == "<passages>" else corpus,
+        document_folders=plan.get("document_folders"),
     )
     manifest = replace(manifest, files=_checksums.record(work, manifest.own_files()))
     write_json_atomic(work / MANIFEST, manifest.to_json())
@@ -292,25 +300,24 @@ def encode_shard(
     return vectors
 
 
-def _build_search(
+def build_search(
     work: Path,
     store: PassageStore,
     shards: list[ShardInfo],
     config: IndexConfig | BM25Config,
-    encoder: Encoder | None,
+    dim: int | None,
     generation: int,
     previous: DenseIndex | None = None,
 ) -> tuple[str, dict[str, Any]]:
-    """Build (or extend ``previous``) and save the search structure; return (file, params)."""
+    """Build (or extend ``previous``) and save the search structure over ``shards`` (their
+    ``dim``-wide embeddings; None for BM25); return (file, params)."""
     suffix = "" if generation == 0 else f"-{generation}"
     if isinstance(config, BM25Config):
         name = f"bm25{suffix}"
         BM25Index.build(store, config).save(work / name)
         return name, asdict(config)
-    assert encoder is not None
-    embeddings = Embeddings.open(
-        [work / "embeddings" / f"{s.name}.npy" for s in shards], encoder.dim
-    )
+    assert dim is not None
+    embeddings = Embeddings.open([work / "embeddings" / f"{s.name}.npy" for s in shards], dim)
     if previous is None:
         dense = DenseIndex.build(embeddings, config)
     else:
@@ -330,12 +337,14 @@ def add_to_index(
     encoder: Encoder | None = None,
     progress: bool = True,
     batch_size: int = 64,
+    document_folders: dict[str, dict[str, Any]] | None = None,
 ) -> Manifest:
     """Append passages as new shard(s) without re-encoding the old ones; return the new manifest.
 
     New files are written first and the manifest is swapped last, so a crash leaves the old
     index valid. Dense kinds add the new vectors to the existing FAISS index (IVF-PQ keeps its
     trained quantisers); BM25 is rebuilt over all passages (cheap). Ids must stay unique.
+    document_folders: as :func:`build_index`'s, merged into the recorded ones.
     """
     directory = Path(directory)
     loaded = open_index(directory, mmap=True)
@@ -346,7 +355,7 @@ def add_to_index(
         ensure_encoder_matches(old, encoder)
     else:
         encoder = None
-    _remove_unreferenced(directory, old)
+    remove_unreferenced(directory, old)
 
     passages = read_corpus(corpus) if isinstance(corpus, str | Path) else iter(corpus)
     checked = _refuse_known_ids(passages, loaded.store, directory)
@@ -354,7 +363,7 @@ def add_to_index(
         directory,
         checked,
         encoder,
-        len(old.shards),
+        next_shard_number(old),
         old.corpus_checksum,
         old.shard_size,
         batch_size,
@@ -365,7 +374,7 @@ def add_to_index(
         raise MarginError("no passages to add")
     shards = [*old.shards, *new]
     store = PassageStore.open(directory / "passages", [f"{s.name}.arrow" for s in shards])
-    _check_unique_ids(store)
+    check_unique_ids(store)
     generation = old.generation + 1
     if old.kind == "bm25":
         config = config_of(old)
@@ -376,9 +385,26 @@ def add_to_index(
         previous = DenseIndex.load(
             directory / old.index_file, loaded.dense.embeddings, config, mmap=False
         )
-    index_file, params = _build_search(
-        directory, store, shards, config, encoder, generation, previous
-    )
+    dim = None if encoder is None else encoder.dim
+    index_file, params = build_search(directory, store, shards, config, dim, generation, previous)
+    folders = {**(old.document_folders or {}), **(document_folders or {})} or None
+    return commit(directory, old, store, shards, index_file, params, folders)
+
+
+def commit(
+    directory: Path,
+    old: Manifest,
+    store: PassageStore,
+    shards: list[ShardInfo],
+    index_file: str,
+    params: dict[str, Any],
+    document_folders: dict[str, dict[str, Any]] | None,
+) -> Manifest:
+    """Make the files written beside an index's (by :func:`add_to_index` or a sync) its next
+    generation: the new manifest is written last, atomically, and is the moment the index
+    changes (a crash before it leaves the old index whole); then the files it no longer names
+    are removed. A shard file is never rewritten under its name, so the checksums recorded for
+    the shards both manifests name carry over; the new files are hashed."""
     manifest = replace(
         old,
         passages=len(store),
@@ -387,15 +413,16 @@ def add_to_index(
         index_params=params,
         index_file=index_file,
         updated_at=_now(),
-        generation=generation,
+        generation=old.generation + 1,
         margin_version=_margin_version(),
+        document_folders=document_folders,
     )
-    old_shards = set(old.own_files()[:-1])  # unchanged: their recorded checksums carry over
-    kept = {k: v for k, v in (old.files or {}).items() if k in old_shards}
+    both = set(old.own_files()[:-1]) & set(manifest.own_files()[:-1])
+    kept = {k: v for k, v in (old.files or {}).items() if k in both}
     new_files = [f for f in manifest.own_files() if f not in kept]
     manifest = replace(manifest, files={**kept, **_checksums.record(directory, new_files)})
     write_json_atomic(directory / MANIFEST, manifest.to_json())
-    _remove(directory / old.index_file)
+    remove_unreferenced(directory, manifest)
     return manifest
 
 
@@ -481,16 +508,26 @@ def _numbered_files(directory: Path, first: int) -> list[Path]:
     return found
 
 
-def _remove_unreferenced(directory: Path, manifest: Manifest) -> None:
-    """Delete leftovers of an add_to_index that crashed before its manifest swap."""
-    for path in _numbered_files(directory, first=len(manifest.shards)):
-        path.unlink()
-    for path in [*directory.glob("index*.faiss"), *directory.glob("bm25*")]:
-        if path.name != manifest.index_file:
+def next_shard_number(manifest: Manifest) -> int:
+    """The number of the next new shard of an index: one past the highest it names (after a
+    sync rewrote shards, the names are not 0, 1, 2, ... any more)."""
+    numbers = [int(s.name.removeprefix("shard-")) for s in manifest.shards]
+    return max(numbers, default=-1) + 1
+
+
+def remove_unreferenced(directory: Path, manifest: Manifest) -> None:
+    """Delete the shard and search-structure files of an index directory that its manifest does
+    not name: left by an add or a sync that crashed before its manifest swap, or replaced by one
+    that finished. (A server that still has them open keeps reading them until it lets go.)"""
+    named = set(manifest.own_files())
+    found = [*_numbered_files(directory, first=0), *directory.glob("index*.faiss"),
+             *directory.glob("bm25*")]
+    for path in found:
+        if path.relative_to(directory).as_posix() not in named:
             _remove(path)
 
 
-def _check_unique_ids(store: PassageStore) -> None:
+def check_unique_ids(store: PassageStore) -> None:
     duplicate = store.duplicate_id()
     if duplicate is not None:
         raise MarginError(

@@ -89,7 +89,7 @@ def read_folder(
     root = Path(root).expanduser()
     if not root.is_dir():
         raise MarginError(f"{root}: no such folder; check the corpus path")
-    _require_readers()
+    require_readers()
     files = walk(root, glob)
     return _passages(root, files, chunking or Chunking(), skipped)
 
@@ -116,10 +116,28 @@ def walk(root: Path, glob: str | None = None) -> list[str]:
 def _passages(
     root: Path, files: list[str], chunking: Chunking, skipped: list[SkippedFile] | None
 ) -> Iterator[Passage]:
+    count, bad = 0, []
+    for passage in read_files(root, files, chunking, bad):
+        count += 1
+        yield passage
+    if skipped is not None:
+        skipped.extend(bad)
+    if count == 0:
+        why = f"; {len(bad)} skipped, e.g. {bad[0].path}: {bad[0].reason}" if bad else ""
+        raise MarginError(
+            f"{root}: no passages in {len(files)} file(s){why} "
+            f"(read: {', '.join(SUPPORTED)}; --glob selects among the files)"
+        )
+
+
+def read_files(
+    root: Path, files: list[str], chunking: Chunking, skipped: list[SkippedFile]
+) -> Iterator[Passage]:
+    """Passages of the given files of ``root`` (relative paths), file by file, each carrying
+    its file's record; a file that gives none is appended to ``skipped`` with the reason."""
     from tqdm import tqdm
 
     folder = str(root.resolve())
-    count, bad = 0, []
     for relative in tqdm(files, desc="reading", unit=" files", leave=False, dynamic_ncols=True):
         path = root / relative
         try:
@@ -131,18 +149,9 @@ def _passages(
             passages = document_passages(read_document(data, relative), relative, chunking, file)
         except (Unreadable, OSError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            bad.append(SkippedFile(relative, reason))
-            if skipped is not None:
-                skipped.append(bad[-1])
+            skipped.append(SkippedFile(relative, reason))
             continue
-        count += len(passages)
         yield from passages
-    if count == 0:
-        why = f"; {len(bad)} skipped, e.g. {bad[0].path}: {bad[0].reason}" if bad else ""
-        raise MarginError(
-            f"{root}: no passages in {len(files)} file(s){why} "
-            f"(read: {', '.join(SUPPORTED)}; --glob selects among the files)"
-        )
 
 
 def document_passages(
@@ -265,7 +274,7 @@ def read_pdf(data: bytes, source: str, name: str) -> Document:
     return Document(title or name, pages)
 
 
-def _require_readers() -> None:
+def require_readers() -> None:
     """Fail with the install command when the ``docs`` extra is missing."""
     try:
         import bs4  # noqa: F401

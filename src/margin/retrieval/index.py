@@ -37,6 +37,7 @@ from margin.errors import MarginError
 
 DENSE_KINDS = ("flat", "hnsw", "ivfpq", "hnswsq")
 RERANKED_KINDS = ("ivfpq", "hnswsq")  # compressed codes: approximate scores, re-ranked exactly
+REMOVABLE_KINDS = ("flat", "ivfpq")  # FAISS removes their vectors in place; graphs are rebuilt
 SQ_TYPES = {4: "QT_4bit", 6: "QT_6bit", 8: "QT_8bit", 16: "QT_fp16"}  # sq_bits -> FAISS type
 
 
@@ -200,7 +201,8 @@ class DenseIndex:
         index = _new_faiss_index(config, dim)
         if not index.is_trained:
             rng = np.random.default_rng(config.seed)
-            sample = np.sort(rng.choice(n, size=config.train_size, replace=False))
+            size = min(config.train_size, n)  # a rebuild after removals may have fewer
+            sample = np.sort(rng.choice(n, size=size, replace=False))
             index.train(np.ascontiguousarray(embeddings.take(sample)))  # (train_size, dim)
         dense = cls(index, Embeddings([]), config)
         dense.add(embeddings)
@@ -224,6 +226,33 @@ class DenseIndex:
             if skip < len(shard):
                 self.index.add(np.ascontiguousarray(shard[skip:], dtype=np.float32))
         self.embeddings = embeddings
+
+    def remove(self, rows: np.ndarray) -> None:
+        """Drop the vectors of global ``rows``; every later row moves down by the number of
+        rows dropped before it, as the passage store compacts when a sync removes passages.
+
+        Only ``REMOVABLE_KINDS`` remove in place: FAISS's flat index compacts its array, and
+        the inverted lists of IVF-PQ drop the entries, whose ids are then renumbered (codes and
+        trained quantisers kept: nothing is re-encoded or re-trained). A graph (HNSW) cannot
+        lose nodes; build it again from the stored vectors (:meth:`build`).
+        """
+        if self.config.kind not in REMOVABLE_KINDS:
+            raise MarginError(
+                f"a '{self.config.kind}' index cannot remove vectors in place; build it again "
+                "from the stored embeddings"
+            )
+        if not self.writable:
+            raise MarginError(
+                "this index was opened memory-mapped (read-only); load it with mmap=False to "
+                "remove passages"
+            )
+        rows = np.unique(np.asarray(rows, dtype=np.int64))  # (m,) sorted
+        removed = self.index.remove_ids(rows)
+        if removed != len(rows):
+            raise MarginError(f"{len(rows) - removed} of the rows to remove are not in the index")
+        if self.config.kind == "ivfpq":
+            _renumber_ivf(faiss.extract_index_ivf(self.index), rows)
+        self.embeddings = Embeddings([])  # stale until the next add() gives the compacted rows
 
     def __len__(self) -> int:
         return int(self.index.ntotal)
@@ -303,6 +332,23 @@ def faiss_kind(index: faiss.Index) -> str:
         "IndexHNSWSQ": "hnswsq",
     }
     return kinds.get(type(index).__name__, type(index).__name__)
+
+
+def _renumber_ivf(ivf: faiss.IndexIVF, removed: np.ndarray) -> None:
+    """After ``remove_ids(removed)``: renumber the ids left in the inverted lists so they are
+    rows of the compacted store again (id - the number of removed ids below it)."""
+    lists = ivf.invlists
+    for number in range(lists.nlist):
+        n = lists.list_size(number)
+        if n == 0:
+            continue
+        ids_ptr, codes_ptr = lists.get_ids(number), lists.get_codes(number)
+        ids = faiss.rev_swig_ptr(ids_ptr, n).copy()  # (n,) int64
+        codes = faiss.rev_swig_ptr(codes_ptr, n * lists.code_size).copy()  # (n * code_size,)
+        lists.release_ids(number, ids_ptr)
+        lists.release_codes(number, codes_ptr)
+        ids -= np.searchsorted(removed, ids)  # removed is sorted; no id left is in it
+        lists.update_entries(number, 0, n, faiss.swig_ptr(ids), faiss.swig_ptr(codes))
 
 
 def _random_access(array: np.ndarray) -> None:

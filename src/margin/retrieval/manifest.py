@@ -71,9 +71,11 @@ class Manifest:
     created_at: str  # ISO 8601 UTC
     updated_at: str  # ISO 8601 UTC, last add_to_index
     margin_version: str  # margin version that wrote it
-    generation: int = 0  # bumped by each add_to_index (names the new index file)
+    generation: int = 0  # bumped by each add_to_index or sync (names the new index file)
     files: dict[str, dict[str, Any]] | None = None  # path -> {"bytes", "sha256"}; None: older
     corpus: str | None = None  # built from: a folder/file's absolute path, "default"; None: unknown
+    document_folders: dict[str, dict[str, Any]] | None = None  # folder -> how it was read:
+    # {"glob", "chunk_words", "chunk_overlap"}, what `margin index sync` reads it with again
     metric: str = "ip"  # inner product, as MIPS in the paper
     format: str = FORMAT  # marker
     format_version: int = FORMAT_VERSION  # layout version

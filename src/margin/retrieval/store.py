@@ -202,6 +202,28 @@ class PassageStore:
                 counts[file] = counts.get(file, 0) + n
         return list(counts.items())
 
+    def file_runs(self) -> list[tuple[SourceFile, int, int]]:
+        """(file, first global row, passages) of each run of a file's passages, in row order: a
+        file whose passages span shards has one run per shard. What a sync or a removal reads
+        to find a file's rows."""
+        return [
+            (file, int(self._offsets[shard]) + first, n)
+            for shard in range(len(self.shards))
+            for file, first, n in self._shard_files(shard)
+        ]
+
+    def rows_where(self, column: str, value: str, prefix: bool = False) -> np.ndarray:
+        """Global rows, ascending, whose ``column`` ("id", "title", "text" or "source") equals
+        ``value`` (``prefix``: starts with it). Reads that column of every shard."""
+        import pyarrow.compute as pc
+
+        test = pc.starts_with if prefix else pc.equal
+        found = [
+            np.flatnonzero(test(table.column(column), value).to_numpy()) + self._offsets[shard]
+            for shard, table in enumerate(self._tables)
+        ]
+        return np.concatenate([np.zeros(0, np.int64), *found]).astype(np.int64)
+
     def _shard_files(self, shard: int) -> list[tuple[SourceFile, int, int]]:
         """(file, first local row, passages) of each file recorded in a shard, by first row."""
         if shard not in self._files:
