@@ -1,20 +1,26 @@
-"""Load on ``margin serve``: 32 loopback clients, micro-batching on and off, hot-swaps under load.
+"""Load on ``margin serve``: before and after continuous batching, in one run, each side alone.
 
-Issue 6's measurements, against the default model and index:
+Issue 28 (item 3) and issue 6's measurements, against the default model and index:
 
-1. The paper's hot-swapping experiment (Sec. 4.5) in miniature: a copy of the default index with
+1. Throughput and latency, "before" (micro-batching: ``--no-continuous-batching``, batches of up
+   to ``--max-batch`` questions run to their end) and "after" (continuous batching: RAG-Token
+   greedy requests join the running decode between steps), with 8 and 32 loopback clients for
+   60 s each (``--clients``, ``--seconds``): requests/s, p50 and p99 latency, errors. The two
+   servers run one after the other, never together, with the same settings otherwise.
+2. The same load on the "after" server while an admin switches the active index several times
+   (``--swaps``): zero failed requests, and every response names the index version it used
+   (body and header agree, and the version is one of the two registered).
+3. The paper's hot-swapping experiment (Sec. 4.5) in miniature: a copy of the default index with
    a few passages stating changed facts (``add_to_index``: the copy's manifest, so its version,
    differs). The same questions, asked of the same served model, follow the active index.
-2. 32 concurrent clients for 30 s each, one server without micro-batching (max_batch=1) and one
-   with it: errors, requests/s, p50 and p99 latency.
-3. The same load while an admin switches the active index several times: zero failed requests,
-   and every response names the index version it used (body and header agree, and the version is
-   one of the two registered).
 
-The server runs in its own process (uvicorn, one model thread as in production); the clients are
-threads with their own HTTP connections. Writes the "Service" section of BENCHMARKS.md.
+The server runs in its own process (uvicorn, as in production); the clients are threads with
+their own HTTP connections. ``--write`` replaces the "Service" section of BENCHMARKS.md.
 
-    MARGIN_HOME=/tmp/mh nice -n 10 .venv/bin/python benchmarks/serve_load.py
+    MARGIN_HOME=/tmp/mh nice -n 10 .venv/bin/python benchmarks/serve_load.py --write
+    # a smoke test of the script itself (minutes, not a measurement):
+    MARGIN_HOME=/tmp/mh .venv/bin/python benchmarks/serve_load.py --seconds 3 --clients 2 \
+        --swaps 0 --no-follow
 """
 
 from __future__ import annotations
@@ -76,7 +82,10 @@ def changed_index(work: Path) -> Path:
     return out
 
 
-def _serve(port: int, max_batch: int, changed: str, threads: int) -> None:
+SIDES = {"before": False, "after": True}  # side -> ServeConfig.continuous_batching
+
+
+def _serve(port: int, side: str, args: dict, changed: str) -> None:
     """Server process: the default model over the default and changed indexes."""
     import torch
     import uvicorn
@@ -89,17 +98,23 @@ def _serve(port: int, max_batch: int, changed: str, threads: int) -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    torch.set_num_threads(threads)
+    torch.set_num_threads(args["threads"])
     rag = RAG.load(model="default", index="default", progress=False)
-    config = ServeConfig(port=port, admin_token=TOKEN, timeout_s=900.0, max_questions=16,
-                         batch=BatchConfig(max_batch=max_batch, max_wait_ms=5.0))
+    config = ServeConfig(
+        port=port, admin_token=TOKEN, timeout_s=900.0, max_questions=16,
+        batch=BatchConfig(max_batch=args["max_batch"], max_wait_ms=5.0),
+        continuous_batching=SIDES[side], max_running_rows=args["max_running_rows"],
+        passage_cache_mb=args["passage_cache_mb"],
+    )
     app = create_app(rag, {"default": "default", "changed": changed}, config)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 
-def start_server(port: int, max_batch: int, changed: Path, threads: int):
+def start_server(port: int, side: str, args: argparse.Namespace, changed: Path):
+    settings = {name: getattr(args, name) for name in
+                ("threads", "max_batch", "max_running_rows", "passage_cache_mb")}
     proc = mp.get_context("spawn").Process(
-        target=_serve, args=(port, max_batch, str(changed), threads), daemon=True
+        target=_serve, args=(port, side, settings, str(changed)), daemon=True
     )
     proc.start()
     url = f"http://127.0.0.1:{port}"
@@ -107,7 +122,8 @@ def start_server(port: int, max_batch: int, changed: Path, threads: int):
     while time.monotonic() < deadline:
         try:
             if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                return proc, url
+                httpx.post(url + "/v1/ask", json={"question": QUESTIONS[0]}, timeout=900)
+                return proc, url  # loaded and warmed up by one question
         except httpx.HTTPError:
             pass
         if not proc.is_alive():
@@ -198,84 +214,104 @@ def load(url: str, seconds: float, clients: int, swaps: int = 0) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=30.0)
-    parser.add_argument("--clients", type=int, default=32)
-    parser.add_argument("--swaps", type=int, default=6)
-    parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=60.0, help="each load run")
+    parser.add_argument("--clients", default="8,32", help="client counts, comma-separated")
+    parser.add_argument("--swaps", type=int, default=6, help="hot-swaps under load (0: no run)")
+    parser.add_argument("--no-follow", action="store_true", help="skip the Sec. 4.5 experiment")
+    parser.add_argument("--max-batch", type=int, default=8, help="micro-batch size (both sides)")
+    parser.add_argument("--max-running-rows", type=int, default=40, help="the running batch's")
+    parser.add_argument("--passage-cache-mb", type=float, default=0.0, help="both sides")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in the server")
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--work", type=Path, default=Path("/tmp/margin-serve-bench"))
     parser.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
-    parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--write", action="store_true", help="replace its BENCHMARKS.md section")
     args = parser.parse_args()
+    clients = [int(c) for c in args.clients.split(",") if c.strip()]
     args.work.mkdir(parents=True, exist_ok=True)
     load_before = load_average()
     changed = changed_index(args.work)
 
-    runs = {}
-    proc, url = start_server(args.port, 1, changed, args.threads)
-    try:
-        runs["off"] = load(url, args.seconds, args.clients)
-        print("no micro-batching:", runs["off"], flush=True)
-    finally:
-        proc.terminate()
-        proc.join(10)
-    proc, url = start_server(args.port + 1, args.max_batch, changed, args.threads)
-    try:
-        follow = follow_experiment(url)
-        for row in follow:
-            print(row, flush=True)
-        runs["on"] = load(url, args.seconds, args.clients)
-        print(f"micro-batching (max_batch={args.max_batch}):", runs["on"], flush=True)
-        runs["swap"] = load(url, args.seconds, args.clients, swaps=args.swaps)
-        print("hot-swapping under load:", runs["swap"], flush=True)
-    finally:
-        proc.terminate()
-        proc.join(10)
-    if not args.no_write:
-        write_section(args.out, report(args, runs, follow, load_before))
+    runs: dict[tuple[str, int], dict] = {}
+    follow: list[dict] = []
+    swap = None
+    for n, side in enumerate(SIDES):
+        proc, url = start_server(args.port + n, side, args, changed)
+        try:
+            if side == "after" and not args.no_follow:
+                follow = follow_experiment(url)
+                for row in follow:
+                    print(row, flush=True)
+            for c in clients:
+                runs[side, c] = load(url, args.seconds, c)
+                print(f"{side}, {c} clients:", runs[side, c], flush=True)
+            if side == "after" and args.swaps:
+                swap = load(url, args.seconds, max(clients), swaps=args.swaps)
+                print("hot-swapping under load:", swap, flush=True)
+        finally:
+            proc.terminate()
+            proc.join(10)
+    for c in clients:
+        before, after = runs["before", c], runs["after", c]
+        print(f"{c} clients: after/before requests/s = {ratio(after, before)}")
+    if args.write:
+        write_section(args.out, report(args, clients, runs, swap, follow, load_before))
         print(f"wrote the Service section of {args.out}")
 
 
-def report(args, runs: dict, follow: list[dict], load_before: str) -> str:
+def ratio(after: dict, before: dict) -> str:
+    return f"{after['rps'] / before['rps']:.2f}x" if before["rps"] else "n/a"
+
+
+def report(args, clients: list[int], runs: dict, swap: dict | None, follow: list[dict],
+           load_before: str) -> str:
     lines = [
         "## Service",
         "",
-        f"`MARGIN_HOME=/tmp/mh nice -n 10 .venv/bin/python benchmarks/serve_load.py` "
-        f"({cpu_model()}, {os.cpu_count()} cores shared with other jobs; load average "
+        f"`python benchmarks/serve_load.py {' '.join(sys.argv[1:])}` ({cpu_model()}, "
+        f"{os.cpu_count()} cores; load average "
         f"{load_before} before, {load_average()} after). Default model (SmolLM2-135M-Instruct) "
-        f"and index; the server in its own process with {args.threads} torch thread(s) and one "
-        f"model worker; {args.clients} client threads on loopback, each asking one of "
-        f"{len(QUESTIONS)} questions at a time (RAG-Token greedy, the model's k=5) for "
-        f"{args.seconds:g} s.",
+        f"and index; the server in its own process with {args.threads} torch thread(s); "
+        f"client threads on loopback, each asking one of {len(QUESTIONS)} questions at a time "
+        f"(RAG-Token greedy, the model's k=5) for {args.seconds:g} s per run. Before: "
+        f"micro-batching (`--no-continuous-batching`, up to {args.max_batch} questions a batch, "
+        f"5 ms wait). After: continuous batching (at most {args.max_running_rows} rows "
+        f"decoding). Passage KV cache: {args.passage_cache_mb:g} MiB on both sides. The two "
+        "servers ran one after the other, each alone, each warmed up by one question.",
         "",
-        "| run | requests | errors | requests/s | p50 latency | p99 latency |",
-        "|---|---|---|---|---|---|",
+        "| clients | side | requests | errors | requests/s | p50 latency | p99 latency |",
+        "|---|---|---|---|---|---|---|",
     ]
-    names = {"off": "no micro-batching (max_batch=1)",
-             "on": f"micro-batching (max_batch={args.max_batch}, 5 ms wait)",
-             "swap": f"micro-batching + {runs['swap']['swaps']} index hot-swaps"}
-    for key, name in names.items():
-        r = runs[key]
-        lines.append(f"| {name} | {r['requests']} | {r['errors']} | {r['rps']:.2f} | "
-                     f"{r['p50']:.2f} s | {r['p99']:.2f} s |")
-    swap = runs["swap"]
-    lines += [
-        "",
-        f"Hot-swapping under load: {swap['swaps']} switches between the default index and its "
-        f"changed copy, {swap['errors']} failed requests; responses by index "
-        f"{swap['by_index']}, every one naming an index version that body, answer and "
-        "`X-Margin-Index` header agree on and that was registered.",
-        "",
-        "The paper's experiment in miniature (Sec. 4.5): the same questions, the same served "
-        "model, the active index switched from the default corpus to a copy with changed facts:",
-        "",
-        "| question | index | top passage | answer | states the copy's fact |",
-        "|---|---|---|---|---|",
-    ]
-    for row in follow:
-        lines.append(f"| {row['question']} | {row['index']} | {row['top']} | "
-                     f"{row['answer'].replace('|', '/')} | {'yes' if row['follows'] else 'no'} |")
+    for c in clients:
+        for side in SIDES:
+            r = runs[side, c]
+            lines.append(f"| {c} | {side} | {r['requests']} | {r['errors']} | {r['rps']:.2f} | "
+                         f"{r['p50']:.2f} s | {r['p99']:.2f} s |")
+    lines += ["", "After / before, requests/s: " + ", ".join(
+        f"{c} clients {ratio(runs['after', c], runs['before', c])}" for c in clients) + "."]
+    if swap is not None:
+        lines += [
+            "",
+            f"Hot-swapping under load (after, {max(clients)} clients): {swap['swaps']} switches "
+            f"between the default index and its changed copy, {swap['errors']} failed requests, "
+            f"{swap['rps']:.2f} requests/s; responses by index {swap['by_index']}, every one "
+            "naming an index version that body, answer and `X-Margin-Index` header agree on and "
+            "that was registered.",
+        ]
+    if follow:
+        lines += [
+            "",
+            "The paper's experiment in miniature (Sec. 4.5): the same questions, the same served "
+            "model, the active index switched from the default corpus to a copy with changed "
+            "facts:",
+            "",
+            "| question | index | top passage | answer | states the copy's fact |",
+            "|---|---|---|---|---|",
+        ]
+        for row in follow:
+            lines.append(f"| {row['question']} | {row['index']} | {row['top']} | "
+                         f"{row['answer'].replace('|', '/')} | "
+                         f"{'yes' if row['follows'] else 'no'} |")
     return "\n".join(lines) + "\n"
 
 
