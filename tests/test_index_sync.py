@@ -202,6 +202,10 @@ def test_sync_reads_the_folder_as_it_was_built_unless_told(folder, tmp_path, cap
     assert "0 added, 1 changed, 0 removed, 0 unchanged files" in printed.splitlines()[0]
     assert any("walrus" in t for t in texts(out))
     assert all(len(t.split()) <= 3 for t in texts(out))
+    (folder / "arctic.md").write_text(MARKDOWN, "utf-8")  # told otherwise: 50-word passages
+    assert run(["index", "sync", "--index", out, "--chunk-words", "50"], capsys)[0] == 0
+    assert texts(out) == ["Arctic Notes Some notes on the north. Whales The narwhal is an animal."]
+    assert Manifest.read(out).document_folders[str(folder.resolve())]["chunk_words"] == 50
 
 
 def test_new_shards_after_a_sync_do_not_collide_with_an_add(folder, tmp_path):
