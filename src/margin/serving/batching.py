@@ -53,32 +53,30 @@ class _Job:
     future: Future  # resolves to the job's results, one per item
 
 
-class MicroBatcher:
-    """A queue of jobs and the one thread that runs them in batches through ``run``."""
+class JobQueue:
+    """What every batcher has in front of its worker: a bounded queue of jobs, the one thread
+    that takes them (``_work``, the subclass's), and a clean close. A subclass sets its own
+    state, then calls ``_thread.start()``."""
 
-    def __init__(self, run: RunBatch, config: BatchConfig | None = None, name: str = "batcher"):
-        self.run = run
-        self.config = config or BatchConfig()
-        if self.config.max_batch < 1:
-            raise MarginError(f"max_batch must be at least 1, got {self.config.max_batch}")
-        self._pending: deque[_Job] = deque()
+    job_type: Callable[[Hashable, list[Any], Future], Any] = _Job
+
+    def __init__(self, max_pending: int, name: str):
+        self.max_pending = max_pending
+        self._pending: deque[Any] = deque()
         self._cond = threading.Condition()
         self._closed = False
-        self.batches_run = 0  # model calls made (for tests and benchmarks)
-        self.items_run = 0  # items answered
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
-        self._thread.start()
 
     def submit(self, key: Hashable, items: Sequence[Any]) -> Future:
         """Queue ``items`` to run together with others of the same ``key``; a Future of results.
 
         Cancelling the Future before the worker takes the job drops the job.
         """
-        job = _Job(key, list(items), Future())
+        job = self.job_type(key, list(items), Future())
         with self._cond:
             if self._closed:
                 raise MarginError("the batcher is closed; the server is shutting down")
-            if len(self._pending) >= self.config.max_pending:
+            if len(self._pending) >= self.max_pending:
                 raise BatcherBusy(
                     f"{len(self._pending)} requests are already queued; retry in a moment"
                 )
@@ -92,7 +90,7 @@ class MicroBatcher:
         return self._thread.is_alive() and not self._closed
 
     def close(self, timeout: float = 5.0) -> None:
-        """Stop taking jobs, cancel those still queued, and let the worker finish its batch."""
+        """Stop taking jobs, cancel those still queued, and let the worker finish its work."""
         with self._cond:
             self._closed = True
             while self._pending:
@@ -100,6 +98,23 @@ class MicroBatcher:
             self._cond.notify_all()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
+
+    def _work(self) -> None:
+        raise NotImplementedError
+
+
+class MicroBatcher(JobQueue):
+    """A queue of jobs and the one thread that runs them in batches through ``run``."""
+
+    def __init__(self, run: RunBatch, config: BatchConfig | None = None, name: str = "batcher"):
+        self.run = run
+        self.config = config or BatchConfig()
+        if self.config.max_batch < 1:
+            raise MarginError(f"max_batch must be at least 1, got {self.config.max_batch}")
+        super().__init__(self.config.max_pending, name)
+        self.batches_run = 0  # model calls made (for tests and benchmarks)
+        self.items_run = 0  # items answered
+        self._thread.start()
 
     # -- the worker ----------------------------------------------------------------------------
 

@@ -29,8 +29,6 @@ micro-batcher does, and only those that fail alone get the error.
 from __future__ import annotations
 
 import logging
-import threading
-from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -46,7 +44,7 @@ from margin.generation.generator import DecodeState, Generator
 from margin.marginalize import scores_log_prior, scores_prior
 from margin.rag import Answer, _answer, _check_questions
 from margin.retrieval.passages import Passage
-from margin.serving.batching import BatcherBusy, RunBatch
+from margin.serving.batching import JobQueue, RunBatch
 from margin.serving.schemas import AskKey
 from margin.serving.streaming import Question, TokenStream
 
@@ -88,54 +86,25 @@ class _Decoding:
     stream: TokenStream | None
 
 
-class ContinuousBatcher:
+class ContinuousBatcher(JobQueue):
     """A queue of RAG-Token greedy requests and the one thread that decodes them as one batch."""
+
+    job_type = _Job
 
     def __init__(self, generator: Generator, fallback: RunBatch, max_rows: int = 40,
                  max_pending: int = 256, name: str = "margin-token"):
         """``fallback(key, items)`` answers one request alone (``RAG.ask``) after a failed step."""
         if max_rows < 1:
             raise MarginError(f"max_running_rows must be at least 1, got {max_rows}")
+        super().__init__(max_pending, name)
         self.generator, self.fallback = generator, fallback
-        self.max_rows, self.max_pending = max_rows, max_pending
-        self._pending: deque[_Job] = deque()
-        self._cond = threading.Condition()
-        self._closed = False
+        self.max_rows = max_rows
         self._state: DecodeState | None = None  # the running rows, question-major
         self._decoding: list[_Decoding] = []  # their questions, in row order
         self.steps_run = 0  # decoding steps run (for tests and benchmarks)
         self.items_run = 0  # questions answered
         self.joined = 0  # questions that joined a batch already decoding
-        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
         self._thread.start()
-
-    def submit(self, key: AskKey, items: Sequence[Question]) -> Future:
-        """Queue a request's questions; a Future of their answers, in order."""
-        job = _Job(key, list(items), Future())
-        with self._cond:
-            if self._closed:
-                raise MarginError("the batcher is closed; the server is shutting down")
-            if len(self._pending) >= self.max_pending:
-                raise BatcherBusy(
-                    f"{len(self._pending)} requests are already queued; retry in a moment"
-                )
-            self._pending.append(job)
-            self._cond.notify()
-        return job.future
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive() and not self._closed
-
-    def close(self, timeout: float = 5.0) -> None:
-        """Stop taking requests, cancel the queued ones, let the worker finish its step."""
-        with self._cond:
-            self._closed = True
-            while self._pending:
-                self._pending.popleft().future.cancel()
-            self._cond.notify_all()
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout)
 
     # -- the worker ----------------------------------------------------------------------------
 
