@@ -317,12 +317,12 @@ def install_model(src: str | Path, name: str, index: str | Path | None = None) -
         top = os.fspath(src)  # the index goes in below, checked and linked
         shutil.copytree(src, tmp, ignore=lambda where, _: [MODEL_INDEX] if where == top else [])
         if loaded is not None:
-            _link_index(loaded.path, loaded.manifest, tmp / MODEL_INDEX)
+            link_index(loaded.path, loaded.manifest, tmp / MODEL_INDEX)
             open_index(tmp / MODEL_INDEX)  # the copy opens, or nothing is installed
     return target
 
 
-def _link_index(src: Path, manifest: Manifest, out: Path) -> None:
+def link_index(src: Path, manifest: Manifest, out: Path) -> None:
     """The manifest and the files it names (not leftovers, nor a sharded layout) of index ``src``,
     hard-linked (else copied) into the new directory ``out``; the manifest itself is copied."""
     out.mkdir()

@@ -139,6 +139,24 @@ def _finished_refresh(out: Path, old: Manifest, encoder: Encoder) -> Manifest | 
 # ----------------------------------------------------------------------------- in the background
 
 
+REFRESH_STEP = re.compile(r"(index|encoder)-step(\d+)")  # what a refresh work folder holds
+
+
+def prune_refreshes(work: Path, current: Path) -> None:
+    """In a training run's refresh folder ``work``: remove the refreshed indexes older than
+    ``current`` (the one in use) and the encoder snapshots they and it were encoded from (a
+    saved model carries its index as hard links). Logs stay (refresh times). Nothing is removed
+    unless ``current`` is one of ``work``'s indexes."""
+    match = REFRESH_STEP.fullmatch(current.name)
+    if current.parent != work or match is None or match[1] != "index" or not work.is_dir():
+        return
+    for path in work.iterdir():
+        old = REFRESH_STEP.fullmatch(path.name)
+        if old and path.is_dir() and (int(old[2]) < int(match[2]) or (
+                old[1] == "encoder" and int(old[2]) == int(match[2]))):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 class BackgroundRefresh:
     """One ``margin index refresh`` at a time in a background OS process, for a training loop.
 

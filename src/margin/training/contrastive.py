@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import shutil
 import sys
 import time
@@ -65,6 +64,7 @@ from margin.evaluation.metrics import answer_needles, has_answer, padded_normal
 from margin.model_config import DEFAULT_COSINE_SCALE
 from margin.retrieval.encoders import Encoder, load_encoder_from_spec, save_pairing
 from margin.retrieval.reader import LoadedIndex, ensure_encoder_matches, open_index
+from margin.retrieval.refresh import prune_refreshes
 from margin.retrieval.retriever import Retriever, ensure_default_bm25_index, resolve_index
 from margin.training.mining import Mined, Mining, mine, renew, search_rows
 from margin.training.schedule import epoch_order, lr_factor
@@ -359,7 +359,7 @@ def train_retriever(
                     "config": asdict(config), **run_id, "mining": mining_file,
                     "current_index": str(current.path), "log_bytes": _size(out / "log.jsonl"),
                 })
-                _prune(out / "refresh", current.path)
+                prune_refreshes(out / "refresh", Path(current.path))
             if on_step is not None:
                 on_step(rec)
     finally:
@@ -462,19 +462,6 @@ def _logged_done(log: Path) -> bool:
     """Whether the last line of ``log`` is a run's end record."""
     lines = log.read_bytes().splitlines() if log.is_file() else []
     return bool(lines) and json.loads(lines[-1]).get("done") is True
-
-
-def _prune(work: Path, current: Path) -> None:
-    """Remove what a saved state no longer needs: refreshed indexes older than the one in use,
-    and the snapshots they (or it) were encoded from. Its logs stay (refresh times)."""
-    match = re.fullmatch(r"index-step(\d+)", current.name)
-    if current.parent != work or match is None:
-        return
-    for path in work.iterdir():
-        old = re.fullmatch(r"(index|encoder)-step(\d+)", path.name)
-        if old and path.is_dir() and (int(old[2]) < int(match[1]) or (
-                old[1] == "encoder" and int(old[2]) == int(match[1]))):
-            shutil.rmtree(path, ignore_errors=True)
 
 
 def _make_refresher(index: Path, work: Path, device: str) -> Any:

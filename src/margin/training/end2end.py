@@ -38,7 +38,6 @@ finishes that refresh.
 
 from __future__ import annotations
 
-import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -56,9 +55,8 @@ from margin.rag import RAG
 from margin.retrieval.encoders import Encoder, load_encoder_from_spec
 from margin.retrieval.passages import Passage
 from margin.retrieval.reader import ensure_encoder_matches, open_index
+from margin.retrieval.refresh import REFRESH_STEP, prune_refreshes
 from margin.retrieval.retriever import Retrieved, Retriever
-
-SNAPSHOT = re.compile(r"(index|encoder)-step(\d+)")  # what OUT/refresh holds, by step
 
 
 def load_passage_encoder(rag: RAG, device: str) -> Encoder:
@@ -189,24 +187,16 @@ class PassageTower:
             swap_index(rag, current)
         pending = record.get("refresh_pending")
         for path in self.work.glob("*"):  # refreshes begun after the save are redone
-            match = SNAPSHOT.fullmatch(path.name.removeprefix(".").removesuffix(".building"))
+            match = REFRESH_STEP.fullmatch(path.name.removeprefix(".").removesuffix(".building"))
             if match and int(match[2]) > record["step"]:
                 shutil.rmtree(path, ignore_errors=True)
         if pending is not None and Path(pending["encoder"]).is_dir():
             self._start(current, Path(pending["encoder"]), int(pending["step"]))
 
     def prune(self, rag: RAG) -> None:
-        """After a save: remove refreshed indexes older than the one in use and the snapshots
-        they were encoded from (saved models carry theirs as hard links); the logs stay."""
-        current = _index_path(rag)
-        match = SNAPSHOT.fullmatch(current.name)
-        if current.parent != self.work or match is None or not self.work.is_dir():
-            return
-        for path in self.work.iterdir():
-            old = SNAPSHOT.fullmatch(path.name)
-            if old and path.is_dir() and (int(old[2]) < int(match[2]) or (
-                    old[1] == "encoder" and int(old[2]) == int(match[2]))):
-                shutil.rmtree(path, ignore_errors=True)
+        """After a save: refreshed indexes older than the one in use, and their snapshots, go
+        (margin.retrieval.refresh.prune_refreshes); the logs stay."""
+        prune_refreshes(self.work, _index_path(rag))
 
     # -- inside --------------------------------------------------------------------------------
 
@@ -257,8 +247,8 @@ def save_with_index(rag: RAG, where: Path, tower: PassageTower | None, peft_mode
     if carry is None:
         save_checkpoint(rag, where, peft_model, mode, k)
         return
-    from margin.models import _link_index
+    from margin.models import link_index
 
     with atomic_path(where) as tmp:
         save_checkpoint(rag, tmp, peft_model, mode, k)
-        _link_index(carry, open_index(carry).manifest, tmp / MODEL_INDEX)
+        link_index(carry, open_index(carry).manifest, tmp / MODEL_INDEX)
