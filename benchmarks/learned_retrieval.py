@@ -56,6 +56,11 @@ def main() -> None:
     tr.add_argument("--lr", type=float, default=2e-5)
     tr.add_argument("--hard-negatives", type=int, default=1)
     tr.add_argument("--limit", type=int, default=None, help="training questions per file")
+    ev = sub.add_parser("eval", help="RAG EM of the zero-shot default generator over run NAME's "
+                        "retriever (its question encoder and, when E_P trained, its index)")
+    ev.add_argument("name")
+    ev.add_argument("--datasets", default=",".join(DATASETS))
+    ev.add_argument("--modes", default="token,sequence")
     rc = sub.add_parser("recall", help="recall of the default and of every run in OUT")
     rc.add_argument("--model", default="finetuned", help="an installed RAG fine-tune, if any")
     rc.add_argument("--finetuned-eval", type=Path, help="benchmarks/finetuned.py eval's --out "
@@ -65,6 +70,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.command == "train":
         train(args)
+    elif args.command == "eval":
+        evaluate(args)
     else:
         recall(args)
 
@@ -101,6 +108,32 @@ def train(args: argparse.Namespace) -> None:
     print(json.dumps(timing))
 
 
+def run_retriever(run: Path) -> Retriever:
+    """A trained run's retriever: its question encoder over its re-encoded index (E_P trained)
+    or over the default index (E_P frozen)."""
+    timing = json.loads((run / "timing.json").read_text(encoding="utf-8"))
+    index = run / "index" if timing["passage_encoder"] == "train" else "default"
+    return Retriever.load(index, query_encoder=run / "run" / "last" / "question_encoder",
+                          progress=False)
+
+
+def evaluate(args: argparse.Namespace) -> None:
+    """``margin eval``'s RAG rows (dense, k = 5, greedy) of the default generator, not
+    fine-tuned, over run NAME's retriever, on the held-out questions; into OUT/NAME/eval."""
+    from margin.evaluation.evaluate import run_eval
+    from margin.evaluation.grid import EvalConfig
+    from margin.models import load_model
+
+    run = args.out / args.name
+    rag = load_model("default", None, progress=False).with_retriever(run_retriever(run))
+    for data in args.datasets.split(","):
+        cfg = EvalConfig(data=str(DATASETS[data]), out=str(run / "eval" / data), limit=HELDOUT,
+                         batch_size=8, progress=False, retrievers=("dense",), ks=(5,),
+                         modes=tuple(args.modes.split(",")))
+        for r in run_eval(cfg, {"dense": rag}):
+            print(data, r["mode"], f"EM {100 * r['exact_match']:.1f}", flush=True)
+
+
 def retrievers(args: argparse.Namespace) -> dict[str, tuple[Retriever, dict]]:
     """Every retriever to measure, with what is known of how it was trained."""
     found = {"frozen default (all-MiniLM-L6-v2)": (Retriever.load("default", progress=False), {})}
@@ -110,12 +143,9 @@ def retrievers(args: argparse.Namespace) -> dict[str, tuple[Retriever, dict]]:
               "carries"] = (tuned, {})
     for run in sorted(p for p in args.out.glob("*") if (p / "timing.json").exists()):
         timing = json.loads((run / "timing.json").read_text(encoding="utf-8"))
-        q = run / "run" / "last" / "question_encoder"
-        index = run / "index" if timing["passage_encoder"] == "train" else "default"
         what = ("contrastive question + passage encoders, refreshed index"
                 if timing["passage_encoder"] == "train" else "contrastive question encoder")
-        found[f"{what} (`{run.name}`)"] = (Retriever.load(index, query_encoder=q,
-                                                          progress=False), timing)
+        found[f"{what} (`{run.name}`)"] = (run_retriever(run), timing)
     return found
 
 
@@ -152,6 +182,10 @@ def recall(args: argparse.Namespace) -> None:
         for name, (retriever, timing) in measured.items():
             r = retrieval_recall(retriever, heldout, DEPTHS)
             em = QUOTED_EM.get(name, {}).get(data)
+            zero_shot = args.out / name.rsplit("`", 2)[-2] / "eval" if name.endswith("`)") \
+                else None
+            if zero_shot is not None and (zero_shot / data).is_dir():
+                em = tuple(_em(_predictions(zero_shot, data, mode)) for mode in MODES)
             if name == final and args.finetuned_eval is not None:
                 em = tuple(_em(_predictions(args.finetuned_eval, data, mode)) for mode in MODES)
             rows.append((data, name, timing, [100 * r[f"answer_recall@{k}"] for k in DEPTHS], em))
@@ -175,7 +209,8 @@ def recall(args: argparse.Namespace) -> None:
         "|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for data, name, _, values, em in rows:
-        generator = ("default (zero-shot)" if name.startswith("frozen") else
+        generator = ("default (zero-shot)" if name.startswith(("frozen", "contrastive"))
+                     and em is not None else
                      "RAG fine-tune over this retriever" if em is not None else "-")
         ems = " | ".join(f"{v:.1f}" for v in em) if em is not None else "- | -"
         lines.append(f"| {data} | {name} | " + " | ".join(f"{v:.1f}" for v in values)
