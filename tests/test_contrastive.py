@@ -39,7 +39,7 @@ from margin.training.contrastive import (
     false_negatives,
     train_retriever,
 )
-from margin.training.mining import Mined, interleave, label, mine
+from margin.training.mining import Mined, Mining, interleave, label, mine, renew
 
 # the fine-tuning task plus one question whose answer no passage holds: mined, then skipped
 EXAMPLES = [Example(f"ex{i}", q, (a,)) for i, (q, a) in enumerate(TRAIN_TASK)]
@@ -62,6 +62,15 @@ def index(tmp_path_factory, st_model):
     passages = [Passage(str(i), t, x) for i, (t, x) in enumerate(TRAIN_DOCS)]
     with one_thread():
         build_index(passages, load_encoder(st_model, role="passage"), out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def bm25(index):
+    """A BM25 index of the same six passages (the mining's second ranking)."""
+    out = index.parent / "bm25"
+    passages = [Passage(str(i), t, x) for i, (t, x) in enumerate(TRAIN_DOCS)]
+    build_index(passages, None, out, kind="bm25", progress=False)
     return out
 
 
@@ -134,9 +143,7 @@ def test_mining_is_exact_on_a_hand_ranked_fixture(tmp_path):
     """DOCS rows: 0 Paris, 1 Berlin, 2 Rome, 3 Alps, 4 Seine, 5 Rhine (tests/helpers.py).
     Candidates interleave the rankings (dense 1, BM25 1, dense 2, ...); the positive is the first
     with an answer, the hard negatives the first without."""
-    passages = [Passage(str(i), d["title"], d["text"]) for i, d in enumerate(DOCS)]
-    build_index(passages, KeywordEncoder(), tmp_path / "kw", progress=False)
-    store = open_index(tmp_path / "kw").store
+    store = _keyword_store(tmp_path)
     asked = [
         Example("seine", "which river?", ("Seine",)),  # dense: Rhine, Paris, Seine; BM25: Alps
         Example("capital", "capital of italy?", ("Rome",)),  # the first candidate answers
@@ -159,6 +166,51 @@ def test_mining_is_exact_on_a_hand_ranked_fixture(tmp_path):
         (0, 4, (5,)), (1, 2, (1,)), (3, 1, (3,))]
     positive, negatives = label([5, 4], ["the rhine", "the seine"], asked[0], 3)
     assert (positive, negatives) == (4, (5,))  # fewer negatives than asked: what there is
+
+
+def _keyword_store(tmp_path):
+    passages = [Passage(str(i), d["title"], d["text"]) for i, d in enumerate(DOCS)]
+    build_index(passages, KeywordEncoder(), tmp_path / "kw", progress=False)
+    return open_index(tmp_path / "kw").store
+
+
+def test_bm25_positives_are_the_first_answer_bearing_bm25_passage(tmp_path):
+    """DPR's rule for distant supervision (Karpukhin et al., 2020, Sec. 5.1): the positive is
+    BM25's best passage with an answer, not the interleaved list's first; the hard negatives are
+    the same under both rules; a question whose BM25 candidates hold no answer is skipped, even
+    when a dense candidate holds one. DOCS rows as above: Berlin (1) and Rhine (5) say Germany."""
+    store = _keyword_store(tmp_path)
+    asked = [
+        Example("rhine", "which river flows through germany?", ("Germany",)),
+        Example("seine", "which river?", ("Seine",)),
+        Example("capital", "capital of italy?", ("Rome",)),
+    ]
+    dense = np.array([[5, 3, 0], [5, 0, 4], [2, 1, 0]])  # dense 1 of "rhine" holds Germany ...
+    bm25 = np.array([[1, 3, 2], [3, 5, -1], [2, 4, 3]])  # ... but BM25 ranks Berlin first
+    assert interleave(dense[0], bm25[0]) == [5, 1, 3, 0, 2]
+    interleaved = mine(asked, dense, store, hard_negatives=2, bm25_rows=bm25)
+    dpr = mine(asked, dense, store, hard_negatives=2, bm25_rows=bm25, positives="bm25")
+    assert interleaved.questions == [Mined(0, 5, (3, 0)), Mined(1, 4, (5, 3)), Mined(2, 2, (1, 4))]
+    assert dpr.questions == [Mined(0, 1, (3, 0)), Mined(2, 2, (1, 4))]  # no Seine in BM25's
+    assert (interleaved.skipped, dpr.skipped) == (0, 1)
+    assert (interleaved.positives, dpr.positives) == ("interleaved", "bm25")
+    assert mine(asked, dense, store, 2, bm25, positives="interleaved") == interleaved  # default
+    with pytest.raises(MarginError, match="needs BM25 rankings"):
+        mine(asked, dense, store, hard_negatives=2, positives="bm25")
+
+
+def test_the_mining_file_keeps_its_rule_and_an_old_one_reads_as_interleaved(tmp_path):
+    mining = Mining([Mined(0, 1, (3, 0)), Mined(2, 2, (1,))], 1, 100, ("dense", "bm25"), "bm25")
+    mining.save(tmp_path / "m.json")
+    assert Mining.load(tmp_path / "m.json") == mining
+    record = json.loads((tmp_path / "m.json").read_text())
+    assert record["positives"] == "bm25"
+    del record["positives"]  # a mining written before the rule was recorded
+    (tmp_path / "old.json").write_text(json.dumps(record))
+    assert Mining.load(tmp_path / "old.json").positives == "interleaved"
+    fresh = Mining([Mined(2, 4, (0,))], 0, 100, ("dense", "bm25"), "bm25")
+    assert renew(mining, fresh) == Mining([Mined(0, 1, (3, 0)), Mined(2, 4, (0,))], 1, 100,
+                                          ("dense", "bm25"), "bm25")
 
 
 # ----------------------------------------------------------------------------- runs
@@ -188,6 +240,40 @@ def test_resume_after_a_crash_gives_the_same_next_step_loss(index, tmp_path):
         run(index, cut, config=dict(steps=5, save_every=2, lr=1e-4), resume=True)
     with pytest.raises(MarginError, match="--resume"):
         run(index, whole, config=dict(steps=5))
+
+
+def test_a_bm25_positives_run_records_its_rule_and_resumes_only_with_it(index, bm25, tmp_path):
+    out = tmp_path / "run"
+    result = run(index, out, config=dict(steps=2, positives="bm25"), bm25_index=bm25)
+    assert result.steps == 2 and result.questions > 0
+    assert log(out)[0]["positives"] == "bm25"
+    assert Mining.load(out / "mining-step0.json").positives == "bm25"
+    assert json.loads((out / "state" / "state.json").read_text())["config"]["positives"] == "bm25"
+    assert json.loads((out / "last" / "retriever.json").read_text())["positives"] == "bm25"
+    with pytest.raises(MarginError, match="positives='interleaved' but the run used 'bm25'") as e:
+        run(index, out, config=dict(steps=2), bm25_index=bm25, resume=True)
+    assert "\n" not in str(e.value)
+    assert run(index, out, config=dict(steps=2, positives="bm25"), bm25_index=bm25,
+               resume=True).steps == 2  # the same rule: read back
+
+
+def test_bm25_positives_without_bm25_rankings_are_refused_before_anything_is_written(
+    index, tmp_path
+):
+    with pytest.raises(MarginError, match="--positives bm25") as e:
+        run(index, tmp_path / "run", config=dict(steps=1, positives="bm25"))
+    assert "\n" not in str(e.value) and not (tmp_path / "run").exists()
+
+
+def test_a_run_saved_before_the_rule_was_recorded_resumes_as_interleaved(index, bm25, tmp_path):
+    out = tmp_path / "run"
+    run(index, out, config=dict(steps=2))
+    state = json.loads((out / "state" / "state.json").read_text())
+    del state["config"]["positives"]  # as every run before --positives wrote it
+    (out / "state" / "state.json").write_text(json.dumps(state))
+    assert run(index, out, config=dict(steps=2), resume=True).steps == 2
+    with pytest.raises(MarginError, match="positives='bm25' but the run used 'interleaved'"):
+        run(index, out, config=dict(steps=2, positives="bm25"), bm25_index=bm25, resume=True)
 
 
 def test_frozen_passage_encoder_pairs_the_question_encoder_with_its_index(index, tmp_path):
@@ -296,6 +382,8 @@ def test_options_that_cannot_work_are_refused_in_one_line(index, tmp_path, capsy
         RetrieverTrainConfig(refresh_every=2)
     with pytest.raises(MarginError, match="unknown --passage-encoder"):
         RetrieverTrainConfig(passage_encoder="both")
+    with pytest.raises(MarginError, match="unknown --positives 'dense'"):
+        RetrieverTrainConfig(positives="dense")
     data = tmp_path / "train.tsv"
     data.write_text("".join(f"{q}\t['{a}']\n" for q, a in TRAIN_TASK))
     out = tmp_path / "run"
@@ -311,6 +399,11 @@ def test_options_that_cannot_work_are_refused_in_one_line(index, tmp_path, capsy
         assert main(["train-retriever", "--train", str(data), "--index", str(index), "--out",
                      str(out), "--steps", "1", "--device", "cpu"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+    assert main(["train-retriever", "--train", str(data), "--index", str(index), "--out",
+                 str(tmp_path / "other"), "--positives", "dense", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown --positives 'dense'" in err
+    assert "Traceback" not in err and not (tmp_path / "other").exists()
 
 
 @pytest.fixture(scope="module")

@@ -37,6 +37,10 @@ def train_retriever(
     hard_negatives: Annotated[int, typer.Option(help="Hard negatives per question.")] = 1,
     mine_depth: Annotated[int, typer.Option(
         help="Candidates per retriever (dense, BM25) searched for positives.")] = 100,
+    positives: Annotated[str, typer.Option(
+        help="Each question's positive: interleaved (the first passage holding an answer among "
+             "the dense and BM25 candidates, rank by rank) or bm25 (DPR's rule: BM25's first "
+             "such passage; questions with none skipped; needs BM25).")] = "interleaved",
     passage_encoder: Annotated[str, typer.Option(
         help="frozen (the index's vectors) or train (re-encoded with gradient).")] = "frozen",
     scale: Annotated[float | None, typer.Option(
@@ -57,8 +61,9 @@ def train_retriever(
 
     config = RetrieverTrainConfig(
         steps=steps, epochs=epochs, batch_size=batch_size, lr=lr, warmup=warmup,
-        hard_negatives=hard_negatives, mine_depth=mine_depth, passage_encoder=passage_encoder,
-        scale=scale, refresh_every=refresh_every, eval_every=eval_every, eval_limit=eval_limit,
+        hard_negatives=hard_negatives, mine_depth=mine_depth, positives=positives,
+        passage_encoder=passage_encoder, scale=scale, refresh_every=refresh_every,
+        eval_every=eval_every, eval_limit=eval_limit,
         save_every=save_every, seed=seed, device=device,
     )
     most = None if limit is None else heldout + limit

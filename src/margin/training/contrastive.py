@@ -1,7 +1,8 @@
 """Contrastive retriever training: the DPR objective (Karpukhin et al., 2020, Sec. 3.2).
 
 Each question x_i of a batch of B has one positive passage p_i⁺ (distant supervision: a passage
-holding a gold answer, margin.training.mining) and H hard negatives; every other question's
+holding a gold answer, chosen by the rule ``positives`` names, margin.training.mining) and H
+hard negatives; every other question's
 passages in the batch are in-batch negatives. With sim(q, p) = s · E_Q(q)ᵀE_P(p), the loss is the
 negative log-likelihood of the positive among all B·(1+H) passages of the batch (DPR eq. 2):
 
@@ -66,7 +67,7 @@ from margin.retrieval.encoders import Encoder, load_encoder_from_spec, save_pair
 from margin.retrieval.reader import LoadedIndex, ensure_encoder_matches, open_index
 from margin.retrieval.refresh import prune_refreshes
 from margin.retrieval.retriever import Retriever, ensure_default_bm25_index, resolve_index
-from margin.training.mining import Mined, Mining, mine, renew, search_rows
+from margin.training.mining import POSITIVES, Mined, Mining, Positives, mine, renew, search_rows
 from margin.training.schedule import epoch_order, lr_factor
 from margin.training.train import _append, _data_fingerprint, _size, _truncate
 
@@ -92,6 +93,8 @@ class RetrieverTrainConfig:
     max_grad_norm: float = 2.0  # clip the global gradient norm (DPR: 2.0; 0: no clipping)
     hard_negatives: int = 1  # hard negatives per question (0: in-batch negatives only)
     mine_depth: int = 100  # candidates taken from each retriever (dense, BM25) when mining
+    positives: Positives = "interleaved"  # "interleaved": first answer-bearing candidate of the
+    # dense and BM25 rankings interleaved; "bm25": BM25's first (DPR's rule; needs BM25)
     passage_encoder: str = "frozen"  # "frozen": the index's stored vectors; "train": E_P learns
     scale: float | None = None  # s in sim = s·E_Qᵀ E_P; None: 20 for unit-norm encoders, else 1
     refresh_every: int = 0  # with a trained E_P: steps between background index refreshes
@@ -107,6 +110,9 @@ class RetrieverTrainConfig:
         if self.passage_encoder not in PASSAGE_ENCODER:
             raise MarginError(f"unknown --passage-encoder {self.passage_encoder!r}; use "
                               "'frozen' or 'train'")
+        if self.positives not in POSITIVES:
+            raise MarginError(f"unknown --positives {self.positives!r}; use 'interleaved' or "
+                              "'bm25'")
         for name in ("epochs", "batch_size", "mine_depth", "log_every", "batch_size_encode"):
             if getattr(self, name) < 1:
                 raise MarginError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -239,6 +245,9 @@ def train_retriever(
         raise MarginError(f"{state_dir}: no training state to resume; run without --resume")
     if not resume and state_dir.exists():
         raise MarginError(f"{out} already holds a training run; pass --resume or a new --out")
+    if config.positives == "bm25" and not _has_bm25(index, bm25_index):
+        raise MarginError(f"--positives bm25 picks positives from BM25's ranking; give "
+                          f"--bm25-index, a BM25 index of the passages of {index}")
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     np.random.seed(config.seed)
@@ -285,7 +294,7 @@ def train_retriever(
         mining.save(out / "mining-step0.json")
         _append(out / "log.jsonl", {"mined": len(mining.questions), "skipped": mining.skipped,
                                     "depth": mining.depth, "sources": list(mining.sources),
-                                    "scale": scale})
+                                    "positives": mining.positives, "scale": scale})
     n = len(mining.questions)
     total = config.steps or config.epochs * -(-n // config.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -406,13 +415,14 @@ def _mine(examples: Sequence[Example], old: Mining | None, q_enc: Encoder, index
     vectors = q_enc.encode_queries(questions, config.batch_size_encode, progress)  # (n, d)
     dense = search_rows(index, vectors, config.mine_depth)
     sparse = None if bm25 is None else search_rows(bm25, questions, config.mine_depth)
-    return mine(examples, dense, index.store, config.hard_negatives, sparse, which, progress)
+    return mine(examples, dense, index.store, config.hard_negatives, sparse, which, progress,
+                config.positives)
 
 
 def _bm25(index: str | Path, bm25_index: str | Path | None, dense: LoadedIndex,
           progress: bool) -> LoadedIndex | None:
     """The BM25 index mining also searches: given, the default one, or (said once) none."""
-    if bm25_index is None and str(index) != "default":
+    if not _has_bm25(index, bm25_index):
         if progress:
             print(f"margin: mining positives from the dense retriever only (no --bm25-index for "
                   f"{dense.path})", file=sys.stderr)
@@ -423,6 +433,12 @@ def _bm25(index: str | Path, bm25_index: str | Path | None, dense: LoadedIndex,
                           f"{dense.path}; build one with `margin index build --kind bm25` over "
                           "the same corpus")
     return loaded
+
+
+def _has_bm25(index: str | Path, bm25_index: str | Path | None) -> bool:
+    """Whether a run over ``index`` mines BM25 candidates too: the default index's own BM25
+    index, or one given."""
+    return bm25_index is not None or str(index) == "default"
 
 
 def _save_encoders(where: Path, q_enc: Encoder, p_enc: Encoder | None, index: LoadedIndex,
@@ -440,6 +456,7 @@ def _save_encoders(where: Path, q_enc: Encoder, p_enc: Encoder | None, index: Lo
             p_enc.save(tmp / "passage_encoder")
         write_json_atomic(tmp / "retriever.json", {
             "step": step, "scale": scale, "passage_encoder": config.passage_encoder,
+            "positives": config.positives,
             "passage_fingerprint": passage_fp, "index": str(index.path), "dev": recall,
         })
 
@@ -474,10 +491,12 @@ def _check_resumable(record: dict[str, Any], config: RetrieverTrainConfig,
                      run_id: dict[str, str]) -> None:
     saved = record.get("config", {})
     for f in fields(RetrieverTrainConfig):
-        if f.name not in _RESUMABLE_CHANGES and saved.get(f.name) != getattr(config, f.name):
+        # a setting added since the run was saved reads as its default: what the run did then
+        was = saved.get(f.name, f.default)
+        if f.name not in _RESUMABLE_CHANGES and was != getattr(config, f.name):
             raise MarginError(
                 f"--resume with {f.name}={getattr(config, f.name)!r} but the run used "
-                f"{saved.get(f.name)!r}; resume with the original settings or use a new --out")
+                f"{was!r}; resume with the original settings or use a new --out")
     for key, value in run_id.items():
         if record.get(key) != value:
             what = "training data" if key == "data" else key.replace("_", " ")

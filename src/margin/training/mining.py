@@ -9,14 +9,25 @@ candidate that holds no gold answer: the passages the retriever confuses with th
 drew them from BM25; ANCE, Xiong et al. 2021, from the dense retriever itself: margin takes both).
 
 The candidates of one question are its dense and BM25 rankings interleaved (dense 1, BM25 1,
-dense 2, BM25 2, ...; a passage already seen is skipped: :func:`interleave`). Its positive is the
-first candidate with an answer, its hard negatives the first ``hard_negatives`` without one
-(:func:`label`). A question without a positive is skipped and counted. Everything is a row of the
-index's passage store: an index refreshed with a new passage encoder keeps the rows
-(margin.retrieval.refresh), so a mining stays valid across a swap.
+dense 2, BM25 2, ...; a passage already seen is skipped: :func:`interleave`). Its hard negatives
+are the first ``hard_negatives`` candidates without an answer (:func:`label`). Its positive is
+chosen by one of two rules (``positives``):
 
-    >>> mining = mine(examples, index, encoder, depth=100, hard_negatives=1)  # doctest: +SKIP
-    >>> mining.skipped, mining.questions[0].positive                           # doctest: +SKIP
+- ``"interleaved"`` (the default): the first candidate with an answer. Often the current dense
+  retriever's own favourite, which may merely contain the answer string.
+- ``"bm25"``: DPR's rule for its distantly supervised sets (Sec. 5.1): the best-ranked BM25
+  candidate with an answer (:func:`first_answer`). BM25 needs words of the question in the
+  passage, so its answer-bearing top passage is usually about the question. A question whose
+  BM25 candidates hold no answer is skipped, even when a dense candidate holds one.
+
+A question without a positive is skipped and counted. Everything is a row of the index's passage
+store: an index refreshed with a new passage encoder keeps the rows (margin.retrieval.refresh),
+so a mining stays valid across a swap.
+
+    >>> dense = search_rows(index, vectors, depth=100)                  # doctest: +SKIP
+    >>> sparse = search_rows(bm25, [e.input for e in examples], depth=100)  # doctest: +SKIP
+    >>> mining = mine(examples, dense, index.store, 1, sparse, positives="bm25")  # doctest: +SKIP
+    >>> mining.skipped, mining.questions[0].positive                    # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 
@@ -36,6 +48,8 @@ from margin.retrieval.reader import LoadedIndex
 from margin.retrieval.store import PassageStore
 
 MINING_FORMAT = "margin-mining"
+Positives = Literal["interleaved", "bm25"]  # the rule a question's positive is chosen by
+POSITIVES: tuple[str, ...] = get_args(Positives)
 _CHUNK = 256  # questions whose candidates' texts are read from the store in one go
 
 
@@ -56,12 +70,13 @@ class Mining:
     skipped: int  # questions with no positive among their candidates
     depth: int  # candidates taken from each retriever
     sources: tuple[str, ...]  # the retrievers the candidates came from: "dense", "bm25"
+    positives: Positives = "interleaved"  # the rule the positives were chosen by (POSITIVES)
 
     def save(self, path: str | Path) -> None:
         """Write it as JSON, atomically (``OUT/mining-step<N>.json`` of a run)."""
         write_json_atomic(Path(path), {
             "format": MINING_FORMAT, "version": 1, "skipped": self.skipped, "depth": self.depth,
-            "sources": list(self.sources),
+            "sources": list(self.sources), "positives": self.positives,
             "questions": [[m.example, m.positive, list(m.negatives)] for m in self.questions],
         })
 
@@ -73,8 +88,11 @@ class Mining:
                 raise ValueError(record.get("format"))
             questions = [Mined(int(e), int(p), tuple(int(n) for n in negs))
                          for e, p, negs in record["questions"]]
+            positives = record.get("positives", "interleaved")  # older files: the only rule
+            if positives not in POSITIVES:
+                raise ValueError(f"positives {positives!r}")
             return cls(questions, int(record["skipped"]), int(record["depth"]),
-                       tuple(record["sources"]))
+                       tuple(record["sources"]), positives)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise MarginError(f"{path} is not a mining this margin wrote ({exc}); "
                               "start the run again in a new --out") from None
@@ -104,17 +122,32 @@ def label(
     negatives: list[int] = []
     needles = answer_needles(example.answers)
     for i, (row, text) in enumerate(zip(candidates, texts, strict=True)):
-        if example.regex or normal is None:
-            holds = has_answer([text], example.answers, example.regex)
-        else:
-            holds = any(n in normal[i] for n in needles)
-        if holds:
+        if _holds(example, text, None if normal is None else normal[i], needles):
             positive = row if positive is None else positive
         elif len(negatives) < hard_negatives:
             negatives.append(row)
         if positive is not None and len(negatives) == hard_negatives:
             break
     return positive, tuple(negatives)
+
+
+def first_answer(candidates: Sequence[int], texts: Sequence[str], example: Example,
+                 normal: Sequence[str] | None = None) -> int | None:
+    """The first candidate whose text holds a gold answer (None if none does); ``texts`` and
+    ``normal`` as for :func:`label`."""
+    needles = answer_needles(example.answers)
+    for i, (row, text) in enumerate(zip(candidates, texts, strict=True)):
+        if _holds(example, text, None if normal is None else normal[i], needles):
+            return row
+    return None
+
+
+def _holds(example: Example, text: str, normal: str | None, needles: Sequence[str]) -> bool:
+    """Whether ``text`` holds one of ``example``'s answers (``has_answer``; with ``normal``, the
+    text already normalised, by the answers' ``needles`` alone)."""
+    if example.regex or normal is None:
+        return has_answer([text], example.answers, example.regex)
+    return any(n in normal for n in needles)
 
 
 def search_rows(index: LoadedIndex, queries: np.ndarray | Sequence[str], depth: int,
@@ -135,12 +168,19 @@ def mine(
     bm25_rows: np.ndarray | None = None,
     which: Sequence[int] | None = None,
     progress: bool = False,
+    positives: Positives = "interleaved",
 ) -> Mining:
     """Label examples from their dense (and BM25) candidates: ``dense_rows`` and ``bm25_rows``
     are ``(n, depth)`` rankings of ``store``'s rows (:func:`search_rows`), one per example of
-    ``which`` (positions in ``examples``; None: every example)."""
+    ``which`` (positions in ``examples``; None: every example). ``positives``: the rule a
+    positive is chosen by (the module's docstring); "bm25" needs ``bm25_rows``."""
     from tqdm.auto import tqdm
 
+    if positives not in POSITIVES:
+        raise MarginError(f"unknown positives rule {positives!r}; use 'interleaved' or 'bm25'")
+    if positives == "bm25" and bm25_rows is None:
+        raise MarginError("positives 'bm25' needs BM25 rankings; give a BM25 index of the same "
+                          "passages (--bm25-index) or use --positives interleaved")
     positions = list(range(len(examples))) if which is None else list(which)
     if len(dense_rows) != len(positions) or (bm25_rows is not None
                                              and len(bm25_rows) != len(positions)):
@@ -157,9 +197,14 @@ def mine(
         text_of = dict(zip(rows.tolist(), (p.text for p in store.get(rows)), strict=True))
         normal_of = {row: padded_normal(text) for row, text in text_of.items()}  # once a chunk
         for j, found in zip(chunk, candidates, strict=True):
-            positive, negatives = label(found, [text_of[r] for r in found],
-                                        examples[positions[j]], hard_negatives,
-                                        [normal_of[r] for r in found])
+            example = examples[positions[j]]
+            positive, negatives = label(found, [text_of[r] for r in found], example,
+                                        hard_negatives, [normal_of[r] for r in found])
+            if positives == "bm25":
+                assert bm25_rows is not None
+                ranked = [int(r) for r in bm25_rows[j] if r >= 0]  # all among the candidates
+                positive = first_answer(ranked, [text_of[r] for r in ranked], example,
+                                        [normal_of[r] for r in ranked])
             if positive is None:
                 skipped += 1
             else:
@@ -167,13 +212,16 @@ def mine(
         bar.update(len(chunk))
     bar.close()
     sources = ("dense",) if bm25_rows is None else ("dense", "bm25")
-    return Mining(questions, skipped, int(dense_rows.shape[1]), sources)
+    return Mining(questions, skipped, int(dense_rows.shape[1]), sources, positives)
 
 
 def renew(old: Mining, fresh: Mining) -> Mining:
     """``old``'s questions, in its order, with ``fresh``'s positive and hard negatives where
     ``fresh`` found a positive (after an index refresh); the rest keep theirs. The training set
-    keeps its size, so the data order of a run does not change mid-run."""
+    keeps its size, so the data order of a run does not change mid-run. Both must be mined by
+    the same rule (``positives``)."""
+    if fresh.positives != old.positives:
+        raise ValueError(f"renewing a {old.positives!r} mining with a {fresh.positives!r} one")
     found = {m.example: m for m in fresh.questions}
     questions = [found.get(m.example, m) for m in old.questions]
-    return Mining(questions, old.skipped, old.depth, old.sources)
+    return Mining(questions, old.skipped, old.depth, old.sources, old.positives)
