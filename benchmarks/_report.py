@@ -6,10 +6,13 @@ import datetime
 import os
 import platform
 import re
+import subprocess
 import sys
 from pathlib import Path
 
 from margin._io import atomic_path
+
+ROOT = Path(__file__).resolve().parent.parent  # the checkout the scripts run from
 
 
 def cpu_model() -> str:
@@ -64,3 +67,36 @@ def write_section(path: Path, section: str) -> None:
         new = old.rstrip("\n") + "\n\n" + section
     with atomic_path(path) as tmp:
         tmp.write_text(new.rstrip("\n") + "\n", encoding="utf-8")
+
+
+def git(*args: str, cwd: Path = ROOT) -> str:
+    """``git ARGS`` in ``cwd``; its output, stripped; a failure is one line naming the command."""
+    out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        why = (out.stderr.strip().splitlines() or ["no message"])[-1]
+        raise SystemExit(f"git {' '.join(args)} failed in {cwd}: {why}")
+    return out.stdout.strip()
+
+
+def commit_of(rev: str) -> str:
+    """The full hash of ``rev``'s commit; an unknown revision is one line saying so."""
+    found = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"],
+                           cwd=ROOT, capture_output=True, text=True, check=False)
+    if found.returncode != 0:
+        raise SystemExit(f"{rev}: no such revision in {ROOT}; give a commit, tag or branch")
+    return found.stdout.strip()
+
+
+def worktree(rev: str, path: Path) -> Path:
+    """A detached git worktree of ``rev`` at ``path`` (an earlier revision to measure against):
+    reused when one is already there at that commit, else created; ``path`` itself."""
+    commit = commit_of(rev)
+    if path.exists():
+        here = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=path,
+                              capture_output=True, text=True, check=False).stdout.splitlines()
+        if here == [str(path.resolve()), commit]:
+            return path
+        raise SystemExit(f"{path} exists and is no worktree at {rev}; remove it or pick another")
+    # --force: git may still list a worktree once there whose folder was since deleted
+    git("worktree", "add", "--force", "--detach", str(path), commit)
+    return path

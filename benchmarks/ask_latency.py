@@ -27,7 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _report import load_average, provenance, write_section
+from _report import load_average, provenance, worktree, write_section
 from decoding import QUESTIONS  # the 16 of the default-model run there
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,9 +96,7 @@ def main() -> None:
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, check=True,
                           capture_output=True, text=True).stdout.strip()
     with tempfile.TemporaryDirectory() as tmp:
-        tree = Path(tmp) / "before"
-        subprocess.run(["git", "worktree", "add", "--detach", str(tree), rev], cwd=ROOT,
-                       check=True, capture_output=True)
+        tree = worktree(rev, Path(tmp) / "before")
         try:
             sides = {"before": tree / "src", "after": ROOT / "src"}
             runs: dict[str, list[dict]] = {"before": [], "after": []}
