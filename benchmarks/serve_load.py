@@ -1,12 +1,19 @@
-"""Load on ``margin serve``: before and after continuous batching, in one run, each side alone.
+"""Load on ``margin serve``: before and after, in one run, each side alone.
 
-Issue 28 (item 3) and issue 6's measurements, against the default model and index:
+Issue 28 (items 3 and 4) and issue 6's measurements, against the default model and index:
 
 1. Throughput and latency, "before" (micro-batching: ``--no-continuous-batching``, batches of up
    to ``--max-batch`` questions run to their end) and "after" (continuous batching: RAG-Token
    greedy requests join the running decode between steps), with 8 and 32 loopback clients for
    60 s each (``--clients``, ``--seconds``): requests/s, p50 and p99 latency, errors. The two
    servers run one after the other, never together, with the same settings otherwise.
+   ``--before-rev REV`` runs the "before" server from a git worktree of REV (under ``--work``)
+   instead of this checkout, passing only the settings that revision's ``ServeConfig`` has (at
+   06b7b69, the server as issue 28 found it, neither continuous batching nor a passage cache).
+   The passage KV cache is ``--passage-cache-mb`` on both sides, or ``--after-passage-cache-mb``
+   on the "after" one. Clients ask the 8 built-in questions, or those of ``--questions-file``
+   (``--distinct N``: its first N), in turn: request i asks question i mod N, so with a long list
+   every request asks a new question (a passage cache only hits once the list wraps).
 2. The same load on the "after" server while an admin switches the active index several times
    (``--swaps``): zero failed requests, and every response names the index version it used
    (body and header agree, and the version is one of the two registered).
@@ -14,10 +21,14 @@ Issue 28 (item 3) and issue 6's measurements, against the default model and inde
    a few passages stating changed facts (``add_to_index``: the copy's manifest, so its version,
    differs). The same questions, asked of the same served model, follow the active index.
 
-The server runs in its own process (uvicorn, as in production); the clients are threads with
-their own HTTP connections. ``--write`` replaces the "Service" section of BENCHMARKS.md.
+The server runs in its own process (this script with ``--serve-child``, uvicorn, as in
+production, ``PYTHONPATH`` naming the side's ``src/``); the clients are threads with their own
+HTTP connections. ``--write`` replaces the "Service" section of BENCHMARKS.md.
 
     MARGIN_HOME=/tmp/mh nice -n 10 .venv/bin/python benchmarks/serve_load.py --write
+    # the server as issue 28 found it against this one with its passage cache, 256 new questions
+    .venv/bin/python benchmarks/serve_load.py --before-rev 06b7b69 --after-passage-cache-mb 1024 \
+        --questions-file nq-open-dev.tsv --distinct 256 --write
     # a smoke test of the script itself (minutes, not a measurement):
     MARGIN_HOME=/tmp/mh .venv/bin/python benchmarks/serve_load.py --seconds 3 --clients 2 \
         --swaps 0 --no-follow
@@ -26,11 +37,12 @@ their own HTTP connections. ``--write`` replaces the "Service" section of BENCHM
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
+import itertools
+import json
 import os
-import random
 import shutil
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -39,7 +51,15 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _report import cpu_model, load_average, write_section  # noqa: E402
+from _report import (  # noqa: E402
+    ROOT,
+    commit_of,
+    git,
+    load_average,
+    provenance,
+    worktree,
+    write_section,
+)
 
 TOKEN = "bench-admin-token"
 QUESTIONS = [
@@ -82,54 +102,119 @@ def changed_index(work: Path) -> Path:
     return out
 
 
-SIDES = {"before": False, "after": True}  # side -> ServeConfig.continuous_batching
+def read_questions(path: Path | None, distinct: int | None) -> list[str]:
+    """The clients' questions, the first ``distinct`` of them: the built-in 8, or the first
+    TAB-separated column of each line of ``path`` (a DPR-style TSV, or one question a line),
+    duplicates dropped."""
+    questions = QUESTIONS
+    if path is not None:
+        if not path.is_file():
+            raise SystemExit(f"{path}: no such file; give a DPR-style TSV or one question a line")
+        lines = path.read_text(encoding="utf-8").splitlines()
+        questions = list(dict.fromkeys(q for line in lines if (q := line.split("\t")[0].strip())))
+    if distinct is not None and not 1 <= distinct <= len(questions):
+        raise SystemExit(f"--distinct {distinct}: there are {len(questions)} questions; "
+                         f"give 1 to {len(questions)}")
+    return questions[:distinct]
 
 
-def _serve(port: int, side: str, args: dict, changed: str) -> None:
-    """Server process: the default model over the default and changed indexes."""
+def plan_sides(args: argparse.Namespace) -> dict[str, dict]:
+    """What each server runs: its ``src/``, its revision, the ServeConfig fields it is asked for."""
+    here = git("rev-parse", "--short", "HEAD")
+    if git("status", "--porcelain", "--", "src"):
+        here += " with uncommitted changes to src/"
+    before = {"src": ROOT / "src", "revision": here}
+    if args.before_rev:
+        commit = git("rev-parse", "--short", commit_of(args.before_rev))
+        before = {"src": worktree(commit, args.work / f"rev-{commit}") / "src",
+                  "revision": f"{commit} (a git worktree)"}
+    after_mb = args.passage_cache_mb if args.after_passage_cache_mb is None \
+        else args.after_passage_cache_mb
+    common = {"max_running_rows": args.max_running_rows}
+    return {
+        "before": {**before, "features": {**common, "continuous_batching": False,
+                                          "passage_cache_mb": args.passage_cache_mb}},
+        "after": {"src": ROOT / "src", "revision": here,
+                  "features": {**common, "continuous_batching": True,
+                               "passage_cache_mb": after_mb}},
+    }
+
+
+def _serve(settings: dict) -> None:
+    """Server process (``--serve-child``): the default model over the default index (and the
+    changed copy, if given), with those of ``features`` that this revision's ServeConfig has; what
+    it ran -> ``report``."""
+    import dataclasses
+
     import torch
     import uvicorn
     from transformers.utils import logging as hf_logging
 
+    import margin
+    from margin._io import atomic_path
     from margin.rag import RAG
     from margin.serving.batching import BatchConfig
     from margin.serving.config import ServeConfig
     from margin.serving.server import create_app
 
+    if not Path(margin.__file__).resolve().is_relative_to(Path(settings["src"]).resolve()):
+        raise SystemExit(f"the server imported {margin.__file__}, not {settings['src']}")
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    torch.set_num_threads(args["threads"])
+    torch.set_num_threads(settings["threads"])
+    known = {f.name for f in dataclasses.fields(ServeConfig)}
+    features = {k: v for k, v in settings["features"].items() if k in known}
     rag = RAG.load(model="default", index="default", progress=False)
     config = ServeConfig(
-        port=port, admin_token=TOKEN, timeout_s=900.0, max_questions=16,
-        batch=BatchConfig(max_batch=args["max_batch"], max_wait_ms=5.0),
-        continuous_batching=SIDES[side], max_running_rows=args["max_running_rows"],
-        passage_cache_mb=args["passage_cache_mb"],
+        port=settings["port"], admin_token=TOKEN, timeout_s=900.0, max_questions=16,
+        batch=BatchConfig(max_batch=settings["max_batch"], max_wait_ms=5.0), **features,
     )
-    app = create_app(rag, {"default": "default", "changed": changed}, config)
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+    indexes = {"default": "default"}
+    if settings["changed"]:
+        indexes["changed"] = settings["changed"]
+    app = create_app(rag, indexes, config)
+    with atomic_path(Path(settings["report"])) as tmp:
+        tmp.write_text(json.dumps({"margin": margin.__file__, "features": features}))
+    uvicorn.run(app, host="127.0.0.1", port=settings["port"], log_level="warning")
 
 
-def start_server(port: int, side: str, args: argparse.Namespace, changed: Path):
-    settings = {name: getattr(args, name) for name in
-                ("threads", "max_batch", "max_running_rows", "passage_cache_mb")}
-    proc = mp.get_context("spawn").Process(
-        target=_serve, args=(port, side, settings, str(changed)), daemon=True
+def start_server(side: str, spec: dict, port: int, args: argparse.Namespace,
+                 changed: Path | None):
+    """Start ``side``'s server with ``PYTHONPATH`` naming its ``src/`` (and ``changed`` registered
+    too, if given); wait until it is ready and warmed up by one question. The process, its URL,
+    and what it ran."""
+    report = args.work / f"{side}-server.json"
+    report.unlink(missing_ok=True)
+    settings = {"port": port, "src": str(spec["src"]), "threads": args.threads,
+                "max_batch": args.max_batch, "changed": str(changed) if changed else None,
+                "features": spec["features"], "report": str(report)}
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve()), "--serve-child", json.dumps(settings)],
+        env={**os.environ, "PYTHONPATH": str(spec["src"])},
     )
-    proc.start()
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         try:
             if httpx.get(url + "/readyz", timeout=2).status_code == 200:
                 httpx.post(url + "/v1/ask", json={"question": QUESTIONS[0]}, timeout=900)
-                return proc, url  # loaded and warmed up by one question
+                return proc, url, json.loads(report.read_text())
         except httpx.HTTPError:
             pass
-        if not proc.is_alive():
-            raise SystemExit("the server process died while loading")
+        if proc.poll() is not None:
+            raise SystemExit(f"the {side} server process died while loading")
         time.sleep(0.5)
-    raise SystemExit("the server did not become ready in 300 s")
+    stop(proc)
+    raise SystemExit(f"the {side} server did not become ready in 300 s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def switch(url: str, name: str) -> dict:
@@ -155,21 +240,23 @@ def follow_experiment(url: str) -> list[dict]:
     return rows
 
 
-def load(url: str, seconds: float, clients: int, swaps: int = 0) -> dict:
-    """``clients`` threads asking for ``seconds``; with ``swaps``, switch indexes meanwhile."""
+def load(url: str, seconds: float, clients: int, questions: list[str], swaps: int = 0) -> dict:
+    """``clients`` threads asking ``questions`` in turn (request i asks question i mod their
+    number) for ``seconds``; with ``swaps``, switch indexes meanwhile."""
     versions = {e["id"]: e["version"] for e in httpx.get(url + "/v1/indexes").json()["indexes"]}
     latencies: list[float] = []
     errors: list[str] = []
     used: dict[str, int] = {}
     lock = threading.Lock()
+    turn = itertools.count()
     start = time.monotonic()
     deadline = start + seconds
 
-    def client(seed: int) -> None:
-        rng = random.Random(seed)
+    def client() -> None:
         with httpx.Client(timeout=1000) as http:
             while time.monotonic() < deadline:
-                q = rng.choice(QUESTIONS)
+                with lock:
+                    q = questions[next(turn) % len(questions)]
                 t0 = time.monotonic()
                 try:
                     r = http.post(url + "/v1/ask", json={"question": q})
@@ -191,7 +278,7 @@ def load(url: str, seconds: float, clients: int, swaps: int = 0) -> dict:
                         latencies.append(time.monotonic() - t0)
                         used[name] = used.get(name, 0) + 1
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    threads = [threading.Thread(target=client) for _ in range(clients)]
     for t in threads:
         t.start()
     switched = 0
@@ -221,41 +308,61 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=8, help="micro-batch size (both sides)")
     parser.add_argument("--max-running-rows", type=int, default=40, help="the running batch's")
     parser.add_argument("--passage-cache-mb", type=float, default=0.0, help="both sides")
+    parser.add_argument("--after-passage-cache-mb", type=float, default=None,
+                        help="the after side's passage cache (default: --passage-cache-mb)")
+    parser.add_argument("--before-rev", help="run the before side from a worktree of this "
+                        "revision (e.g. 06b7b69), not this checkout")
+    parser.add_argument("--questions-file", type=Path, help="clients ask these questions in "
+                        "turn (DPR-style TSV or one a line), not the built-in 8")
+    parser.add_argument("--distinct", type=int, help="only the first N questions")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in the server")
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--work", type=Path, default=Path("/tmp/margin-serve-bench"))
     parser.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
     parser.add_argument("--write", action="store_true", help="replace its BENCHMARKS.md section")
+    parser.add_argument("--serve-child", help=argparse.SUPPRESS)  # JSON: run one server
     args = parser.parse_args()
+    if args.serve_child:
+        _serve(json.loads(args.serve_child))
+        return
+    for name in ("passage_cache_mb", "after_passage_cache_mb"):
+        if (getattr(args, name) or 0) < 0:
+            raise SystemExit(f"--{name.replace('_', '-')} is negative; give 0 (off) or more MiB")
     clients = [int(c) for c in args.clients.split(",") if c.strip()]
+    questions = read_questions(args.questions_file, args.distinct)
     args.work.mkdir(parents=True, exist_ok=True)
     load_before = load_average()
+    sides = plan_sides(args)
     changed = changed_index(args.work)
 
     runs: dict[tuple[str, int], dict] = {}
     follow: list[dict] = []
     swap = None
-    for n, side in enumerate(SIDES):
-        proc, url = start_server(args.port + n, side, args, changed)
+    for n, (side, spec) in enumerate(sides.items()):
+        # only the after side switches indexes; an earlier revision may not read the copy's
+        # manifest (written by this checkout), so the before side serves the default one alone
+        proc, url, spec["ran"] = start_server(side, spec, args.port + n, args,
+                                              changed if side == "after" else None)
+        print(f"{side}: {spec['revision']}, {spec['ran']}", flush=True)
         try:
             if side == "after" and not args.no_follow:
                 follow = follow_experiment(url)
                 for row in follow:
                     print(row, flush=True)
             for c in clients:
-                runs[side, c] = load(url, args.seconds, c)
+                runs[side, c] = load(url, args.seconds, c, questions)
                 print(f"{side}, {c} clients:", runs[side, c], flush=True)
             if side == "after" and args.swaps:
-                swap = load(url, args.seconds, max(clients), swaps=args.swaps)
+                swap = load(url, args.seconds, max(clients), questions, swaps=args.swaps)
                 print("hot-swapping under load:", swap, flush=True)
         finally:
-            proc.terminate()
-            proc.join(10)
+            stop(proc)
     for c in clients:
         before, after = runs["before", c], runs["after", c]
         print(f"{c} clients: after/before requests/s = {ratio(after, before)}")
     if args.write:
-        write_section(args.out, report(args, clients, runs, swap, follow, load_before))
+        section = report(args, sides, questions, clients, runs, swap, follow, load_before)
+        write_section(args.out, section)
         print(f"wrote the Service section of {args.out}")
 
 
@@ -263,32 +370,53 @@ def ratio(after: dict, before: dict) -> str:
     return f"{after['rps'] / before['rps']:.2f}x" if before["rps"] else "n/a"
 
 
-def report(args, clients: list[int], runs: dict, swap: dict | None, follow: list[dict],
-           load_before: str) -> str:
+def describe(spec: dict, args: argparse.Namespace) -> str:
+    """A side's table row: its code, its batching, its passage cache, as its server ran them."""
+    ran = spec["ran"]["features"]
+    if ran.get("continuous_batching"):
+        batching = f"continuous (at most {ran['max_running_rows']} rows decoding)"
+    else:
+        batching = f"micro-batching (up to {args.max_batch} questions a batch, 5 ms wait)"
+        if "continuous_batching" not in ran:
+            batching += "; this revision has no continuous batching"
+    if "passage_cache_mb" not in ran:
+        cache = "none in this revision"
+    else:
+        cache = f"{ran['passage_cache_mb']:g} MiB" if ran["passage_cache_mb"] else "off"
+    return f"{spec['revision']} | {batching} | {cache}"
+
+
+def report(args, sides: dict, questions: list[str], clients: list[int], runs: dict,
+           swap: dict | None, follow: list[dict], load_before: str) -> str:
+    asked = (f"the first {len(questions)} distinct questions of `{args.questions_file.name}`"
+             if args.questions_file else f"{len(questions)} built-in questions")
     lines = [
         "## Service",
         "",
-        f"`python benchmarks/serve_load.py {' '.join(sys.argv[1:])}` ({cpu_model()}, "
-        f"{os.cpu_count()} cores; load average "
-        f"{load_before} before, {load_average()} after). Default model (SmolLM2-135M-Instruct) "
-        f"and index; the server in its own process with {args.threads} torch thread(s); "
-        f"client threads on loopback, each asking one of {len(QUESTIONS)} questions at a time "
-        f"(RAG-Token greedy, the model's k=5) for {args.seconds:g} s per run. Before: "
-        f"micro-batching (`--no-continuous-batching`, up to {args.max_batch} questions a batch, "
-        f"5 ms wait). After: continuous batching (at most {args.max_running_rows} rows "
-        f"decoding). Passage KV cache: {args.passage_cache_mb:g} MiB on both sides. The two "
-        "servers ran one after the other, each alone, each warmed up by one question.",
+        f"`margin serve` under load: the default model (SmolLM2-135M-Instruct) and index; each "
+        f"server in its own process with {args.threads} torch thread(s), the two one after the "
+        "other, each alone, each warmed up by one question. Client threads on loopback, each "
+        "asking one question at a time (RAG-Token greedy, the model's k=5) for "
+        f"{args.seconds:g} s per run; questions: {asked}, asked in turn across the clients "
+        "(request i asks question i mod their number, so a passage cache can only hit once the "
+        "list wraps: see the passes column).",
         "",
-        "| clients | side | requests | errors | requests/s | p50 latency | p99 latency |",
-        "|---|---|---|---|---|---|---|",
+        "| side | code | batching | passage KV cache |",
+        "|---|---|---|---|",
+        *(f"| {side} | {describe(spec, args)} |" for side, spec in sides.items()),
+        "",
+        "| clients | side | requests | errors | requests/s | p50 latency | p99 latency "
+        "| passes over the questions |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for c in clients:
-        for side in SIDES:
+        for side in sides:
             r = runs[side, c]
+            passes = (r["requests"] + r["errors"]) / len(questions)
             lines.append(f"| {c} | {side} | {r['requests']} | {r['errors']} | {r['rps']:.2f} | "
-                         f"{r['p50']:.2f} s | {r['p99']:.2f} s |")
+                         f"{r['p50']:.2f} s | {r['p99']:.2f} s | {passes:.2f} |")
     lines += ["", "After / before, requests/s: " + ", ".join(
-        f"{c} clients {ratio(runs['after', c], runs['before', c])}" for c in clients) + "."]
+        f"{c} clients **{ratio(runs['after', c], runs['before', c])}**" for c in clients) + "."]
     if swap is not None:
         lines += [
             "",
@@ -312,7 +440,7 @@ def report(args, clients: list[int], runs: dict, swap: dict | None, follow: list
             lines.append(f"| {row['question']} | {row['index']} | {row['top']} | "
                          f"{row['answer'].replace('|', '/')} | "
                          f"{'yes' if row['follows'] else 'no'} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join([*lines, "", *provenance("serve_load.py", load_before)])
 
 
 if __name__ == "__main__":
