@@ -7,13 +7,16 @@ development file, never trained on)? Two steps, each resumable from ``--out``:
   and hard negatives mined by answer from the dense and BM25 top 100) on the training slices of
   both files (after the 500 held out), from the default index's all-MiniLM-L6-v2. With the passage
   encoder trained, the default index is then re-encoded with it (``margin index refresh``) into
-  ``OUT/NAME/index``. Wall times go to ``OUT/NAME/timing.json``.
+  ``OUT/NAME/index``. Wall times go to ``OUT/NAME/timing.json``. ``--positives bm25``: DPR's rule
+  for the positive (BM25's first answer-bearing passage) instead of the interleaved lists' first.
 - ``recall``: answer recall@1/5/20/100 (``margin eval``'s has_answer rule) of the frozen default,
   of an installed RAG fine-tune's question encoder (``--model``, trained by the RAG loss, when it
   is installed), and of every trained run in ``--out``, with the whole corpus's ceiling.
 
     python benchmarks/learned_retrieval.py train q --passage-encoder frozen
     python benchmarks/learned_retrieval.py train qp --passage-encoder train
+    python benchmarks/learned_retrieval.py train qp-bm25 --passage-encoder train --positives bm25
+    python benchmarks/learned_retrieval.py --threads 1 eval qp-bm25 --datasets NQ-open
     python benchmarks/learned_retrieval.py recall --write
 """
 
@@ -55,6 +58,9 @@ def main() -> None:
     tr.add_argument("--batch-size", type=int, default=16)
     tr.add_argument("--lr", type=float, default=2e-5)
     tr.add_argument("--hard-negatives", type=int, default=1)
+    tr.add_argument("--positives", choices=("interleaved", "bm25"), default="interleaved",
+                    help="the mined positive: the interleaved dense/BM25 candidates' first "
+                    "answer-bearing passage, or BM25's (DPR's rule)")
     tr.add_argument("--limit", type=int, default=None, help="training questions per file")
     ev = sub.add_parser("eval", help="RAG EM of the zero-shot default generator over run NAME's "
                         "retriever (its question encoder and, when E_P trained, its index)")
@@ -90,7 +96,7 @@ def train(args: argparse.Namespace) -> None:
     config = RetrieverTrainConfig(
         steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         hard_negatives=args.hard_negatives, passage_encoder=args.passage_encoder,
-        save_every=50, device="cpu",
+        positives=args.positives, save_every=50, device="cpu",
     )
     began = time.perf_counter()
     result = train_retriever(training_slices(args.limit), run / "run", config, index="default",
@@ -99,7 +105,8 @@ def train(args: argparse.Namespace) -> None:
               "questions": result.questions, "skipped": result.skipped, "loss": result.loss,
               "passage_encoder": args.passage_encoder, "epochs": args.epochs,
               "batch_size": args.batch_size, "lr": args.lr,
-              "hard_negatives": args.hard_negatives, "command": " ".join(sys.argv[1:])}
+              "hard_negatives": args.hard_negatives, "positives": args.positives,
+              "command": " ".join(sys.argv[1:])}
     if result.passage_encoder is not None:
         began = time.perf_counter()
         refresh_index(ensure_default_index(), result.passage_encoder, run / "index")
@@ -145,6 +152,8 @@ def retrievers(args: argparse.Namespace) -> dict[str, tuple[Retriever, dict]]:
         timing = json.loads((run / "timing.json").read_text(encoding="utf-8"))
         what = ("contrastive question + passage encoders, refreshed index"
                 if timing["passage_encoder"] == "train" else "contrastive question encoder")
+        if timing.get("positives") == "bm25":  # runs before the choice: interleaved
+            what += ", BM25 positives"
         found[f"{what} (`{run.name}`)"] = (run_retriever(run), timing)
     return found
 
@@ -224,7 +233,8 @@ def recall(args: argparse.Namespace) -> None:
                 f"| {name} | {timing['questions']} / {timing['skipped']} | {timing['steps']} | "
                 f"{timing['train_s'] / 60:.1f} | {refresh} | batch {timing['batch_size']}, "
                 f"lr {timing['lr']:g}, {timing['hard_negatives']} hard negative(s), "
-                f"{timing['epochs']} epoch(s); `python benchmarks/learned_retrieval.py "
+                f"{timing['epochs']} epoch(s), {timing.get('positives', 'interleaved')} "
+                f"positives; `python benchmarks/learned_retrieval.py "
                 f"{timing['command']}` |")
     if final is not None and args.finetuned_eval is not None:
         lines += ["", *_targets(rows, final), "", *_misses(args.finetuned_eval)]
