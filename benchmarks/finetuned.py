@@ -215,6 +215,8 @@ def main() -> None:
                     help="finetune: the objective (margin finetune --mode)")
     ap.add_argument("--max-minutes", type=float,
                     help="finetune: margin finetune --max-minutes (the recipe's budget)")
+    ap.add_argument("--retriever", choices=("train", "question", "none"),
+                    help="finetune: margin finetune --retriever (recipe: train)")
     ap.add_argument("--device", default="cpu", help="eval: where the models answer (cpu, cuda)")
     ap.add_argument("--modes", default="token,sequence",
                     help="eval: the RAG modes answered (closed book is always)")
@@ -242,6 +244,7 @@ def main() -> None:
                  *(["--precision", args.precision] if args.precision else []),
                  *(["--limit", str(args.limit)] if args.limit else []),
                  *(["--mode", args.mode] if args.mode else []),
+                 *(["--retriever", args.retriever] if args.retriever else []),
                  *(["--max-minutes", str(args.max_minutes)] if args.max_minutes is not None
                    else [])]
         finetune(args.out, datasets, extra, args.model)
