@@ -354,7 +354,8 @@ class TableGenerator(Generator):
             return self.first_logprobs[state.context]  # (N, V)
         return AFTER.repeat(state.context.numel(), 1)
 
-    def advance(self, state: DecodeState, next_tokens: torch.Tensor, reorder: torch.Tensor) -> None:
+    def advance(self, state: DecodeState, next_tokens: torch.Tensor, reorder: torch.Tensor,
+                moves: str = "any") -> None:
         assert state.context is not None
         state.context = state.context[reorder]
         state.last_tokens = next_tokens

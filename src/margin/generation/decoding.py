@@ -117,7 +117,7 @@ def _process(
 
 def beam_search(
     next_logprobs: Callable[[], torch.Tensor],
-    advance: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None],
+    advance: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], None],
     groups: int,
     gen: Generator,
     cfg: DecodeConfig,
@@ -128,9 +128,9 @@ def beam_search(
 
     The callbacks see only the A groups still computed (all G at first), in group order:
     ``next_logprobs()`` gives (A, nb, V) log-probs of the next token of every running beam;
-    ``advance(tokens (A', nb), parents (A', nb), kept (A',))`` keeps the groups at positions
-    ``kept`` (increasing; ``arange(A)`` when none is dropped) and extends beam j of each kept
-    group from its beam ``parents[a, j]`` with ``tokens[a, j]``. Mirrors transformers'
+    ``advance(tokens (A', nb), parents (A', nb), kept (A',) or None)`` keeps the groups at
+    positions ``kept`` (increasing; None when every group is kept) and extends beam j of each
+    kept group from its beam ``parents[a, j]`` with ``tokens[a, j]``. Mirrors transformers'
     ``GenerationMixin._beam_search``.
     ``track(parents (A, K), tokens (A, K))``, optional, gives D values (A, K, D) for every
     candidate of a step; each hypothesis carries its own along like its tokens (RAG-Token: the
@@ -140,11 +140,14 @@ def beam_search(
     greedy search, one whose hypothesis ended) takes no further part in the result, so once a
     quarter of the computed groups are done they are dropped from the batch: a batch of short
     answers no longer runs as long as its longest one. Off, every group runs to the end.
+
+    On a GPU a step is dozens of small kernels, so the step asks the device as little as it can:
+    rows are picked with ``gather`` (one kernel each), the groups still computed are indexed only
+    once one was dropped, and the host reads the device once a step (the stopping flags).
     """
     nb, L, lp, dev = cfg.num_beams, cfg.max_new_tokens, cfg.length_penalty, gen.device
     eos = torch.tensor(gen.eos_token_ids, dtype=torch.long, device=dev)
     K = max(2, 1 + len(gen.eos_token_ids)) * nb  # candidates kept per group and step
-    g_idx = torch.arange(groups, device=dev)[:, None]  # (G, 1)
     run_tok = torch.full((groups, nb, L), gen.pad_token_id, dtype=torch.long, device=dev)
     run_score = torch.zeros(groups, nb, device=dev)
     run_score[:, 1:] = _NEG  # only the first beam expands at step 0
@@ -155,9 +158,9 @@ def beam_search(
     fin_len = torch.zeros(groups, nb, dtype=torch.long, device=dev)
     finished = torch.zeros(groups, nb, dtype=torch.bool, device=dev)
     improvable = torch.ones(groups, 1, dtype=torch.bool, device=dev)
-    top_nb = torch.arange(K, device=dev) < nb  # only the top nb candidates may finish
+    top_nb = (torch.arange(K, device=dev) < nb)[None, :]  # only the top nb candidates may finish
     run_trk = fin_trk = cand_trk = None  # (G, nb, L, D) tracked values, once D is known
-    active = torch.arange(groups, device=dev)  # the groups the callbacks compute, in order
+    active: torch.Tensor | None = None  # the groups the callbacks compute; None: all G
 
     for t in range(L):
         raw = _scatter_groups(next_logprobs(), active, groups)  # (G, nb, V)
@@ -166,38 +169,43 @@ def beam_search(
         acc = (proc + run_score[:, :, None]).view(groups, nb * V)
         cand_score, flat = acc.topk(K, dim=-1)  # (G, K)
         parent, tok = flat // V, flat % V
-        cand_raw = run_raw.gather(1, parent) + scored[g_idx, parent, tok]  # (G, K)
-        cand_tok = run_tok[g_idx, parent]  # (G, K, L)
+        cand_raw = run_raw.gather(1, parent) + scored.view(groups, nb * V).gather(1, flat)
+        cand_tok = _rows(run_tok, parent)  # (G, K, L)
         cand_tok[:, :, t] = tok
-        hits = torch.isin(tok, eos) | (t + 1 >= L)  # (G, K)
+        hits = tok == eos[0] if eos.numel() == 1 else torch.isin(tok, eos)  # (G, K)
+        if t + 1 >= L:
+            hits = torch.ones_like(hits)
         if track is not None:
-            vals = _scatter_groups(track(parent[active], tok[active]), active, groups)  # (G, K, D)
+            picked = (parent, tok) if active is None else (parent[active], tok[active])
+            vals = _scatter_groups(track(*picked), active, groups)  # (G, K, D)
             if run_trk is None:
                 run_trk = vals.new_zeros(groups, nb, L, vals.shape[-1])
                 fin_trk = run_trk.clone()
-            cand_trk = run_trk[g_idx, parent]  # (G, K, L, D)
+            cand_trk = _rows(run_trk, parent)  # (G, K, L, D)
             cand_trk[:, :, t] = vals
 
         # running beams for the next step: the best nb candidates that did not finish
-        keep = (cand_score + hits.float() * _NEG).topk(nb, dim=-1).indices  # (G, nb)
-        run_tok, run_raw = cand_tok[g_idx, keep], cand_raw.gather(1, keep)
-        run_score = (cand_score + hits.float() * _NEG).gather(1, keep)
+        unfinished = torch.where(hits, cand_score + _NEG, cand_score)  # = + hits * _NEG
+        keep = unfinished.topk(nb, dim=-1).indices  # (G, nb)
+        run_tok, run_raw, run_score = _rows(cand_tok, keep), cand_raw.gather(1, keep), \
+            unfinished.gather(1, keep)
         if cand_trk is not None:
-            run_trk = cand_trk[g_idx, keep]
+            run_trk = _rows(cand_trk, keep)
         next_parent, next_tok = parent.gather(1, keep), tok.gather(1, keep)
 
         # finished beams: merge new EOS hypotheses (length-penalised) into the best nb so far
         new_score = cand_score / float(t + 1) ** lp
-        all_done = finished.all(-1, keepdim=True) & (cfg.early_stopping is True)
-        new_score = new_score + all_done.float() * _NEG + (~improvable).float() * _NEG
-        did_finish = hits & top_nb[None, :]
-        new_score = new_score + (~did_finish).float() * _NEG
+        if cfg.early_stopping is True:
+            new_score = torch.where(finished.all(-1, keepdim=True), new_score + _NEG, new_score)
+        new_score = torch.where(improvable, new_score, new_score + _NEG)
+        did_finish = hits & top_nb
+        new_score = torch.where(did_finish, new_score, new_score + _NEG)
         m_score = torch.cat([fin_score, new_score], 1)  # (G, nb + K)
         best = m_score.topk(nb, dim=-1).indices  # (G, nb)
         fin_score = m_score.gather(1, best)
-        fin_tok = torch.cat([fin_tok, cand_tok], 1)[g_idx, best]
+        fin_tok = _rows(torch.cat([fin_tok, cand_tok], 1), best)
         if cand_trk is not None:
-            fin_trk = torch.cat([fin_trk, cand_trk], 1)[g_idx, best]
+            fin_trk = _rows(torch.cat([fin_trk, cand_trk], 1), best)
         fin_raw = torch.cat([fin_raw, cand_raw], 1).gather(1, best)
         fin_len = torch.cat([fin_len, torch.full_like(tok, t + 1)], 1).gather(1, best)
         finished = torch.cat([finished, did_finish], 1).gather(1, best)
@@ -207,26 +215,38 @@ def beam_search(
         best_possible = run_score[:, :1] / float(best_len) ** lp  # (G, 1)
         worst = torch.where(finished, fin_score.min(-1, keepdim=True).values, _NEG)
         improvable = improvable & (best_possible > worst).any(-1, keepdim=True)
-        done = ~improvable[active, 0]
+        done = ~(improvable[:, 0] if active is None else improvable[active, 0])
         # what the host must know, read in one transfer (each read waits for the device)
         flags = torch.stack([improvable.any(), finished.all(), hits.all()]).long()
         can_improve, all_finished, all_hit, n_done = torch.cat([flags, done.sum()[None]]).tolist()
         if not can_improve or (all_finished and cfg.early_stopping is True) or all_hit:
             break
-        kept = torch.arange(active.numel(), device=dev)
-        if drop_finished and n_done * 4 >= active.numel():
+        computed = groups if active is None else active.numel()
+        kept = None
+        if drop_finished and n_done * 4 >= computed:
             kept = torch.nonzero(~done).flatten()
-            active = active[kept]
-        advance(next_tok[active], next_parent[active], kept)
+            active = kept if active is None else active[kept]
+        if active is None:
+            advance(next_tok, next_parent, None)
+        else:
+            advance(next_tok[active], next_parent[active], kept)
 
     fin_len = torch.where(finished, fin_len, 0)
     return _Beams(fin_tok, fin_len, fin_score, fin_raw, finished, fin_trk)
 
 
-def _scatter_groups(values: torch.Tensor, active: torch.Tensor, groups: int) -> torch.Tensor:
+def _rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``values[g, index[g, j]]`` for every group g (values (G, n, ...), index (G, m)): one
+    ``gather`` rather than advanced indexing, which costs a GPU more kernels."""
+    shape = (*index.shape, *values.shape[2:])
+    index = index.view(*index.shape, *([1] * (values.dim() - 2))).expand(shape)
+    return values.gather(1, index)
+
+
+def _scatter_groups(values: torch.Tensor, active: torch.Tensor | None, groups: int) -> torch.Tensor:
     """Values of the computed groups (A, ...) in a (G, ...) tensor; zeros for dropped groups,
-    whose candidates are never kept (they cannot improve)."""
-    if values.shape[0] == groups:
+    whose candidates are never kept (they cannot improve). ``active`` None: every group."""
+    if active is None or values.shape[0] == groups:
         return values
     full = values.new_zeros(groups, *values.shape[1:])
     full[active] = values
@@ -284,25 +304,35 @@ def decode_rag_token(
     enc = enc if enc is not None else gen.encode(inputs)
     state = gen.start(enc, expand=nb)  # rows (A, k, nb) for the A questions still decoding
     z_base = torch.arange(k, device=dev)[None, :, None] * nb  # (1, k, 1)
-    live = [prior]  # the prior rows (A, k) of the questions still decoding
+    z = torch.arange(k, device=dev)[None, None, :]  # (1, 1, k)
+    live = [prior.repeat_interleave(nb, 0)]  # the prior of every beam (A*nb, k) still decoding
     last: list[torch.Tensor] = []  # the step's per-passage log-probs, read by track()
+    arange: dict[int, torch.Tensor] = {}  # arange(A) for each A seen: built once, not per step
+
+    def questions(A: int) -> torch.Tensor:
+        if A not in arange:
+            arange[A] = torch.arange(A, device=dev)
+        return arange[A]
 
     def next_logprobs() -> torch.Tensor:
-        A = live[0].shape[0]
+        A = live[0].shape[0] // nb
         step = gen.step(state).view(A, k, nb, -1).transpose(1, 2)  # (A, nb, k, V)
         last[:] = [step]
-        marg = rag_token_next_logprobs(live[0].repeat_interleave(nb, 0), step.flatten(0, 1))
+        marg = rag_token_next_logprobs(live[0], step.flatten(0, 1))
         return F.log_softmax(marg, -1).view(A, nb, -1)  # (A, nb, V), as transformers re-normalises
 
     def track(parents: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        a = torch.arange(parents.shape[0], device=dev)[:, None, None]
-        z = torch.arange(k, device=dev)[None, None, :]
+        a = questions(parents.shape[0])[:, None, None]
         return last[0][a, parents[:, :, None], z, tokens[:, :, None]]  # (A, K, k) log p(y_t|x,z)
 
-    def advance(tokens: torch.Tensor, parents: torch.Tensor, kept: torch.Tensor) -> None:
-        rows = (kept[:, None, None] * (k * nb) + z_base + parents[:, None, :]).flatten()
-        gen.advance(state, tokens[:, None, :].expand(-1, k, nb).flatten(), rows)
-        live[0] = live[0][kept]
+    def advance(tokens: torch.Tensor, parents: torch.Tensor, kept: torch.Tensor | None) -> None:
+        groups = questions(tokens.shape[0]) if kept is None else kept
+        rows = (groups[:, None, None] * (k * nb) + z_base + parents[:, None, :]).flatten()
+        # beams move within their own (question, passage); greedy with nobody dropped: not at all
+        moves = "any" if kept is not None else "none" if nb == 1 else "within_context"
+        gen.advance(state, tokens[:, None, :].expand(-1, k, nb).flatten(), rows, moves=moves)
+        if kept is not None:
+            live[0] = live[0].view(-1, nb, k)[kept].flatten(0, 1)
         if on_token is not None and nb == 1:
             on_token(tokens[:, 0].tolist())
 
@@ -407,8 +437,10 @@ def decode_rag_sequence(
         step = gen.step(state)  # (A*nb, V)
         return step.view(step.shape[0] // nb, nb, -1)
 
-    def advance(tokens: torch.Tensor, parents: torch.Tensor, kept: torch.Tensor) -> None:
-        gen.advance(state, tokens.flatten(), (kept[:, None] * nb + parents).flatten())
+    def advance(tokens: torch.Tensor, parents: torch.Tensor, kept: torch.Tensor | None) -> None:
+        groups = torch.arange(tokens.shape[0], device=tokens.device) if kept is None else kept
+        moves = "any" if kept is not None else "none" if nb == 1 else "within_context"
+        gen.advance(state, tokens.flatten(), (groups[:, None] * nb + parents).flatten(), moves)
 
     beams = beam_search(next_logprobs, advance, G, gen, cfg).cpu()
     prior = prior.cpu()

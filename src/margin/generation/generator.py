@@ -32,6 +32,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +42,9 @@ from margin.errors import MarginError
 from margin.generation.kv_cache import PromptCache, StartCache, _is_identity
 from margin.generation.passage_cache import HeadSpan
 from margin.retrieval.passages import Passage
+
+# what a caller of Generator.advance knows of its reordering (see there)
+Moves = Literal["any", "within_context", "none"]
 
 SCORE_CHUNK = 2**26  # logits (pairs x tokens x vocabulary) scored at once: 256 MiB of float32
 SCORE_SLACK = 0.25  # targets scored together while padding adds at most this share of tokens
@@ -298,10 +302,19 @@ class Generator(ABC):
             return out
         return F.log_softmax(self._forward_step(state).float(), -1)
 
-    def advance(self, state: DecodeState, next_tokens: torch.Tensor, reorder: torch.Tensor) -> None:
-        """Row i continues row ``reorder[i]`` with ``next_tokens[i]`` (beam reordering)."""
+    def advance(
+        self, state: DecodeState, next_tokens: torch.Tensor, reorder: torch.Tensor,
+        moves: Moves = "any",
+    ) -> None:
+        """Row i continues row ``reorder[i]`` with ``next_tokens[i]`` (beam reordering).
+
+        ``moves``, what the caller knows of ``reorder`` without asking the device (each question
+        to a GPU waits for it): "none", every row stays where it is (greedy, nobody dropped);
+        "within_context", every row continues a row of its own context (beams of one
+        (question, passage)) and none is dropped; "any", nothing known: checked here.
+        """
         # greedy never reorders (until finished rows leave): skip copying the whole cache
-        if not _is_identity(reorder, state.last_tokens.numel()):
+        if moves != "none" and not _is_identity(reorder, state.last_tokens.numel()):
             state.cache.reorder_cache(reorder)
             state.attention_mask = state.attention_mask.index_select(0, reorder)
             if state.hidden is not None:

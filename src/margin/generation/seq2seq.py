@@ -33,6 +33,7 @@ from margin.generation.generator import (
     Encoded,
     Generator,
     GenInputs,
+    Moves,
     _check_passages,
     _eos_ids,
     fit_passage,
@@ -185,24 +186,31 @@ class Seq2SeqGenerator(Generator):
         state.cache = out.cache
         return out.logits[:, -1]  # (N, V)
 
-    def advance(self, state: DecodeState, next_tokens: torch.Tensor, reorder: torch.Tensor) -> None:
+    def advance(
+        self, state: DecodeState, next_tokens: torch.Tensor, reorder: torch.Tensor,
+        moves: Moves = "any",
+    ) -> None:
         """As :meth:`Generator.advance`; when every row keeps its context row (beams move within
         their own (question, passage)), only the decoder's own cache moves: the cross-attention
-        keys/values, encoder output and mask are the same for every row of a context."""
+        keys/values, encoder output and mask are the same for every row of a context. Unless
+        ``moves`` says so, that is checked on the device (one host read)."""
         ctx = state.context
         if (
             ctx is not None
             and isinstance(state.cache, EncoderDecoderCache)
             and reorder.numel() == ctx.numel()
         ):
-            rows = torch.arange(ctx.numel(), device=reorder.device)
-            same_row = (reorder == rows).all()
-            same_ctx = (ctx.index_select(0, reorder) == ctx).all()
-            identity, same_context = torch.stack([same_row, same_ctx]).tolist()  # one host read
+            if moves == "any":
+                rows = torch.arange(ctx.numel(), device=reorder.device)
+                same_row = (reorder == rows).all()
+                same_ctx = (ctx.index_select(0, reorder) == ctx).all()
+                identity, same_context = torch.stack([same_row, same_ctx]).tolist()  # host read
+            else:
+                identity, same_context = moves == "none", True
             if identity or same_context:
                 if not identity:  # greedy never reorders: then nothing moves
                     state.cache.self_attention_cache.reorder_cache(reorder)
                 state.last_tokens = next_tokens
                 state.steps += 1
                 return
-        super().advance(state, next_tokens, reorder)
+        super().advance(state, next_tokens, reorder, moves)

@@ -165,7 +165,8 @@ class ContinuousBatcher(JobQueue):
                 k_rows += d.search.k
             n = state.last_tokens.numel()
             dev = state.last_tokens.device
-            gen.advance(state, torch.tensor(tokens, device=dev), torch.arange(n, device=dev))
+            gen.advance(state, torch.tensor(tokens, device=dev), torch.arange(n, device=dev),
+                        moves="none")  # greedy: no row moves here; finished rows leave below
             rows = torch.tensor(keep, dtype=torch.long, device=dev)
             kept_parts.append((state, rows, [d for d in decoding if d not in finished]))
         self.steps_run += 1
