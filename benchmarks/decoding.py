@@ -436,6 +436,8 @@ def profile(side: Timing, device: str, rows: int = 12) -> str:
     kernels = [e for e in events if e.device_type == DeviceType.CUDA]  # not the ops that ran them
     busy = sum(e.self_device_time_total for e in kernels) / 1e6
     table = events.table(sort_by="self_cpu_time_total", row_limit=rows)
+    if kernels:  # and the kernels by device time: where the GPU's own time goes
+        table += "\n" + events.table(sort_by="self_device_time_total", row_limit=rows)
     syncs = sum(e.count for e in events if e.key == "cudaStreamSynchronize")
     return (f"profile of {side.label}: wall {wall:.3f} s, kernels {busy:.3f} s "
             f"({busy / wall:.0%} of the wall), {syncs} stream synchronisations, "
