@@ -69,6 +69,10 @@ def main() -> None:
     ev.add_argument("--modes", default="token,sequence")
     rc = sub.add_parser("recall", help="recall of the default and of every run in OUT")
     rc.add_argument("--model", default="finetuned", help="an installed RAG fine-tune, if any")
+    rc.add_argument("--rag-only-model", help="an installed `margin finetune --retriever none` "
+                    "model: its row is measured, not quoted")
+    rc.add_argument("--rag-only-eval", type=Path, help="benchmarks/finetuned.py eval's --out for "
+                    "--rag-only-model: its EM, and the sign tests against it")
     rc.add_argument("--finetuned-eval", type=Path, help="benchmarks/finetuned.py eval's --out "
                     "for --model: its RAG EM and where its misses are")
     rc.add_argument("--write", action="store_true", help="write the BENCHMARKS.md section")
@@ -200,8 +204,7 @@ def recall(args: argparse.Namespace) -> None:
             rows.append((data, name, timing, [100 * r[f"answer_recall@{k}"] for k in DEPTHS], em))
             print(rows[-1][:2], rows[-1][3:], flush=True)
             if name.startswith("frozen"):
-                recalls, quoted = RAG_LOSS_ONLY_ROWS[data]
-                rows.append((data, RAG_LOSS_ONLY, {}, recalls, quoted))
+                rows.append(_rag_loss_only_row(args, data, heldout))
     lines = [
         SECTION, "",
         "Paper Table 6 on our corpus. Answer recall@k x100 (a SQuAD-normalised gold answer in one "
@@ -210,9 +213,10 @@ def recall(args: argparse.Namespace) -> None:
         "default corpus (12,324 passages). Contrastive runs: `margin train-retriever` (DPR's "
         "loss, Karpukhin et al. 2020: in-batch negatives plus mined hard negatives) on both "
         f"files after their first {HELDOUT} lines, from the default all-MiniLM-L6-v2. EM columns "
-        "use the generator each row names; '-': not measured. The frozen default's EM and "
-        "every figure of the `finetuned-192` row are quoted from earlier sections (their runs "
-        "are not on this machine), so no paired sign test against them could be run.", "",
+        "use the generator each row names; '-': not measured. The frozen default's EM is "
+        "quoted from section \"Evaluation\"" + (
+            "." if args.rag_only_model else ", and every figure of the `finetuned-192` row from "
+            "earlier sections (their runs are not on this machine)."), "",
         "| data set | retriever | @1 | @5 | @20 | @100 | RAG-Token EM | RAG-Sequence EM | "
         "generator |",
         "|---|---|---:|---:|---:|---:|---:|---:|---|",
@@ -237,12 +241,51 @@ def recall(args: argparse.Namespace) -> None:
                 f"positives; `python benchmarks/learned_retrieval.py "
                 f"{timing['command']}` |")
     if final is not None and args.finetuned_eval is not None:
+        if args.rag_only_eval is not None:
+            lines += ["", *_sign_tests(args)]
         lines += ["", *_targets(rows, final), "", *_misses(args.finetuned_eval)]
     lines += [""] + provenance("learned_retrieval.py", load_start)
     section = "\n".join(lines)
     print(section)
     if args.write:
         write_section(Path(__file__).parent.parent / "BENCHMARKS.md", section)
+
+
+def _rag_loss_only_row(args: argparse.Namespace, data: str, heldout) -> tuple:
+    """The row of the question encoder trained by the RAG loss only (the recipe before the
+    retriever stage, ``margin finetune --retriever none``): measured when ``--rag-only-model``
+    is installed (its EM when ``--rag-only-eval`` holds its predictions), else quoted."""
+    if args.rag_only_model is None:
+        recalls, quoted = RAG_LOSS_ONLY_ROWS[data]
+        return (data, RAG_LOSS_ONLY, {}, recalls, quoted)
+    retriever = _rag_question_encoder(args.rag_only_model)
+    if retriever is None:
+        raise SystemExit(f"--rag-only-model {args.rag_only_model} is not installed")
+    r = retrieval_recall(retriever, heldout, DEPTHS)
+    em = (tuple(_em(_predictions(args.rag_only_eval, data, mode)) for mode in MODES)
+          if args.rag_only_eval is not None else None)
+    name = (f"question encoder trained by the RAG loss only (`{args.rag_only_model}`: "
+            "`margin finetune --retriever none --steps 192`)")
+    return (data, name, {}, [100 * r[f"answer_recall@{k}"] for k in DEPTHS], em)
+
+
+def _sign_tests(args: argparse.Namespace) -> list[str]:
+    """The installed model against the RAG-loss-only recipe, question by question: the held-out
+    questions only one of them answered exactly, and the two-sided sign test's p-value."""
+    from finetuned import paired
+    from margin.evaluation.grid import RunSpec
+
+    parts = []
+    for data in DATASETS:
+        for mode in MODES:
+            run = RunSpec("dense", 5, mode, "greedy").name
+            only_new, only_old, p = paired(args.finetuned_eval / data / run,
+                                           args.rag_only_eval / data / run, HELDOUT)
+            parts.append(f"{data} RAG-{mode.capitalize()}: {only_new} / {only_old} (p = {p:.2f})")
+    return [f"Paired sign tests, the installed `{args.model}` against `{args.rag_only_model}` "
+            "(the recipe before this issue, re-run): held-out questions only the installed "
+            "model / only the RAG-loss-only model answered exactly, and the two-sided sign "
+            "test's p-value: " + "; ".join(parts) + "."]
 
 
 def _predictions(out: Path, data: str, mode: str) -> list[dict]:
