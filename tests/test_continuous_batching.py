@@ -62,15 +62,15 @@ def key(rag: RAG, max_new_tokens: int, k: int = 3) -> AskKey:
 
 def record_answers(monkeypatch, module) -> dict[str, object]:
     """Each question's best hypothesis (token ids, marginal, provenance) as ``module``'s
-    ``_answer`` sees it."""
+    ``answer_of`` sees it."""
     seen: dict[str, object] = {}
-    original = module._answer
+    original = module.answer_of
 
     def spy(question, passages, decoded, *args):
         seen[question] = decoded.best
         return original(question, passages, decoded, *args)
 
-    monkeypatch.setattr(module, "_answer", spy)
+    monkeypatch.setattr(module, "answer_of", spy)
     return seen
 
 

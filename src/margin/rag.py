@@ -211,7 +211,7 @@ class RAG:
         return self._retrieve_scored(check_questions(questions), k)
 
     def _retrieve_scored(self, questions: list[str], k: int) -> tuple[Retrieved, torch.Tensor]:
-        """:meth:`retrieve_scored` of questions already checked (:func:`_check_questions`)."""
+        """:meth:`retrieve_scored` of questions already checked (:func:`cut_questions`)."""
         retriever = self._retriever()
         if retriever.kind == "bm25" or self.question_encoder is None:
             hits = retriever.retrieve(questions, k=k, with_vectors=True)
@@ -272,7 +272,7 @@ class RAG:
         ``on_token`` streams RAG-Token greedy decoding: called after every step with the token
         id each question took (see :func:`margin.generation.decoding.decode_rag_token`).
         """
-        questions = _check_questions(questions)
+        questions = cut_questions(questions)
         k = _at_most_the_index(_given_or_default("k", k, self.default_k), self._retriever())
         mode = self.default_mode if mode is None else mode
         method = decoding_method(mode, decoding)
@@ -323,7 +323,7 @@ class RAG:
         prior = scores_prior(doc_scores).tolist()
         raw = retriever_scores or doc_scores.tolist()
         return [
-            _answer(q, ps, d, pr, rs, mode, decoding, self.generator, self.postprocess)
+            answer_of(q, ps, d, pr, rs, mode, decoding, self.generator, self.postprocess)
             for q, ps, d, pr, rs in zip(questions, passages, decoded, prior, raw, strict=True)
         ]
 
@@ -345,7 +345,7 @@ class RAG:
         """The generator alone, on the same prompt minus the passage: the paper's closed-book
         baseline ("BART" in Tables 1-4). One context row per question with prior 1, so both
         modes reduce to plain greedy or beam search on the generator; no passages come back."""
-        questions = _check_questions(questions)
+        questions = cut_questions(questions)
         decoding_method("sequence", decoding)  # validates the name
         cfg = self._decode_config(decoding, num_beams, max_new_tokens, 1)
         inputs = self.generator.build_inputs(questions, None)  # (B rows, k=1)
@@ -397,7 +397,7 @@ class RAG:
         if mode not in LOSS_MODES:
             raise MarginError(f"unknown mode {mode!r}; use 'token', 'sequence' or 'both'")
         k = _given_or_default("k", k, self.default_k)
-        questions = _check_questions(questions)
+        questions = cut_questions(questions)
         if len(answers) != len(questions):
             raise MarginError(f"got {len(questions)} questions but {len(answers)} answers")
         if hits is None:
@@ -416,7 +416,7 @@ class RAG:
         return nll_loss(mode, doc_logprior, tok, target_mask, reduction)  # type: ignore[arg-type]
 
 
-def _answer(
+def answer_of(
     question: str,
     passages: Sequence[Passage],
     decoded: Decoded,
@@ -470,7 +470,7 @@ def _at_most_the_index(k: int, retriever: RetrieverProtocol) -> int:
     return n
 
 
-def _check_questions(questions: Sequence[str]) -> list[str]:
+def cut_questions(questions: Sequence[str]) -> list[str]:
     """Non-blank questions, each cut to MAX_QUESTION_WORDS words and MAX_QUESTION_CHARS
     characters (warning) so prompts fit."""
     out = check_questions(questions)

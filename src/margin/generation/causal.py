@@ -53,9 +53,9 @@ from margin.generation.generator import (
 from margin.generation.kv_cache import (
     KV,
     PromptCache,
-    _scatter_rows,
     common_prefix_length,
     prefix_layout,
+    scatter_rows,
     unpadded_rows,
 )
 from margin.generation.passage_cache import (
@@ -257,7 +257,7 @@ class CausalGenerator(Generator):
             cols = torch.cat([torch.arange(shared), torch.arange(S - w, S)]).to(ids.device)
             gmask = mask[g][:, cols]  # (n, shared + w), [prefix][pad][suffix] for these rows
             parts.append((g, *self._extend(ids[g][:, S - w :], gmask, prefix)))
-        layers, logits = _scatter_rows(parts, shared, R, S)
+        layers, logits = scatter_rows(parts, shared, R, S)
         prompt = PromptCache(
             layers=layers,
             mask=mask,

@@ -15,7 +15,7 @@ question's rows leave at once (margin.serving.continuous runs that loop). Two pi
 - :class:`GreedyToken`: one question's RAG-Token greedy search. It is ``beam_search`` with one
   beam, step by step: the next-token distribution is the passage marginal
   log p'(y_i|x,y_<i) = logsumexp_z [log p(z|x) + log p(y_i|x,z,y_<i)] (Sec. 2.1, re-normalised as
-  ``decode_rag_token`` does), the same logits processing (``_process``: pad banned, EOS banned
+  ``decode_rag_token`` does), the same logits processing (``process_logits``: pad banned, EOS banned
   before ``min_new_tokens``), the same ``topk`` over the running score, and the hypothesis ends
   at the first EOS or at ``max_new_tokens``. It keeps each token's per-passage log-probs, so its
   answer, marginal and provenance come from :func:`token_decoded`, as ``decode_rag_token``'s do.
@@ -33,7 +33,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from margin.generation.decoding import DecodeConfig, Decoded, _process, token_decoded
+from margin.generation.decoding import DecodeConfig, Decoded, process_logits, token_decoded
 from margin.generation.generator import DecodeState, Generator
 from margin.generation.kv_cache import DEFAULT_ROOM, GrowingCache
 from margin.marginalize import rag_token_next_logprobs
@@ -112,7 +112,7 @@ class GreedyToken:
         t, cfg = len(self.tokens), self.cfg
         marg = rag_token_next_logprobs(self.prior, step_logprobs[None])  # (1, V)
         raw = F.log_softmax(marg, -1)[:, None]  # (1, 1, V) as decode_rag_token re-normalises
-        proc, _ = _process(raw, t, self.gen, cfg)
+        proc, _ = process_logits(raw, t, self.gen, cfg)
         acc = (proc + self.score[:, :, None]).view(1, -1)  # (1, V)
         cand_score, tok = acc.topk(self._candidates, dim=-1)  # (1, K)
         token = int(tok[0, 0])

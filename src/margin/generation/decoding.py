@@ -94,7 +94,7 @@ class _Beams:
         return _Beams(*(t.cpu() if t is not None else None for t in fields))
 
 
-def _process(
+def process_logits(
     raw: torch.Tensor, t: int, gen: Generator, cfg: DecodeConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply the logits processors at step t; return (processed, raw-as-scored) (..., V)."""
@@ -165,7 +165,7 @@ def beam_search(
     for t in range(L):
         raw = _scatter_groups(next_logprobs(), active, groups)  # (G, nb, V)
         V = raw.shape[-1]
-        proc, scored = _process(raw, t, gen, cfg)
+        proc, scored = process_logits(raw, t, gen, cfg)
         acc = (proc + run_score[:, :, None]).view(groups, nb * V)
         cand_score, flat = acc.topk(K, dim=-1)  # (G, K)
         parent, tok = flat // V, flat % V
@@ -253,7 +253,10 @@ def _scatter_groups(values: torch.Tensor, active: torch.Tensor | None, groups: i
     return full
 
 
-def _check(gen: Generator, inputs: GenInputs, doc_scores: torch.Tensor, cfg: DecodeConfig) -> None:
+def check_decode_inputs(
+    gen: Generator, inputs: GenInputs, doc_scores: torch.Tensor, cfg: DecodeConfig
+) -> None:
+    """Refuse, in one line each, decoding inputs and options that cannot work."""
     if tuple(doc_scores.shape) != (inputs.batch_size, inputs.n_docs):
         raise MarginError(
             f"doc_scores has shape {tuple(doc_scores.shape)}, expected "
@@ -298,7 +301,7 @@ def decode_rag_token(
     (a question that already finished keeps receiving tokens that are not part of its answer).
     ``enc``: ``gen.encode(inputs)`` already computed (read, never modified); encoded here if None.
     """
-    _check(gen, inputs, doc_scores, cfg)
+    check_decode_inputs(gen, inputs, doc_scores, cfg)
     B, k, nb, dev = inputs.batch_size, inputs.n_docs, cfg.num_beams, gen.device
     prior = scores_log_prior(doc_scores.float()).to(dev)  # (B, k)
     enc = enc if enc is not None else gen.encode(inputs)
@@ -426,7 +429,7 @@ def decode_rag_sequence(
     are scored by logsumexp_z [log p(z|x) + log p(y|x,z)] and ranked. ``enc``: as in
     :func:`decode_rag_token`.
     """
-    _check(gen, inputs, doc_scores, cfg)
+    check_decode_inputs(gen, inputs, doc_scores, cfg)
     B, k, nb = inputs.batch_size, inputs.n_docs, cfg.num_beams
     G = B * k
     prior = scores_log_prior(doc_scores.float())  # (B, k)

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import Cache
 
 from margin.errors import MarginError
-from margin.generation.kv_cache import PromptCache, StartCache, _is_identity
+from margin.generation.kv_cache import PromptCache, StartCache, is_identity
 from margin.generation.passage_cache import HeadSpan
 from margin.retrieval.passages import Passage
 
@@ -314,7 +314,7 @@ class Generator(ABC):
         (question, passage)) and none is dropped; "any", nothing known: checked here.
         """
         # greedy never reorders (until finished rows leave): skip copying the whole cache
-        if moves != "none" and not _is_identity(reorder, state.last_tokens.numel()):
+        if moves != "none" and not is_identity(reorder, state.last_tokens.numel()):
             state.cache.reorder_cache(reorder)
             state.attention_mask = state.attention_mask.index_select(0, reorder)
             if state.hidden is not None:

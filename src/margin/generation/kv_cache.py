@@ -134,7 +134,7 @@ class PromptCache:
     def select(self, rows: torch.Tensor, room: int = DEFAULT_ROOM) -> DynamicCache:
         """A fresh cache holding prompt rows ``rows`` (M,), in that order (repeats allowed),
         with ``room`` positions to grow into before it reallocates."""
-        pick = None if _is_identity(rows, self.mask.shape[0]) else rows
+        pick = None if is_identity(rows, self.mask.shape[0]) else rows
         return GrowingCache(self.layers, pick, room)  # one copy: (M, h, S + room, d_head)
 
 
@@ -153,7 +153,7 @@ class StartCache:
 
     def cache(self, rows: torch.Tensor, with_start: bool) -> EncoderDecoderCache:
         """A fresh cache for rows ``rows`` (M,) of the contexts, with or without the start token."""
-        pick = None if _is_identity(rows, self.next_logits.shape[0]) else rows
+        pick = None if is_identity(rows, self.next_logits.shape[0]) else rows
         own = GrowingCache(self.own, pick) if with_start else DynamicCache()
         return EncoderDecoderCache(own, GrowingCache(self.cross, pick, room=0))
 
@@ -179,7 +179,7 @@ def common_prefix_length(rows: Sequence[torch.Tensor]) -> int:
     return n if bool(same.all()) else int(same.int().argmin())  # the first position that differs
 
 
-def _scatter_rows(
+def scatter_rows(
     parts: Sequence[tuple[torch.Tensor, list[KV], torch.Tensor]], shared: int, R: int, S: int
 ) -> tuple[list[KV], torch.Tensor]:
     """Put the caches and logits of row groups back in row order, in one (R, S) layout.
@@ -190,7 +190,7 @@ def _scatter_rows(
     """
     if len(parts) == 1:  # one group of every row: already the full layout, maybe reordered
         rows, kv, logits = parts[0]
-        if _is_identity(rows, R):
+        if is_identity(rows, R):
             return kv, logits
         order = torch.argsort(rows)
         return [(k[order], v[order]) for k, v in kv], logits[order]
@@ -245,6 +245,6 @@ def _gathered(x: torch.Tensor, rows: torch.Tensor | None, room: int) -> torch.Te
     return buf
 
 
-def _is_identity(order: torch.Tensor, n: int) -> bool:
+def is_identity(order: torch.Tensor, n: int) -> bool:
     """Whether picking rows ``order`` (M,) out of ``n`` keeps every row, each where it is."""
     return order.numel() == n and torch.equal(order, torch.arange(n, device=order.device))

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
-from margin.generation.kv_cache import KV, PromptCache, _scatter_rows, unpadded_rows
+from margin.generation.kv_cache import KV, PromptCache, scatter_rows, unpadded_rows
 
 Extend = Callable[[torch.Tensor, torch.Tensor, list[KV]], tuple[list[KV], torch.Tensor]]
 
@@ -163,7 +163,7 @@ def encode_cached(
         cols = torch.cat([torch.arange(Sh), torch.arange(S - wg, S)]).to(dev)
         group_past = [(k.index_select(0, g), v.index_select(0, g)) for k, v in past]
         parts.append((g, *extend(ids[g][:, S - wg :], mask[g][:, cols], group_past)))
-    layers, logits = _scatter_rows(parts, Sh, R, S)
+    layers, logits = scatter_rows(parts, Sh, R, S)
     return PromptCache(layers, mask, mask.sum(-1), ids[:, -1], logits)
 
 

@@ -38,7 +38,7 @@ from margin.generation.generator import (
     _eos_ids,
     fit_passage,
 )
-from margin.generation.kv_cache import StartCache, _is_identity
+from margin.generation.kv_cache import StartCache, is_identity
 from margin.retrieval.passages import Passage
 
 
@@ -149,7 +149,7 @@ class Seq2SeqGenerator(Generator):
         dec_in = target_ids.new_full(target_ids.shape, self.decoder_start_token_id)  # (M, T)
         dec_in[:, 1:] = target_ids[:, :-1]
         cache = None
-        if not torch.is_grad_enabled() and not _is_identity(rows, enc.hidden.shape[0]):
+        if not torch.is_grad_enabled() and not is_identity(rows, enc.hidden.shape[0]):
             # rows repeat (hypotheses x passages): each context's cross-attention once, copied
             cache = self._start(enc).cache(rows, with_start=False)
         out = self.model(

@@ -39,10 +39,10 @@ import torch
 from margin.errors import MarginError
 from margin.generation.causal import CausalGenerator
 from margin.generation.continuous import GreedyToken, regroup
-from margin.generation.decoding import _check
+from margin.generation.decoding import check_decode_inputs
 from margin.generation.generator import DecodeState, Generator
 from margin.marginalize import scores_log_prior, scores_prior
-from margin.rag import Answer, _answer, _check_questions
+from margin.rag import Answer, answer_of, cut_questions
 from margin.retrieval.passages import Passage
 from margin.serving.batching import JobQueue, RunBatch
 from margin.serving.schemas import AskKey
@@ -206,7 +206,7 @@ class ContinuousBatcher(JobQueue):
         if rag.generator is not gen:
             raise MarginError("this index's model is not the one the running batch decodes")
         asked = [(job, i, q) for job in jobs for i, q in
-                 enumerate(_check_questions([item.text for item in job.items]))]
+                 enumerate(cut_questions([item.text for item in job.items]))]
         questions = [q for _, _, q in asked]
         hits, scores = rag._retrieve_scored(questions, k)
         doc_scores = scores.detach().float()  # (B, k)
@@ -215,7 +215,7 @@ class ContinuousBatcher(JobQueue):
         for job in jobs:
             job.answers = [None] * len(job.items)
             cfg = rag._decode_config("greedy", None, job.key.max_new_tokens, 1)
-            _check(gen, inputs, doc_scores, cfg)
+            check_decode_inputs(gen, inputs, doc_scores, cfg)
             configs[id(job)] = cfg
         log_prior = scores_log_prior(doc_scores).to(gen.device)  # (B, k)
         state = gen.start(gen.encode(inputs), expand=1)  # rows (B*k,), first step pending
@@ -234,7 +234,7 @@ class ContinuousBatcher(JobQueue):
             return
         try:
             rag = job.key.entry.rag
-            job.answers[d.index] = _answer(d.question, d.passages, d.search.decoded(), d.prior,
+            job.answers[d.index] = answer_of(d.question, d.passages, d.search.decoded(), d.prior,
                                            d.scores, "token", "greedy", self.generator,
                                            rag.postprocess)
         except Exception as exc:
