@@ -170,14 +170,15 @@ def split_hits(run_dir: Path, n: int) -> tuple[int, int, int]:
     return int(hits), int(rest), len(held)
 
 
-def paired(tuned_dir: Path, zero_dir: Path, n: int) -> tuple[int, int, float]:
+def paired(tuned_dir: Path, zero_dir: Path, n: int,
+           metric: str = "exact_match") -> tuple[int, int, float]:
     """Questions among the first ``n`` that only the fine-tuned run got right, those only the
-    zero-shot run got right, and the two-sided sign test's p-value for that split."""
+    zero-shot run got right, and the two-sided sign test's p-value for that split (``metric``:
+    another per-question 0/1 of the predictions, e.g. ``answer_in_passages``)."""
     tuned, zero = first_questions(tuned_dir, n), first_questions(zero_dir, n)
     if tuned.keys() != zero.keys():
         raise SystemExit(f"{tuned_dir} and {zero_dir} hold other questions")
-    right = {i: (tuned[i]["metrics"]["exact_match"], zero[i]["metrics"]["exact_match"])
-             for i in tuned}
+    right = {i: (tuned[i]["metrics"][metric], zero[i]["metrics"][metric]) for i in tuned}
     only_tuned = sum(1 for t, z in right.values() if t and not z)
     only_zero = sum(1 for t, z in right.values() if z and not t)
     m = only_tuned + only_zero
