@@ -22,8 +22,13 @@ from helpers import (
 )
 from margin.errors import MarginError
 from margin.generation.causal import CausalFormat, CausalGenerator, default_prompt
-from margin.generation.generator import GenInputs, length_groups
-from margin.generation.kv_cache import common_prefix_length, prefix_layout, unpadded_rows
+from margin.generation.generator import GenInputs
+from margin.generation.kv_cache import (
+    common_prefix_length,
+    length_groups,
+    prefix_layout,
+    unpadded_rows,
+)
 from margin.generation.seq2seq import Seq2SeqFormat, Seq2SeqGenerator, rag_context_string
 from margin.retrieval.passages import Passage
 

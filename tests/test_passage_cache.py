@@ -1,6 +1,6 @@
 """The passage KV cache (margin.generation.passage_cache) gives the uncached prompts' results.
 
-A cold and a warm cache run the same arithmetic, so their logits are bit-identical
+A warm cache hands back the KV the cold one computed and used, so their logits are bit-identical
 (torch.equal). Against the uncached encode, which runs passage and question in one batched
 forward, the same matmuls run in other shapes: the logits agree to float rounding (atol 1e-5 on
 logits of order 1) and the decoded tokens are the same.
@@ -56,19 +56,62 @@ def test_spans_cut_the_prompt_where_its_own_tokens_are():
 def test_cold_and_warm_cache_give_bit_identical_logits():
     g = gen()
     cold = g.encode(g.build_inputs([Q1], [P])).prompt
-    # run once each: the prefix (read again by rows 2 and 3) and the 3 passages
-    assert g.passage_cache.misses == 4 and g.passage_cache.hits == 2
+    # each distinct block is looked up once: the prefix and the 3 passages, all missing
+    assert (g.passage_cache.misses, g.passage_cache.hits) == (4, 0)
     warm = g.encode(g.build_inputs([Q1], [P])).prompt
-    assert g.passage_cache.misses == 4 and g.passage_cache.hits == 2 + 6
+    assert (g.passage_cache.misses, g.passage_cache.hits) == (4, 4)
+    # the warm cache hands back the bits the cold one computed and used
     assert torch.equal(cold.next_logits, warm.next_logits)
     assert all(torch.equal(a[0], b[0]) for a, b in zip(cold.layers, warm.layers, strict=True))
-    # a new question over the same passages: all from the cache, the same bits as a fresh cache
+    # a new question over the same passages: all from the cache; a fresh cache computes them in
+    # another batch (another order), so the two agree to float rounding
     again = g.encode(g.build_inputs([Q2], [P[::-1]])).prompt
+    assert (g.passage_cache.misses, g.passage_cache.hits) == (4, 8)
     fresh = gen()
     alone = fresh.encode(fresh.build_inputs([Q2], [P[::-1]])).prompt
-    assert g.passage_cache.misses == 4 and g.passage_cache.hits == 8 + 6
     assert fresh.passage_cache.misses == 4
-    assert torch.equal(again.next_logits, alone.next_logits)
+    torch.testing.assert_close(again.next_logits, alone.next_logits, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_missed_passages_run_once_each_in_one_batched_forward(monkeypatch):
+    """Two questions over the same 3 passages: the prefix runs alone, the 3 passages together
+    (not 6 rows, not one forward each), then the 6 rows' questions; warm, only the questions."""
+    g = gen(suffix_padding=10.0)  # any padding allowed: one forward per stage
+    forward, runs = g.model.forward, []
+
+    def spy(*args, **kw):
+        runs.append(tuple(kw["input_ids"].shape))
+        return forward(*args, **kw)
+
+    monkeypatch.setattr(g.model, "forward", spy)
+    inputs = g.build_inputs([Q1, Q2], [P, P[::-1]])
+    spans = inputs.spans
+    longest = max(s.head - s.prefix for s in spans)
+    cold = g.encode(inputs).prompt
+    assert [rows for rows, _ in runs] == [1, 3, 6]
+    assert runs[0][1] == spans[0].prefix and runs[1][1] == longest
+    assert (g.passage_cache.misses, g.passage_cache.hits, len(g.passage_cache)) == (4, 0, 4)
+    runs.clear()
+    warm = g.encode(inputs).prompt
+    assert [rows for rows, _ in runs] == [6]
+    assert torch.equal(cold.next_logits, warm.next_logits)
+    plain = gen(mb=0, suffix_padding=10.0)
+    want = plain.encode(plain.build_inputs([Q1, Q2], [P, P[::-1]])).prompt.next_logits
+    torch.testing.assert_close(cold.next_logits, want, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_a_cache_too_small_for_the_batch_still_gives_its_prompts():
+    """Blocks the bound evicts (or never keeps) are still used for the batch that ran them."""
+    small = gen(mb=0.0005)  # 524 bytes: not even one block fits
+    plain = gen(mb=0)
+    qs, ps = [Q1, Q2], [P, P[1:] + P[:1]]
+    got = small.encode(small.build_inputs(qs, ps)).prompt
+    want = plain.encode(plain.build_inputs(qs, ps)).prompt
+    assert len(small.passage_cache) == 0 and small.passage_cache.misses == 4
+    torch.testing.assert_close(got.next_logits, want.next_logits, atol=1e-5, rtol=1e-5)
+    assert torch.equal(got.lengths, want.lengths)
 
 
 @torch.no_grad()
@@ -78,8 +121,9 @@ def test_cached_prompts_score_and_decode_as_uncached():
     qs, ps = [Q1, Q2], [P, P[1:] + P[:1]]
     cin, pin = cached.build_inputs(qs, ps), plain.build_inputs(qs, ps)
     assert pin.spans is None and torch.equal(cin.input_ids, pin.input_ids)
-    cached.encode(cin)  # warm the cache, then compare the warm path
+    cold = cached.encode(cin).prompt  # the cache filled, then the warm path
     a, b = cached.encode(cin).prompt, plain.encode(pin).prompt
+    assert torch.equal(cold.next_logits, a.next_logits)
     torch.testing.assert_close(a.next_logits, b.next_logits, atol=1e-5, rtol=1e-5)
     assert torch.equal(a.lengths, b.lengths) and torch.equal(a.last_tokens, b.last_tokens)
     target, tmask = cached.build_targets(["paris", "france"])
@@ -93,6 +137,28 @@ def test_cached_prompts_score_and_decode_as_uncached():
         got = [d.best.token_ids for d in decode(cached, cin, scores, cfg, method)]
         want = [d.best.token_ids for d in decode(plain, pin, scores, cfg, method)]
         assert got == want, (method, beams)
+
+
+@torch.no_grad()
+def test_rows_with_different_prefixes_cache_each_their_own():
+    """A prompt that names its question before the passage: each question has its own prefix,
+    and a passage is cached once per prefix it follows."""
+
+    def asks_first(tokenizer, question, passage):
+        context = "" if passage is None else f"context : {passage.text}"
+        return f"{PREAMBLE}{question} {context}\nquestion : {question} :"
+
+    model, tok = tiny_llama()
+    cached = CausalGenerator(model, tok, CausalFormat(asks_first, passage_cache_mb=1))
+    plain = CausalGenerator(model, tok, CausalFormat(asks_first))
+    qs, ps = [Q1, Q2], [P, P[::-1]]
+    cin = cached.build_inputs(qs, ps)
+    assert len({s.prefix for s in cin.spans}) == 2  # the two questions differ in length
+    got = cached.encode(cin).prompt
+    assert (cached.passage_cache.misses, len(cached.passage_cache)) == (2 + 6, 8)
+    want = plain.encode(plain.build_inputs(qs, ps)).prompt
+    torch.testing.assert_close(got.next_logits, want.next_logits, atol=1e-5, rtol=1e-5)
+    assert torch.equal(cached.encode(cin).prompt.next_logits, got.next_logits)
 
 
 @torch.no_grad()

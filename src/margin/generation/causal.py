@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import Cache, DynamicCache
 
 from margin.errors import MarginError
 from margin.generation.generator import (
@@ -48,12 +48,12 @@ from margin.generation.generator import (
     _check_passages,
     _eos_ids,
     fit_passage,
-    length_groups,
 )
 from margin.generation.kv_cache import (
     KV,
     PromptCache,
     common_prefix_length,
+    length_groups,
     prefix_layout,
     scatter_rows,
     unpadded_rows,
@@ -239,6 +239,7 @@ class CausalGenerator(Generator):
             prompt = encode_cached(
                 self._extend, cache, stamp, inputs.input_ids, inputs.attention_mask,
                 inputs.spans, self.pad_token_id,  # type: ignore[arg-type]
+                self.fmt.suffix_padding,
             )
             return Encoded(inputs, prompt=prompt)
         rows = unpadded_rows(inputs.input_ids, inputs.attention_mask)
@@ -307,21 +308,26 @@ class CausalGenerator(Generator):
         )
 
     def _extend(
-        self, ids: torch.Tensor, mask: torch.Tensor, past: list[KV]
+        self, ids: torch.Tensor, mask: torch.Tensor, past: list[KV] | Cache
     ) -> tuple[list[KV], torch.Tensor]:
-        """Run ``ids`` (n, w) after the cached ``past`` positions (1 row, P positions, shared).
+        """Run ``ids`` (n, w) after the cached ``past`` positions: one row's KV (P positions,
+        shared by all n), or a cache of n rows taken as it is (written into).
 
         ``mask`` (n, P+w) covers both. Returns the cache over all P+w positions, per layer
         (n, h, P+w, d_head), and the logits (n, V) after the last position: only that position
         goes through the output layer.
         """
-        n = ids.shape[0]
-        past_n = [(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in past]
+        if isinstance(past, Cache):
+            cache = past
+        else:
+            n = ids.shape[0]
+            past_n = [(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in past]
+            cache = DynamicCache(ddp_cache_data=past_n) if past else DynamicCache()
         out = self.model(
             input_ids=ids,
             attention_mask=mask,
             position_ids=self._positions(mask)[:, mask.shape[1] - ids.shape[1] :],
-            cache=DynamicCache(ddp_cache_data=past_n) if past else DynamicCache(),
+            cache=cache,
             use_cache=True,
             logits_to_keep=1,
         )

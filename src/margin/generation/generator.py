@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import Cache
 
 from margin.errors import MarginError
-from margin.generation.kv_cache import PromptCache, StartCache, is_identity
+from margin.generation.kv_cache import PromptCache, StartCache, is_identity, length_groups
 from margin.generation.passage_cache import HeadSpan
 from margin.retrieval.passages import Passage
 
@@ -152,21 +152,6 @@ def _check_passages(questions: Sequence[str], passages: Sequence[Sequence[Passag
             "retrieve the same top-k for each question"
         )
     return counts.pop()
-
-
-def length_groups(lengths: Sequence[int], slack: float) -> list[list[int]]:
-    """Row indices in groups, longest first, so that padding every row of a group to its longest
-    adds at most ``slack`` x the group's real tokens (one group when the lengths are close)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    groups: list[list[int]] = []
-    for i in order:
-        group = groups[-1] if groups else []
-        real = sum(lengths[j] for j in group) + lengths[i]
-        if group and lengths[group[0]] * (len(group) + 1) <= (1 + slack) * real:
-            group.append(i)
-        else:
-            groups.append([i])
-    return groups
 
 
 class Generator(ABC):

@@ -210,6 +210,21 @@ def scatter_rows(
     return layers, logits
 
 
+def length_groups(lengths: Sequence[int], slack: float) -> list[list[int]]:
+    """Row indices in groups, longest first, so that padding every row of a group to its longest
+    adds at most ``slack`` x the group's real tokens (one group when the lengths are close)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        group = groups[-1] if groups else []
+        real = sum(lengths[j] for j in group) + lengths[i]
+        if group and lengths[group[0]] * (len(group) + 1) <= (1 + slack) * real:
+            group.append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
 def prefix_layout(
     rows: Sequence[torch.Tensor], shared: int, pad_token_id: int
 ) -> tuple[torch.Tensor, torch.Tensor]:

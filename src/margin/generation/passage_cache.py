@@ -22,12 +22,16 @@ version counter, which every in-place update bumps (optimizer steps, ``load_stat
 cache on a generator that is being trained never hands out KV of older weights. The cache is
 only read and written with autograd off and the model in eval mode.
 
-The arithmetic of a cached row is always the same, cold or warm: the template prefix runs alone
-(batch 1), each passage runs alone on top of it (batch 1), and the rows' questions run batched on
-the stacked (prefix + passage) blocks, laid out ``[head][pad ...][question]``. So a cold and a
-warm cache give bit-identical logits (tests/test_passage_cache.py); against the uncached
-``encode`` (which runs passage and question in one batched forward) the logits agree to float
-rounding (the same matmuls in other shapes), and the decoded answers are the same.
+How a batch runs. Each distinct block is looked up once. A template prefix that missed runs
+alone (batch 1); the passages that missed run together, one forward per group of similar length
+on top of their prefix (a passage retrieved for several questions of the batch runs once), and
+go into the cache; then the rows' questions run batched on the (prefix + passage) blocks, laid
+out ``[head][pad ...][question]`` straight into the buffers the questions' KV is written into.
+A warm cache hands back the bits the cold one computed and used, so asking the same batch again
+gives bit-identical logits (tests/test_passage_cache.py). A passage's KV carries the float
+rounding of the batch it first missed in, as the uncached ``encode``'s rows carry their batch's:
+against the uncached path, and between two histories of the cache, the logits agree to float
+rounding (the tests: atol 1e-5) and the decoded tokens are the same.
 
 Memory: one cached token costs layers x 2 x kv_heads x head_dim x 4 bytes (fp32); on the default
 SmolLM2-135M (30 layers, 3 KV heads of 64) that is 46,080 bytes, so a 150-token passage is
@@ -42,10 +46,21 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from transformers.cache_utils import Cache
 
-from margin.generation.kv_cache import KV, PromptCache, scatter_rows, unpadded_rows
+from margin.generation.kv_cache import (
+    KV,
+    GrowingCache,
+    PromptCache,
+    length_groups,
+    scatter_rows,
+    unpadded_rows,
+)
 
-Extend = Callable[[torch.Tensor, torch.Tensor, list[KV]], tuple[list[KV], torch.Tensor]]
+# The questions' padding allowance: a question is a few tokens reading a long head, so a padded
+# question token costs far less than another forward over the heads.
+QUESTION_SLACK = 0.5
+Extend = Callable[[torch.Tensor, torch.Tensor, list[KV] | Cache], tuple[list[KV], torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -128,75 +143,126 @@ def encode_cached(
     attention_mask: torch.Tensor,
     spans: Sequence[HeadSpan],
     pad_token_id: int,
+    slack: float = 0.1,
 ) -> PromptCache:
     """Every row's prompt into a :class:`PromptCache`, its prefix and passage from ``cache``.
 
     ``extend(ids (n, w), mask (n, P+w), past)`` is ``CausalGenerator._extend``: it runs ids after
-    the cached positions ``past`` (1 or n rows) and returns the KV over all P+w positions and the
-    logits after the last one. Rows are laid out ``[prefix + passage][pad ...][question]``.
+    the cached positions ``past`` (1 row's KV, shared by all n, or a ready cache of n rows) and
+    returns the KV over all P+w positions and the logits after the last one. Rows are laid out
+    ``[prefix + passage][pad ...][question]``. ``slack``: the share of padding a batched forward
+    may add (:func:`length_groups`).
     """
     rows = unpadded_rows(input_ids, attention_mask)
-    heads = [_head(extend, cache, stamp, r, s) for r, s in zip(rows, spans, strict=True)]
+    keys, blocks = _heads(extend, cache, stamp, rows, spans, slack)
     R, dev = len(rows), input_ids.device
     Sh = max(s.head for s in spans)  # the head block's width
     tails = [r[s.head :] for r, s in zip(rows, spans, strict=True)]
-    w = max(len(t) for t in tails)
-    S = Sh + w
+    S = Sh + max(len(t) for t in tails)
     ids = torch.full((R, S), pad_token_id, dtype=torch.long, device=dev)
     mask = torch.zeros((R, S), dtype=torch.long, device=dev)
     for i, (r, s, t) in enumerate(zip(rows, spans, tails, strict=True)):
         ids[i, : s.head], mask[i, : s.head] = r[: s.head], 1
         ids[i, S - len(t) :], mask[i, S - len(t) :] = t, 1
-    past = []  # per layer the heads, stacked and zero-padded: (R, h, Sh, d_head)
-    for layer in range(len(heads[0])):
-        k0 = heads[0][layer][0]
-        keys = k0.new_zeros(R, k0.shape[1], Sh, k0.shape[3])
-        values = torch.zeros_like(keys)
-        for i, kv in enumerate(heads):
-            n = kv[layer][0].shape[2]
-            keys[i, :, :n], values[i, :, :n] = kv[layer][0][0], kv[layer][1][0]
-        past.append((keys, values))
     parts = []
-    for group in _tail_groups([len(t) for t in tails]):
+    for group in length_groups([len(t) for t in tails], max(slack, QUESTION_SLACK)):
+        group = sorted(group)  # rows in order: one group needs no reordering afterwards
         g = torch.tensor(group, device=dev)
-        wg = len(tails[group[0]])
-        cols = torch.cat([torch.arange(Sh), torch.arange(S - wg, S)]).to(dev)
-        group_past = [(k.index_select(0, g), v.index_select(0, g)) for k, v in past]
-        parts.append((g, *extend(ids[g][:, S - wg :], mask[g][:, cols], group_past)))
+        w = max(len(tails[i]) for i in group)
+        # the group's heads, written once into buffers with room for its questions
+        heads = _stacked([[blocks[key] for key in keys[i]] for i in group], Sh, w)
+        cols = torch.cat([torch.arange(Sh), torch.arange(S - w, S)]).to(dev)
+        past = GrowingCache.over(heads, Sh)  # the questions' KV is written into its room
+        parts.append((g, *extend(ids[g][:, S - w :], mask[g][:, cols], past)))
     layers, logits = scatter_rows(parts, Sh, R, S)
     return PromptCache(layers, mask, mask.sum(-1), ids[:, -1], logits)
 
 
-def _tail_groups(lengths: list[int]) -> list[list[int]]:
-    """Rows grouped by their question's length (no padding within a group), longest first."""
-    groups: dict[int, list[int]] = {}
-    for i, n in enumerate(lengths):
-        groups.setdefault(n, []).append(i)
-    return [groups[n] for n in sorted(groups, reverse=True)]
+def _heads(
+    extend: Extend,
+    cache: PassageCache,
+    stamp: int,
+    rows: Sequence[torch.Tensor],
+    spans: Sequence[HeadSpan],
+    slack: float,
+) -> tuple[list[tuple[tuple, tuple]], dict[tuple, list[KV]]]:
+    """Each row's (prefix key, passage key) and every key's KV block (per layer (1, h, n, d)).
+
+    Each distinct block is looked up once. A prefix that missed runs alone (batch 1); the
+    passages that missed run together on top of their prefix, in groups of similar length, and
+    go into ``cache``: a passage's KV is the bits of the batch where it first missed.
+    """
+    keys: list[tuple[tuple, tuple]] = []
+    blocks: dict[tuple, list[KV]] = {}
+    missed: dict[tuple, dict[tuple, torch.Tensor]] = {}  # prefix key -> passage key -> its ids
+    for row, span in zip(rows, spans, strict=True):
+        prefix_key = (stamp, tuple(row[: span.prefix].tolist()))
+        passage_key = (*prefix_key, tuple(row[span.prefix : span.head].tolist()))
+        keys.append((prefix_key, passage_key))
+        if prefix_key not in blocks:
+            blocks[prefix_key] = _block(extend, cache, prefix_key, row[: span.prefix])
+        waiting = missed.setdefault(prefix_key, {})
+        if passage_key in blocks or passage_key in waiting:
+            continue
+        if (kv := cache.get(passage_key)) is not None:
+            blocks[passage_key] = kv
+        else:
+            waiting[passage_key] = row[span.prefix : span.head]
+    for prefix_key, waiting in missed.items():
+        prefix = blocks[prefix_key]
+        P = prefix[0][0].shape[2]
+        passages = list(waiting.items())
+        lengths = [len(ids) for _, ids in passages]
+        for group in length_groups(lengths, slack):
+            w = lengths[group[0]]  # the longest first
+            ids = passages[0][1].new_zeros(len(group), w)  # left-padded (masked)
+            mask = ids.new_zeros(len(group), P + w)
+            mask[:, :P] = 1
+            for j, i in enumerate(group):
+                ids[j, w - lengths[i] :] = passages[i][1]
+                mask[j, P + w - lengths[i] :] = 1
+            out, _ = extend(ids, mask, prefix)
+            for j, i in enumerate(group):
+                at = P + w - lengths[i]
+                kv = [(k[j : j + 1, :, at:].clone(), v[j : j + 1, :, at:].clone()) for k, v in out]
+                blocks[passages[i][0]] = kv
+                cache.put(passages[i][0], kv)
+    return keys, blocks
 
 
-def _head(
-    extend: Extend, cache: PassageCache, stamp: int, row: torch.Tensor, span: HeadSpan
-) -> list[KV]:
-    """The KV (per layer (1, h, span.head, d_head)) of a row's prefix and passage: the prefix
-    alone at batch 1, the passage alone on top of it, each from ``cache`` when it was seen."""
-    prefix_ids = tuple(row[: span.prefix].tolist())
-    passage_ids = tuple(row[span.prefix : span.head].tolist())
-    prefix = _block(extend, cache, (stamp, prefix_ids), row[: span.prefix], [])
-    passage = _block(extend, cache, (stamp, prefix_ids, passage_ids), row[: span.head], prefix)
-    return [(torch.cat([pk, k], 2), torch.cat([pv, v], 2)) for (pk, pv), (k, v) in
-            zip(prefix, passage, strict=True)]
-
-
-def _block(
-    extend: Extend, cache: PassageCache, key: tuple, ids: torch.Tensor, past: list[KV]
-) -> list[KV]:
-    """The KV of ``ids``' positions after ``past`` (1 row): run once, then read from ``cache``."""
+def _block(extend: Extend, cache: PassageCache, key: tuple, ids: torch.Tensor) -> list[KV]:
+    """The KV (per layer (1, h, n, d_head)) of a prompt prefix ``ids`` (n,), run alone once,
+    then read from ``cache``."""
     kv = cache.get(key)
     if kv is None:
-        P = past[0][0].shape[2] if past else 0
-        new = ids[None, P:]  # (1, n)
-        out, _ = extend(new, torch.ones((1, len(ids)), dtype=torch.long, device=ids.device), past)
-        kv = [(k[:, :, P:].clone(), v[:, :, P:].clone()) for k, v in out]  # (1, h, n, d_head)
+        ones = torch.ones((1, len(ids)), dtype=torch.long, device=ids.device)
+        out, _ = extend(ids[None], ones, [])
+        kv = [(k.clone(), v.clone()) for k, v in out]
         cache.put(key, kv)
     return kv
+
+
+def _stacked(heads: Sequence[Sequence[list[KV]]], width: int, room: int) -> list[KV]:
+    """Rows' blocks (each row: its prefix's then its passage's KV) laid end to end, per layer
+    ``(n, h, width + room, d_head)``: a row's blocks from column 0, zeros after them to
+    ``width`` (pads, masked), the last ``room`` columns left for the questions. A prefix that
+    every row shares (the usual case) is written once for all of them."""
+    shared = all(row[0] is heads[0][0] for row in heads)
+    out = []
+    for layer in range(len(heads[0][0])):
+        k0 = heads[0][0][layer][0]
+        keys = k0.new_empty(len(heads), k0.shape[1], width + room, k0.shape[3])
+        values = torch.empty_like(keys)
+        P = k0.shape[2] if shared else 0
+        if shared:
+            keys[:, :, :P], values[:, :, :P] = k0, heads[0][0][layer][1]
+        keys[:, :, P:width], values[:, :, P:width] = 0, 0
+        for j, row in enumerate(heads):
+            at = P
+            for block in row[1:] if shared else row:
+                k, v = block[layer]
+                n = k.shape[2]
+                keys[j, :, at : at + n], values[j, :, at : at + n] = k[0], v[0]
+                at += n
+        out.append((keys, values))
+    return out
