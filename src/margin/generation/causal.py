@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicCache
 
 from margin.errors import MarginError
+from margin.generation.attention import use_grouped_sdpa
 from margin.generation.generator import (
     TOKEN_CHARS,
     DecodeState,
@@ -108,6 +109,7 @@ class CausalGenerator(Generator):
 
     def __init__(self, model: torch.nn.Module, tokenizer: object, fmt: CausalFormat | None = None):
         self.model, self.tokenizer = model, tokenizer
+        use_grouped_sdpa(model)  # no per-head key/value copies in masked attention (same results)
         self.fmt = fmt or CausalFormat()
         gc = model.generation_config
         eos = gc.eos_token_id if gc.eos_token_id is not None else tokenizer.eos_token_id  # type: ignore[attr-defined]
