@@ -14,7 +14,7 @@ import torch
 from helpers import PREAMBLE, tiny_llama
 from margin.generation.causal import CausalFormat, CausalGenerator
 from margin.generation.decoding import DecodeConfig, decode
-from margin.generation.passage_cache import PassageCache, weights_stamp
+from margin.generation.passage_cache import PassageCache, is_passage, kv_bytes, weights_stamp
 from margin.retrieval.passages import Passage
 
 
@@ -220,6 +220,18 @@ def test_lru_keeps_the_recent_entries_within_the_bound():
     assert cache.bytes == 512 <= cache.max_bytes and len(cache) == 2
     cache.put(("big",), [(torch.zeros(1, 1, 40, 8), torch.zeros(1, 1, 40, 8))])
     assert cache.get(("big",)) is None and len(cache) == 2  # alone over the bound: not kept
+
+
+@torch.no_grad()
+def test_evicting_the_passages_keeps_the_template_prefix():
+    g = gen()
+    g.encode(g.build_inputs([Q1], [P]))
+    cache = g.passage_cache
+    prefix_bytes = sum(kv_bytes(kv) for key, kv in cache._entries.items() if not is_passage(key))
+    assert cache.evict(is_passage) == 3
+    assert len(cache) == 1 and cache.bytes == prefix_bytes > 0
+    g.encode(g.build_inputs([Q1], [P]))
+    assert (cache.misses, cache.hits) == (4 + 3, 1)  # the passages ran again, the prefix did not
 
 
 @pytest.mark.parametrize("mb", [0, 0.0])

@@ -115,6 +115,21 @@ class PassageCache:
             self._entries.clear()
             self.bytes = 0
 
+    def evict(self, drop: Callable[[tuple], bool]) -> int:
+        """Remove the entries whose key ``drop`` accepts; how many. ``evict(is_passage)`` keeps
+        the template prefixes (a process that has answered before, asked of new passages)."""
+        with self._lock:
+            gone = [key for key in self._entries if drop(key)]
+            for key in gone:
+                self.bytes -= kv_bytes(self._entries.pop(key))
+        return len(gone)
+
+
+def is_passage(key: tuple) -> bool:
+    """Whether a cache key is a passage's block (weights, prefix ids, passage ids), not a
+    template prefix's (weights, prefix ids)."""
+    return len(key) == 3
+
 
 def kv_bytes(kv: Sequence[KV]) -> int:
     return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
