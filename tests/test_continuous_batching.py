@@ -319,9 +319,11 @@ def configured(rag, **config) -> None:
 def test_the_passage_cache_setting_reaches_the_generator(root):
     rag = causal_rag(root)
     assert rag.generator.passage_cache is None
+    configured(rag)  # the server's default: 1 GiB
+    assert rag.generator.passage_cache.max_bytes == 1024 * 2**20
     configured(rag, passage_cache_mb=2)
     assert rag.generator.passage_cache.max_bytes == 2 * 2**20
-    configured(rag)  # None: as it is
+    configured(rag, passage_cache_mb=None)  # None: as it is
     assert rag.generator.passage_cache.max_bytes == 2 * 2**20
     configured(rag, passage_cache_mb=0)
     assert rag.generator.passage_cache is None

@@ -709,7 +709,7 @@ def test_margin_serve_flags_reach_its_config(monkeypatch, capsys):
     assert main(["serve", "--passage-cache-mb", "8", "--no-continuous-batching"]) == 0
     assert seen[0].passage_cache_mb == 8 and seen[0].continuous_batching is False
     assert main(["serve", "--continuous-batching"]) == main(["serve"]) == 0
-    assert all(c.passage_cache_mb is None and c.continuous_batching for c in seen[1:])
+    assert all(c.passage_cache_mb == 1024 and c.continuous_batching for c in seen[1:])
     capsys.readouterr()
     assert main(["serve", "--passage-cache-mb", "-1"]) != 0 and len(seen) == 3
     assert "--passage-cache-mb is -1" in capsys.readouterr().err

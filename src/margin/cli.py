@@ -328,7 +328,7 @@ def serve(
         help="RAG-Token greedy requests join the running decode between steps (causal models)."
     )] = True,
     passage_cache_mb: Annotated[float | None, typer.Option(help="MiB of passage KV kept "
-        "for later questions (causal models; default 0: off).")] = None,
+        "for later questions (causal models; default 1024; 0: off).")] = None,
     device: Device = "auto",
 ) -> None:
     """Serve the HTTP API and web page; admin endpoints need $MARGIN_ADMIN_TOKEN."""
@@ -346,9 +346,9 @@ def serve(
     if passage_cache_mb is not None and not passage_cache_mb >= 0:
         raise MarginError(f"--passage-cache-mb is {passage_cache_mb}; give 0 (off) or more MiB")
     token = os.environ.get(ADMIN_TOKEN_ENV) or None
+    cache = {} if passage_cache_mb is None else {"passage_cache_mb": passage_cache_mb}
     config = ServeConfig(host=host, port=port, index_root=index_root, admin_token=token,
-                         device=device, continuous_batching=continuous_batching,
-                         passage_cache_mb=passage_cache_mb)
+                         device=device, continuous_batching=continuous_batching, **cache)
     typer.echo(f"margin: serving on http://{host}:{port}/ (admin {'on' if token else 'off'})",
                err=True)
     run(model, index or [], config)

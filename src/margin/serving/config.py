@@ -32,6 +32,6 @@ class ServeConfig:
     batch: BatchConfig = field(default_factory=BatchConfig)  # micro-batching (max_batch=1: off)
     continuous_batching: bool = True  # RAG-Token greedy joins the running decode between steps
     max_running_rows: int = 40  # (question, passage) rows decoding at once; a larger request: alone
-    passage_cache_mb: float | None = None  # causal passage KV cache (MiB); None: the model's (off)
+    passage_cache_mb: float | None = 1024.0  # causal passage KV cache (MiB); 0 off; None: as built
     cors_origins: tuple[str, ...] = ()  # origins allowed cross-site; empty: CORS off
     device: str = "auto"  # where the networks run: auto (CUDA if any, else CPU), cpu, cuda[:N]
