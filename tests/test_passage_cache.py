@@ -261,6 +261,7 @@ def test_ask_flag_sizes_the_generators_cache(argv, size, monkeypatch):
 
 
 def test_the_cache_is_off_unless_asked_for():
-    """Off by default: no clean measurement has shown it faster yet (docs/performance.md)."""
+    """Off by default in the library (a one-shot process rarely sees a passage twice, and the
+    memory is the caller's to give); `margin serve` turns it on (tests/test_server.py)."""
     model, tok = tiny_llama()
     assert CausalGenerator(model, tok, CausalFormat(newline_prompt)).passage_cache is None
