@@ -78,3 +78,15 @@ def test_models_without_grouped_heads_or_sdpa_are_left_alone():
     model = copy.deepcopy(tiny_llama()[0])
     model.set_attn_implementation("eager")
     assert not use_grouped_sdpa(model) and model.config._attn_implementation == "eager"
+
+
+def test_a_saved_model_does_not_name_the_grouped_attention(tmp_path):
+    """Checkpoints stay loadable where margin is not installed: the switch is not saved."""
+    from transformers import AutoModelForCausalLM
+
+    model = copy.deepcopy(tiny_llama()[0])
+    model.set_attn_implementation("sdpa")
+    assert use_grouped_sdpa(model)
+    model.save_pretrained(tmp_path)
+    assert GROUPED_SDPA not in (tmp_path / "config.json").read_text()
+    assert AutoModelForCausalLM.from_pretrained(tmp_path).config._attn_implementation == "sdpa"
