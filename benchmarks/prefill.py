@@ -51,7 +51,7 @@ def main() -> None:
     rag = RAG.load(model="default", index="default", progress=False)
     gen = rag.generator
     questions = QUESTIONS[: args.questions]
-    hits, _ = rag._retrieve_scored(questions, 5)
+    hits = rag.retrieve(questions, 5)
     times: dict[tuple[str, str], list[float]] = {}
     logits: dict[tuple[str, str], torch.Tensor] = {}
 
