@@ -76,24 +76,39 @@ class Phases:
         self.tokens[name] += tokens
 
 
+class ForwardCost:
+    """The work of one forward of a causal model: FLOPs and bytes moved (see the top)."""
+
+    def __init__(self, model) -> None:
+        cfg = model.config
+        self.layers, self.d_attn = cfg.num_hidden_layers, cfg.num_attention_heads * cfg.head_dim
+        self.kv_token = self.layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 4  # bytes
+        emb = model.get_input_embeddings().weight
+        self.body = sum(p.numel() for p in model.parameters()) - emb.numel()  # non-embedding
+        self.head = emb.numel()  # the output layer (tied to the embedding on SmolLM2)
+
+    def flops(self, rows: int, new: int, past: int, logits: int) -> float:
+        """A forward of ``new`` tokens on each of ``rows`` rows over ``past`` cached positions,
+        ``logits`` positions per row through the output layer."""
+        per_row = 2 * self.body * new + 4 * self.layers * new * (past + new / 2) * self.d_attn
+        return rows * (per_row + logits * 2 * self.head)
+
+    def bytes(self, rows: int, new: int, past: int) -> float:
+        """Every weight read once, and the rows' KV."""
+        return 4 * (self.body + self.head) + rows * (past + new) * self.kv_token
+
+
 def install(rag, phases: list[Phases], rate: float, bandwidth: float) -> None:
     """Wrap the phases of ``rag.ask`` with timers (instance attributes only; margin unchanged)."""
     import margin.rag as rag_module
 
-    gen, cfg = rag.generator, rag.generator.model.config
-    layers, d_attn = cfg.num_hidden_layers, cfg.num_attention_heads * cfg.head_dim
-    kv_token = layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 4  # bytes per cached token
-    emb = gen.model.get_input_embeddings().weight
-    body = sum(p.numel() for p in gen.model.parameters()) - emb.numel()  # non-embedding
-    head = emb.numel()  # the output layer (tied to the embedding on SmolLM2)
+    gen = rag.generator
+    cost = ForwardCost(gen.model)
 
     def floor(rows: int, new: int, past: int, logits: int) -> float:
-        """Seconds of a forward of ``new`` tokens on each of ``rows`` rows over ``past`` cached
-        positions, ``logits`` positions per row through the output layer, at the measured rates."""
-        flops = rows * (2 * body * new + 4 * layers * new * (past + new / 2) * d_attn)
-        flops += rows * logits * 2 * head
-        data = 4 * (body + head) + rows * (past + new) * kv_token
-        return max(flops / rate, data / bandwidth)
+        """Seconds of that forward (``ForwardCost``) at the measured rates."""
+        return max(cost.flops(rows, new, past, logits) / rate,
+                   cost.bytes(rows, new, past) / bandwidth)
 
     def timed(obj, name: str, phase):
         original = getattr(obj, name)

@@ -13,7 +13,8 @@ Each cell is the median of ``--rounds`` alternating runs after a warm-up; the lo
 cell are compared with the sdpa, cache-off ones (max absolute difference). The floor of each
 path is its FLOPs (every row's tokens after what the path reads cached: 2 x non-embedding
 parameters a token, attention over the row's past, one output row) at the matmul rate measured
-in the same process (``ask_profile.matmul_rate``, a 2048^3 fp32 matmul).
+in the same process (``ask_profile.matmul_rate``, a 2048^3 fp32 matmul; the FLOPs are
+``ask_profile.ForwardCost``'s).
 
     python benchmarks/prefill.py --rounds 5 --write
 """
@@ -28,7 +29,7 @@ from pathlib import Path
 import torch
 
 from _report import load_average, provenance, write_section
-from ask_profile import matmul_rate
+from ask_profile import ForwardCost, matmul_rate
 from decoding import QUESTIONS
 
 SECTION = "## Prefill of a 40-row batch: attention and the passage cache"
@@ -117,11 +118,7 @@ def path_floors(gen, questions, passages, rate: float) -> dict[str, tuple[int, f
     the prefix and passage."""
     gen.set_passage_cache(2**20)  # for the rows' spans only
     inputs = gen.build_inputs(questions, passages)
-    cfg = gen.model.config
-    emb = gen.model.get_input_embeddings().weight.numel()
-    body = sum(p.numel() for p in gen.model.parameters()) - emb
-    d_attn = cfg.num_attention_heads * (cfg.hidden_size // cfg.num_attention_heads)
-    layers = cfg.num_hidden_layers
+    cost = ForwardCost(gen.model)
     out = {}
     for path in PATHS:
         tokens, flops = 0, 0.0
@@ -129,7 +126,7 @@ def path_floors(gen, questions, passages, rate: float) -> dict[str, tuple[int, f
             past = span.head if path == "warm" else span.prefix
             new = int(mask.sum()) - past
             tokens += new
-            flops += 2 * body * new + 4 * layers * new * (past + new / 2) * d_attn + 2 * emb
+            flops += cost.flops(1, new, past, 1)
         out[path] = (tokens, flops / rate)
     gen.set_passage_cache(0)
     return out
