@@ -54,8 +54,8 @@ from margin.generation.kv_cache import (
     KV,
     PromptCache,
     common_prefix_length,
-    length_groups,
     prefix_layout,
+    run_suffixes,
     scatter_rows,
     unpadded_rows,
 )
@@ -252,14 +252,7 @@ class CausalGenerator(Generator):
         if shared:  # the common prefix once, batch 1 (or its KV from an earlier call)
             prefix = self._prefix_kv(ids[:1, :shared], mask[:1, :shared])
         # each row's own suffix on top of it, in groups of similar length (little padding)
-        own = [len(r) - shared for r in rows]
-        parts = []
-        for group in length_groups(own, self.fmt.suffix_padding):
-            g = torch.tensor(group, device=ids.device)
-            w = max(own[i] for i in group)  # the group's suffix width: columns S-w .. S-1
-            cols = torch.cat([torch.arange(shared), torch.arange(S - w, S)]).to(ids.device)
-            gmask = mask[g][:, cols]  # (n, shared + w), [prefix][pad][suffix] for these rows
-            parts.append((g, *self._extend(ids[g][:, S - w :], gmask, prefix)))
+        parts = run_suffixes(self._extend, ids, mask, shared, prefix, self.fmt.suffix_padding)
         layers, logits = scatter_rows(parts, shared, R, S)
         prompt = PromptCache(
             layers=layers,

@@ -26,7 +26,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -223,6 +223,30 @@ def length_groups(lengths: Sequence[int], slack: float) -> list[list[int]]:
         else:
             groups.append([i])
     return groups
+
+
+def run_suffixes(
+    extend: Callable[[torch.Tensor, torch.Tensor, list[KV]], tuple[list[KV], torch.Tensor]],
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    shared: int,
+    prefix: list[KV],
+    slack: float,
+) -> list[tuple[torch.Tensor, list[KV], torch.Tensor]]:
+    """Each row's own suffix of a :func:`prefix_layout` batch ``ids``/``mask`` (R, S), run on
+    top of the shared prefix's KV ``prefix`` (1 row, ``shared`` positions) in groups of similar
+    length (:func:`length_groups`). ``extend(ids (n, w), mask (n, shared + w), prefix)`` runs one
+    group. Per group: its rows (n,), the KV per layer (n, h, shared + w, d_head) and the logits
+    after each row's last token (n, V): :func:`scatter_rows`'s parts."""
+    R, S = ids.shape
+    own = mask[:, shared:].sum(-1).tolist()  # each row's real suffix tokens
+    parts = []
+    for group in length_groups(own, slack):
+        g = torch.tensor(group, device=ids.device)
+        w = max(own[i] for i in group)  # the group's suffix width: columns S-w .. S-1
+        cols = torch.cat([torch.arange(shared), torch.arange(S - w, S)]).to(ids.device)
+        parts.append((g, *extend(ids[g][:, S - w :], mask[g][:, cols], prefix)))
+    return parts
 
 
 def prefix_layout(

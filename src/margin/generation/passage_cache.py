@@ -53,6 +53,8 @@ from margin.generation.kv_cache import (
     GrowingCache,
     PromptCache,
     length_groups,
+    prefix_layout,
+    run_suffixes,
     scatter_rows,
     unpadded_rows,
 )
@@ -209,7 +211,7 @@ def _heads(
     """
     keys: list[tuple[tuple, tuple]] = []
     blocks: dict[tuple, list[KV]] = {}
-    missed: dict[tuple, dict[tuple, torch.Tensor]] = {}  # prefix key -> passage key -> its ids
+    missed: dict[tuple, dict[tuple, torch.Tensor]] = {}  # prefix key -> passage key -> its row
     for row, span in zip(rows, spans, strict=True):
         prefix_key = (stamp, tuple(row[: span.prefix].tolist()))
         passage_key = (*prefix_key, tuple(row[span.prefix : span.head].tolist()))
@@ -222,26 +224,21 @@ def _heads(
         if (kv := cache.get(passage_key)) is not None:
             blocks[passage_key] = kv
         else:
-            waiting[passage_key] = row[span.prefix : span.head]
+            waiting[passage_key] = row[: span.head]  # its prefix, then the passage
     for prefix_key, waiting in missed.items():
+        if not waiting:
+            continue
         prefix = blocks[prefix_key]
         P = prefix[0][0].shape[2]
-        passages = list(waiting.items())
-        lengths = [len(ids) for _, ids in passages]
-        for group in length_groups(lengths, slack):
-            w = lengths[group[0]]  # the longest first
-            ids = passages[0][1].new_zeros(len(group), w)  # left-padded (masked)
-            mask = ids.new_zeros(len(group), P + w)
-            mask[:, :P] = 1
-            for j, i in enumerate(group):
-                ids[j, w - lengths[i] :] = passages[i][1]
-                mask[j, P + w - lengths[i] :] = 1
-            out, _ = extend(ids, mask, prefix)
-            for j, i in enumerate(group):
-                at = P + w - lengths[i]
+        names, heads = list(waiting), list(waiting.values())
+        ids, mask = prefix_layout(heads, P, pad_token_id=0)  # pads are masked
+        for g, out, _ in run_suffixes(extend, ids, mask, P, prefix, slack):
+            width = out[0][0].shape[2]  # P + the group's longest passage
+            for j, i in enumerate(g.tolist()):
+                at = width - (len(heads[i]) - P)  # the passage, right-aligned
                 kv = [(k[j : j + 1, :, at:].clone(), v[j : j + 1, :, at:].clone()) for k, v in out]
-                blocks[passages[i][0]] = kv
-                cache.put(passages[i][0], kv)
+                blocks[names[i]] = kv
+                cache.put(names[i], kv)
     return keys, blocks
 
 
