@@ -131,8 +131,9 @@ def plan_sides(args: argparse.Namespace) -> dict[str, dict]:
     after_mb = args.passage_cache_mb if args.after_passage_cache_mb is None \
         else args.after_passage_cache_mb
     common = {"max_running_rows": args.max_running_rows}
+    continuous = args.before_continuous
     return {
-        "before": {**before, "features": {**common, "continuous_batching": False,
+        "before": {**before, "features": {**common, "continuous_batching": continuous,
                                           "passage_cache_mb": args.passage_cache_mb}},
         "after": {"src": ROOT / "src", "revision": here,
                   "features": {**common, "continuous_batching": True,
@@ -312,6 +313,8 @@ def main() -> None:
                         help="the after side's passage cache (default: --passage-cache-mb)")
     parser.add_argument("--before-rev", help="run the before side from a worktree of this "
                         "revision (e.g. 06b7b69), not this checkout")
+    parser.add_argument("--before-continuous", action="store_true", help="the before side "
+                        "batches continuously too (to compare passage cache settings alone)")
     parser.add_argument("--questions-file", type=Path, help="clients ask these questions in "
                         "turn (DPR-style TSV or one a line), not the built-in 8")
     parser.add_argument("--distinct", type=int, help="only the first N questions")
