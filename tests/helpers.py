@@ -428,3 +428,20 @@ def kill_after_shards(script: str, args: Sequence[str], work: Path, shards: int 
     assert proc.returncode == -signal.SIGKILL and b"finished" not in stdout
     return stdout
 
+
+
+class FakeClock:
+    """A training loop's time (``module._clock``) that passes only in its loss: each call of
+    ``module._batch_loss`` takes ``tick`` seconds, the rest none (margin.training.train and
+    margin.training.contrastive both keep these two names for this)."""
+
+    def __init__(self, monkeypatch, module, tick: float = 30.0):
+        self.now, self.tick = 0.0, tick
+        real = module._batch_loss
+
+        def timed(*args, **kwargs):
+            self.now += self.tick
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, "_clock", lambda: self.now)
+        monkeypatch.setattr(module, "_batch_loss", timed)

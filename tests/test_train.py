@@ -18,7 +18,7 @@ import torch
 from helpers import TRAIN_CONFIG as CONFIG
 from helpers import TRAIN_DOCS as DOCS
 from helpers import TRAIN_TASK as TASK
-from helpers import tiny_llama
+from helpers import FakeClock, tiny_llama
 from margin.cli import main
 from margin.errors import MarginError
 from margin.evaluation.examples import Example
@@ -31,7 +31,7 @@ from margin.retrieval.passages import Passage
 from margin.retrieval.retriever import Retriever
 from margin.training.config import TrainConfig
 from margin.training.recipe import select_questions, training_slice
-from margin.training.schedule import lr_factor, pick_target, steps_within
+from margin.training.schedule import TimeBudget, lr_factor, pick_target, steps_within
 from margin.training.train import evaluate, train
 
 EXAMPLES = [Example(f"ex{i}", q, (a,)) for i, (q, a) in enumerate(TASK)]
@@ -364,18 +364,7 @@ def fake_clock(monkeypatch):
     """Training time that passes only in the loss: each micro-batch takes ``clock.tick`` s."""
     import margin.training.train as train_module
 
-    class Clock:
-        now, tick = 0.0, 30.0
-
-    clock, real = Clock(), train_module._batch_loss
-
-    def timed(*args, **kwargs):
-        clock.now += clock.tick
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "_clock", lambda: clock.now)
-    monkeypatch.setattr(train_module, "_batch_loss", timed)
-    return clock
+    return FakeClock(monkeypatch, train_module)
 
 
 def test_a_time_budget_cuts_the_run_and_its_learning_rate_still_ends_at_zero(
@@ -424,6 +413,14 @@ def test_steps_within_a_budget():
     assert steps_within(60, elapsed_s=90, step=3, step_s=30, total=10) == 3  # over: stop now
     with pytest.raises(MarginError, match="max_minutes must be positive"):
         TrainConfig(max_minutes=0)
+
+
+def test_a_time_budget_times_steps_from_the_end_of_the_first():
+    budget = TimeBudget(2)  # 120 s
+    assert budget.steps(1, elapsed_s=50, total=10) == 10  # the first step (slow): not timed
+    assert budget.steps(2, elapsed_s=60, total=10) == 10  # one step timed: too few to cut on
+    assert budget.steps(3, elapsed_s=70, total=10) == 8  # 10 s a step: 5 more fit (not 2)
+    assert budget.step_s == 10
 
 
 def test_finetune_says_when_its_budget_cut_the_steps(

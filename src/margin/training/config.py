@@ -91,9 +91,7 @@ class TrainConfig:
             raise MarginError(f"steps must be at least 1, got {self.steps}")
         if self.lr <= 0:
             raise MarginError(f"lr must be positive, got {self.lr}")
-        if self.max_minutes is not None and not self.max_minutes > 0:
-            raise MarginError(f"max_minutes must be positive, got {self.max_minutes}; leave it "
-                              "unset for no time budget")
+        check_max_minutes(self.max_minutes)
         if self.passage_encoder not in PASSAGE_ENCODER:
             raise MarginError(f"unknown passage_encoder {self.passage_encoder!r}; use 'frozen' or "
                               "'train'")
@@ -105,3 +103,11 @@ class TrainConfig:
                               "train trains its passage encoder; drop one of them")
         if self.freeze_generator and self.lora:
             raise MarginError("--lora trains the generator; drop it or drop --freeze-generator")
+
+
+def check_max_minutes(max_minutes: float | None) -> None:
+    """Refuse a time budget that is not positive (None: no budget); the retriever's config
+    (margin.training.contrastive) checks its own with this too."""
+    if max_minutes is not None and not max_minutes > 0:
+        raise MarginError(f"max_minutes must be positive, got {max_minutes}; leave it unset for "
+                          "no time budget")

@@ -1,11 +1,13 @@
 """How a fine-tuning run is laid out in optimizer steps: how many (``total_steps``, or fewer to
-fit a time budget, ``steps_within``), the learning rate at each (``lr_factor``), the examples of
-each micro-batch (``epoch_order``, ``micro_batches``) and the answer each trains on
-(``pick_target``).
+fit a time budget, ``steps_within`` and ``TimeBudget``), the learning rate at each
+(``lr_factor``), the examples of each micro-batch (``epoch_order``, ``micro_batches``) and the
+answer each trains on (``pick_target``).
 
 Small pure functions of the config, the step and the seed, so that the loop
 (margin.training.train) reads as the loop, and so that a resumed run, or every process of a
 data-parallel one (margin.training.data_parallel), sees the very same data in the same order.
+``TimeBudget`` alone keeps a little state, the time of the first step; the retriever's loop
+(margin.training.contrastive) uses it and ``lr_factor`` too.
 """
 
 from __future__ import annotations
@@ -32,6 +34,31 @@ def steps_within(budget_s: float, elapsed_s: float, step: int, step_s: float, to
     fits, else the steps that do (never fewer than ``step``: a run stops, it is not undone)."""
     fit = step + int(max(0.0, budget_s - elapsed_s) // max(step_s, 1e-9))
     return max(step, min(total, fit))
+
+
+class TimeBudget:
+    """A run's length under a budget of ``minutes``, asked again after every optimizer step.
+
+    The first step pays one-off costs (allocations, caches filling), so steps are timed from its
+    end; once two more are done, :meth:`steps` cuts the run to the steps that fit at the mean
+    step time so far (``steps_within``: never longer than asked, never shorter than done).
+    """
+
+    def __init__(self, minutes: float):
+        self.minutes = minutes
+        self.step_s = float("nan")  # seconds a step takes, once timed
+        self._timed_from: tuple[int, float] | None = None  # (step, elapsed s) after the first
+
+    def steps(self, step: int, elapsed_s: float, total: int) -> int:
+        """The run's length once ``step`` steps are done ``elapsed_s`` seconds into the budget."""
+        if self._timed_from is None:
+            self._timed_from = (step, elapsed_s)
+            return total
+        first_step, first_s = self._timed_from
+        if step - first_step < 2:
+            return total
+        self.step_s = (elapsed_s - first_s) / (step - first_step)
+        return steps_within(60 * self.minutes, elapsed_s, step, self.step_s, total)
 
 
 def pick_target(answers: Sequence[str], choice: str, rng: random.Random) -> str:

@@ -77,10 +77,10 @@ from margin.training.data_parallel import (
 from margin.training.end2end import PassageTower, load_passage_encoder, save_with_index
 from margin.training.precision import FrozenCasts, autocast_dtype
 from margin.training.schedule import (
+    TimeBudget,
     lr_factor,
     micro_batches,
     pick_target,
-    steps_within,
     total_steps,
 )
 
@@ -294,6 +294,7 @@ def train(
         parts.passage_encoder, out / "refresh", config.refresh_every, str(parts.device))
     n, total = len(examples), total_steps(len(examples), config)
     planned = total  # the length asked for; `total` is cut to fit config.max_minutes
+    budget = None if config.max_minutes is None else TimeBudget(config.max_minutes)
     data_id = _data_fingerprint(examples)
     optimizer = torch.optim.AdamW(param_groups(parts.params, config),
                                   weight_decay=config.weight_decay)
@@ -331,7 +332,6 @@ def train(
     bar = _progress(total, step, progress and world.main)
     window: list[float] = []
     seen, tick = 0, time.perf_counter()
-    timed_from: tuple[int, float] | None = None  # (step, elapsed s) after this call's first step
     loss_value = float("nan")
     try:
         while step < total:
@@ -366,18 +366,13 @@ def train(
                 optimizer.step()
             step += 1
             window.append(step_loss)
-            if config.max_minutes is not None:  # before the scheduler's step: the next lr sees it
+            if budget is not None:  # before the scheduler's step: the next lr sees it
                 # every process reads the same clock (the mean of theirs), so they agree on a cut
                 elapsed = sum_value(_clock() - start_time, world) / world.size
-                if timed_from is None:  # the first step pays one-off costs: time from its end
-                    timed_from = (step, elapsed)
-                elif step - timed_from[0] >= 2:
-                    step_s = (elapsed - timed_from[1]) / (step - timed_from[0])
-                    fit = steps_within(60 * config.max_minutes, elapsed, step, step_s, total)
-                    if fit < total:
-                        _cut_to_budget(out, world, bar, config.max_minutes, step_s, planned, fit,
-                                       first=total == planned)
-                        total = fit
+                fit = budget.steps(step, elapsed, total)
+                if fit < total:
+                    _cut_to_budget(out, world, bar, budget, planned, fit, first=total == planned)
+                    total = fit
             scheduler.step()
             record: dict[str, Any] = {"step": step, "epoch": epoch, "loss": step_loss,
                                       "lr": scheduler.get_last_lr()[0], "grad_norm": float(norm)}
@@ -436,22 +431,24 @@ def train(
                        wall, out)
 
 
-def _cut_to_budget(out: Path, world: World, bar, minutes: float, step_s: float, planned: int,
-                   fit: int, first: bool) -> None:
-    """Say (once) and log (every time) that the run was cut to ``fit`` steps to end in time."""
+def _cut_to_budget(out: Path, world: World, bar, budget: TimeBudget, planned: int, fit: int,
+                   first: bool) -> None:
+    """Say (once) and log (every time) that the run was cut to ``fit`` steps to end in time;
+    margin.training.contrastive's loop says it with this too."""
     if bar is not None:
         bar.total = fit
         bar.refresh()
     if not world.main:
         return
-    _append(out / "log.jsonl", {"cut_to": fit, "planned": planned, "s_per_step": step_s,
-                                "max_minutes": minutes})
+    _append(out / "log.jsonl", {"cut_to": fit, "planned": planned, "s_per_step": budget.step_s,
+                                "max_minutes": budget.minutes})
     if first:
         from tqdm.auto import tqdm
 
-        tqdm.write(f"margin: a step takes {step_s:.0f} s here, so {planned} steps would not end "
-                   f"within the {minutes:.0f} minutes left (--max-minutes): training {fit} steps, "
-                   "the learning rate decaying to 0 at the last", file=sys.stderr)
+        tqdm.write(f"margin: a step takes {budget.step_s:.0f} s here, so {planned} steps would "
+                   f"not end within the {budget.minutes:.0f} minutes left (--max-minutes): "
+                   f"training {fit} steps, the learning rate decaying to 0 at the last",
+                   file=sys.stderr)
 
 
 def _batch_loss(
