@@ -19,6 +19,7 @@ from helpers import (
     TINY_BERT,
     TRAIN_DOCS,
     TRAIN_TASK,
+    FakeClock,
     KeywordEncoder,
     bert_tokenizer,
     one_thread,
@@ -375,6 +376,66 @@ def test_refresh_every_snapshots_the_passage_encoder_and_swaps_between_steps(
     assert state["mining"] == "mining-step4.json"
     kept = sorted(p.name for p in (out / "refresh").iterdir())
     assert kept == ["index-step4"]  # what the saved state no longer needs is gone
+
+
+@pytest.fixture
+def fake_clock(monkeypatch):
+    """Training time that passes only in the loss: each batch takes 30 s (loading and mining
+    take none)."""
+    return FakeClock(monkeypatch, contrastive)
+
+
+def test_a_time_budget_cuts_the_run_and_its_learning_rate_still_ends_at_zero(
+    index, tmp_path, fake_clock, capsys
+):
+    # 30 s a step, 2 minutes: timed after step 3 (90 s), one more step fits (120 s), not 10
+    out, settings = tmp_path / "cut", dict(steps=10, warmup=1, save_every=1)
+
+    def stop(record):
+        if record["step"] == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run(index, out, config=dict(settings, max_minutes=2), on_step=stop)
+    assert "10 steps would not end within the 2 minutes left" in capsys.readouterr().err
+    state = json.loads((out / "state" / "state.json").read_text())
+    assert state["step"] == 3 and state["total"] == 4
+    # resumed without a budget (a setting a resume may change), the run keeps its cut length
+    result = run(index, out, config=settings, resume=True)
+    assert result.steps == 4 and "would not end" not in capsys.readouterr().err
+    records = log(out)
+    assert [r for r in records if "cut_to" in r] == [
+        {"cut_to": 4, "planned": 10, "s_per_step": 30.0, "max_minutes": 2}]
+    # lr factor after each step: 9/9 and 8/9 of the 10-step decay, then 1/3 and 0 of the 4-step one
+    lrs = [r["lr"] for r in records if "lr" in r]
+    assert lrs == pytest.approx([1e-3, 1e-3 * 8 / 9, 1e-3 / 3, 0.0])
+    assert records[-1]["done"] and records[-1]["steps"] == 4
+    assert json.loads((out / "last" / "retriever.json").read_text())["step"] == 4
+
+
+def test_a_budget_that_fits_changes_nothing(index, tmp_path, fake_clock):
+    result = run(index, tmp_path / "run", config=dict(steps=4, max_minutes=2))  # 4 x 30 s
+    assert result.steps == 4 and not [r for r in log(tmp_path / "run") if "cut_to" in r]
+
+
+def test_max_minutes_passes_through_the_command_and_a_bad_one_is_refused(
+    index, tmp_path, fake_clock, capsys
+):
+    with pytest.raises(MarginError, match="max_minutes must be positive"):
+        RetrieverTrainConfig(max_minutes=0)
+    data = tmp_path / "train.tsv"
+    data.write_text("".join(f"{q}\t['{a}']\n" for q, a in TRAIN_TASK))
+    args = ["train-retriever", "--train", str(data), "--index", str(index), "--steps", "6",
+            "--batch-size", "4", "--mine-depth", "6", "--device", "cpu"]
+    assert main([*args, "--out", str(tmp_path / "bad"), "--max-minutes", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "max_minutes must be positive" in err
+    assert not (tmp_path / "bad").exists()
+    with one_thread():  # 2.5 minutes at 30 s a step: 5 of the 6 steps
+        assert main([*args, "--out", str(tmp_path / "run"), "--max-minutes", "2.5"]) == 0
+    said = capsys.readouterr()
+    assert "trained 5 steps" in said.out and "6 steps would not end" in said.err
+    assert [r["cut_to"] for r in log(tmp_path / "run") if "cut_to" in r] == [5]
 
 
 def test_options_that_cannot_work_are_refused_in_one_line(index, tmp_path, capsys):

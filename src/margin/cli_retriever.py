@@ -51,6 +51,9 @@ def train_retriever(
     eval_limit: Annotated[int | None, typer.Option(help="Dev questions evaluated.")] = None,
     save_every: Annotated[int, typer.Option(help="Steps between checkpoints (0: end).")] = 0,
     seed: Annotated[int, typer.Option(help="Seed for data order and dropout.")] = 0,
+    max_minutes: Annotated[float | None, typer.Option(
+        help="Time budget of this call, loading and mining included: fewer steps if --steps / "
+             "--epochs would not fit (default none).")] = None,
     device: Annotated[str, typer.Option(help="Where the encoders run: " + DEVICE_HELP)] = "auto",
 ) -> None:
     """Train the retriever with DPR's contrastive loss on answer-bearing passages."""
@@ -64,7 +67,7 @@ def train_retriever(
         hard_negatives=hard_negatives, mine_depth=mine_depth, positives=positives,
         passage_encoder=passage_encoder, scale=scale, refresh_every=refresh_every,
         eval_every=eval_every, eval_limit=eval_limit,
-        save_every=save_every, seed=seed, device=device,
+        save_every=save_every, seed=seed, device=device, max_minutes=max_minutes,
     )
     most = None if limit is None else heldout + limit
     sets = [read_examples(f, data_format, limit=most)[heldout:] for f in train_files]

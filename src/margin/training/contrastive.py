@@ -67,15 +67,18 @@ from margin.retrieval.encoders import Encoder, load_encoder_from_spec, save_pair
 from margin.retrieval.reader import LoadedIndex, ensure_encoder_matches, open_index
 from margin.retrieval.refresh import prune_refreshes
 from margin.retrieval.retriever import Retriever, ensure_default_bm25_index, resolve_index
+from margin.training.config import check_max_minutes
+from margin.training.data_parallel import SINGLE
 from margin.training.mining import POSITIVES, Mined, Mining, Positives, mine, renew, search_rows
-from margin.training.schedule import epoch_order, lr_factor
-from margin.training.train import _append, _data_fingerprint, _size, _truncate
+from margin.training.schedule import TimeBudget, epoch_order, lr_factor
+from margin.training.train import _append, _cut_to_budget, _data_fingerprint, _size, _truncate
 
 PASSAGE_ENCODER = ("frozen", "train")
 RECALL_KS = (1, 5, 20)  # dev answer recall@k logged; the best checkpoint is the best recall@5
 # settings that may change between an interrupted run and its --resume (the rest must not)
 _RESUMABLE_CHANGES = ("eval_every", "eval_limit", "save_every", "log_every", "batch_size_encode",
-                      "device")
+                      "device", "max_minutes")
+_clock = time.perf_counter  # the training's clock (a test drives its own)
 
 
 @dataclass
@@ -104,6 +107,9 @@ class RetrieverTrainConfig:
     log_every: int = 1  # steps between log.jsonl lines and progress updates
     batch_size_encode: int = 64  # questions per batch when mining and evaluating (no gradient)
     device: str = "auto"  # where the encoders run: auto, cpu, cuda[:N]
+    max_minutes: float | None = None  # a time budget for this call (loading and mining count):
+    # once a few steps are timed, the run is cut to the steps that fit (never lengthened), its
+    # learning rate decaying to 0 at the new end; None: no budget
     seed: int = 0  # seeds the data order and dropout
 
     def __post_init__(self) -> None:
@@ -123,6 +129,7 @@ class RetrieverTrainConfig:
             raise MarginError(f"steps must be at least 1, got {self.steps}")
         if not self.lr > 0 or (self.scale is not None and not self.scale > 0):
             raise MarginError("lr and scale must be positive")
+        check_max_minutes(self.max_minutes)
         if self.refresh_every and self.passage_encoder != "train":
             raise MarginError("--refresh-every re-encodes the index with a trained passage "
                               "encoder; add --passage-encoder train or drop it")
@@ -237,7 +244,7 @@ def train_retriever(
     on_step: receives each step's log record (e.g. to stop a run).
     """
     config = config or RetrieverTrainConfig()
-    out, start_time = Path(out), time.perf_counter()
+    out, start_time = Path(out), _clock()
     if not data:
         raise MarginError("no training examples; give a non-empty --train file")
     state_dir = out / "state"
@@ -297,13 +304,16 @@ def train_retriever(
                                     "positives": mining.positives, "scale": scale})
     n = len(mining.questions)
     total = config.steps or config.epochs * -(-n // config.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, config.warmup, total))
+    planned = total  # the length asked for; `total` is cut to fit config.max_minutes
+    budget = None if config.max_minutes is None else TimeBudget(config.max_minutes)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(  # reads `total` when it steps: a cut run
+        optimizer, lambda s: lr_factor(s, config.warmup, total))  # decays to 0 at its new end
     step, epoch, position, best, mining_file = 0, 0, 0, None, "mining-step0.json"
     if record is not None:
         load_state(state_dir, params, optimizer, scheduler)
         step, epoch, position = record["step"], record["epoch"], record["position"]
         best, mining_file = record.get("best"), record["mining"]
+        total = record.get("total", total)  # a run cut to a time budget keeps its length
         if step < total:  # a finished run keeps its log as it is
             _truncate(out / "log.jsonl", record["log_bytes"])
         if record["current_index"] != str(current.path):
@@ -338,14 +348,19 @@ def train_retriever(
                 list(params.values()),
                 config.max_grad_norm if config.max_grad_norm > 0 else float("inf"))
             optimizer.step()
-            scheduler.step()
             step += 1
             window.append(loss.item())
+            if budget is not None:  # before the scheduler's step: the next lr sees it
+                fit = budget.steps(step, _clock() - start_time, total)
+                if fit < total:
+                    _cut_to_budget(out, SINGLE, bar, budget, planned, fit, first=total == planned)
+                    total = fit
+            scheduler.step()
             rec: dict[str, Any] = {"step": step, "epoch": epoch, "loss": window[-1],
                                    "lr": scheduler.get_last_lr()[0], "grad_norm": float(norm)}
             if step % config.log_every == 0 or step == total:
                 loss_value = sum(window) / len(window)
-                rec.update(mean_loss=loss_value, elapsed_s=time.perf_counter() - start_time)
+                rec.update(mean_loss=loss_value, elapsed_s=_clock() - start_time)
                 _append(out / "log.jsonl", rec)
                 if bar is not None:
                     bar.set_postfix(loss=f"{loss_value:.3f}")
@@ -364,8 +379,8 @@ def train_retriever(
             if step == total or (config.save_every and step % config.save_every == 0):
                 _save_encoders(out / "last", q_enc, p_enc, current, step, None, **saving)
                 save_state(state_dir, params, optimizer, scheduler, {
-                    "step": step, "epoch": epoch, "position": position, "best": best,
-                    "config": asdict(config), **run_id, "mining": mining_file,
+                    "step": step, "epoch": epoch, "position": position, "total": total,
+                    "best": best, "config": asdict(config), **run_id, "mining": mining_file,
                     "current_index": str(current.path), "log_bytes": _size(out / "log.jsonl"),
                 })
                 prune_refreshes(out / "refresh", Path(current.path))
@@ -378,7 +393,7 @@ def train_retriever(
             bar.close()
     for module in modules.values():
         module.eval()
-    wall = time.perf_counter() - start_time
+    wall = _clock() - start_time
     if step > resumed_at or not _logged_done(out / "log.jsonl"):  # else: a finished run read back
         _append(out / "log.jsonl", {"done": True, "steps": step, "wall_s": wall,
                                     "best_dev_recall": best[0] if best else None})
