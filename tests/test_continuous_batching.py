@@ -22,7 +22,7 @@ from helpers import SERVER_KEYWORDS as KEYWORDS
 from helpers import QuestionKeywords, build_world, causal
 from margin.errors import MarginError
 from margin.generation.causal import CausalFormat, CausalGenerator
-from margin.generation.continuous import join, leave, regroup
+from margin.generation.continuous import regroup
 from margin.generation.decoding import DecodeConfig
 from margin.rag import RAG
 from margin.retrieval.reader import open_index
@@ -81,30 +81,11 @@ def assert_same(got, want) -> None:
     assert got.doc_posterior == pytest.approx(want.doc_posterior, abs=1e-5)
 
 
-def count_in_place(monkeypatch) -> dict[str, int]:
-    """How many joins and leaves the batcher did in place (a join that did not fit not counted)."""
-    counts = {"join": 0, "leave": 0}
-    for name in counts:
-        original = getattr(continuous, name)
-
-        def spy(*args, _name=name, _original=original):
-            out = _original(*args)
-            counts[_name] += out is not False
-            return out
-
-        monkeypatch.setattr(continuous, name, spy)
-    return counts
-
-
-@pytest.mark.parametrize("room", [64, 1])  # 1: a full copy (regroup) before nearly every step
-def test_requests_joining_at_different_steps_get_what_rag_ask_gives_each_alone(root, monkeypatch,
-                                                                                room):
+def test_requests_joining_at_different_steps_get_what_rag_ask_gives_each_alone(root, monkeypatch):
     rag = causal_rag(root)
     want = record_answers(monkeypatch, margin.rag)
     alone = [rag.ask(qs, k=3, max_new_tokens=n) for qs, n, _ in REQUESTS]
     got = record_answers(monkeypatch, continuous)
-    monkeypatch.setattr(continuous, "RUNNING_ROOM", room)
-    in_place = count_in_place(monkeypatch)
     batcher = ContinuousBatcher(rag.generator, run_batch, max_rows=40)
     futures: dict[int, object] = {}
     step = rag.generator.step
@@ -123,11 +104,6 @@ def test_requests_joining_at_different_steps_get_what_rag_ask_gives_each_alone(r
     finally:
         batcher.close()
     assert batcher.joined >= 4  # requests did join a batch already decoding
-    if room > 1:  # rows joined and left without copying the rows that stayed
-        assert in_place["join"] >= 1 and in_place["leave"] >= 1
-        assert batcher.regroups < batcher.joined
-    else:
-        assert in_place["leave"] == 0 and batcher.regroups > batcher.steps_run // 2
     for mine, theirs in zip(answers, alone, strict=True):
         assert [a.answer for a in mine] == [a.answer for a in theirs]
         for a, b in zip(mine, theirs, strict=True):
@@ -173,42 +149,6 @@ def test_regrouped_rows_compute_what_they_computed_alone(root):
     one = regroup([(joined, torch.tensor([row]))])
     assert one.attention_mask.shape[1] == states[short].attention_mask.shape[1] + 1
     torch.testing.assert_close(gen.step(one), gen.step(joined)[row : row + 1], atol=1e-5, rtol=0)
-
-
-@torch.no_grad()
-def test_rows_join_and_leave_in_place_and_compute_what_they_computed_alone(root):
-    """A running state with spare rows: a narrower batch joins into them and rows leave, the
-    buffers never reallocated; each row's next-token log-probs stay its own batch's. A batch
-    wider than the running cache does not fit and changes nothing."""
-    rag = causal_rag(root)
-    gen = rag.generator
-    states = []
-    for questions in (["what is the seine in france, where?"], ["capital of germany?"]):
-        hits = rag.retrieve(questions, k=2)
-        state = gen.start(gen.encode(gen.build_inputs(questions, hits.passages)), expand=1)
-        gen.advance(state, gen.step(state).argmax(-1), torch.arange(2))
-        states.append(state)
-    wide, narrow = sorted(states, key=lambda s: -s.attention_mask.shape[1])
-    assert wide.attention_mask.shape[1] > narrow.attention_mask.shape[1]
-    alone = [gen.step(regroup([(s, torch.arange(2))])) for s in (wide, narrow)]
-    running = regroup([(wide, torch.arange(2))], room=8, capacity=5)
-    buffer = running.cache.layers[0]._k
-    assert buffer.shape[0] == 5 and running.last_tokens.numel() == 2
-    assert join(running, narrow, torch.tensor([1, 0]))  # rows in a chosen order
-    assert running.cache.layers[0]._k is buffer and running.last_tokens.numel() == 4
-    both = gen.step(running)
-    torch.testing.assert_close(both, torch.cat([alone[0], alone[1][[1, 0]]]), atol=1e-5, rtol=0)
-    gen.advance(running, both.argmax(-1), torch.arange(4))
-    reference = regroup([(running, torch.arange(4))])  # a copy, to step the same rows alone
-    order = leave(running, torch.tensor([1, 3]))  # row 3 moves into row 0's place
-    assert order.tolist() == [3, 1] and running.cache.layers[0]._k is buffer
-    torch.testing.assert_close(gen.step(running), gen.step(reference)[[3, 1]], atol=1e-5, rtol=0)
-    gen.advance(running, torch.zeros(2, dtype=torch.long), torch.arange(2))
-    narrow_running = regroup([(narrow, torch.arange(2))], capacity=4)
-    mask = narrow_running.attention_mask.clone()
-    assert not join(narrow_running, wide, torch.arange(2))  # wider than its cache
-    assert torch.equal(narrow_running.attention_mask, mask)
-    assert narrow_running.last_tokens.numel() == 2
 
 
 # ----------------------------------------------------------------------------- bounds

@@ -4,21 +4,14 @@ batch of causal rows between decoding steps.
 Why: ``decode_rag_token`` decodes a fixed batch from its first step to its last, so a question
 that arrives meanwhile waits for the whole batch. A server that keeps the model busy instead
 lets a newcomer's k (question, passage) rows join the batch at the next step and lets a finished
-question's rows leave at once (margin.serving.continuous runs that loop). These pieces make it:
+question's rows leave at once (margin.serving.continuous runs that loop). Two pieces make it:
 
 - :func:`regroup`: one causal :class:`DecodeState` out of rows of several. Each part's KV cache
   drops the leading columns none of its kept rows uses, is LEFT-padded to the common length
-  (zeros, masked), and the parts are stacked along the batch: one copy per layer, into buffers
-  with spare positions and spare rows. Position ids count real tokens only, so a row computes
-  what it computed alone; only float rounding of the wider matmuls differs
-  (tests/test_continuous_batching.py: the same tokens as ``RAG.ask``, log-probabilities to 1e-5).
-- :func:`leave` and :func:`join`: the same, in place, copying only the rows that move. A whole
-  regroup copies every running row's KV (40 rows of ~390 positions: ~0.7 GB on the default
-  model, about half a decoding step's time on a CPU), and questions join and leave at most
-  steps. Leaving rows' places are filled by kept rows from the end; joining rows go into the
-  spare rows, right-aligned to the running cache length when they are no wider than it.
-  :func:`worth_regrouping` says when a whole copy is due anyway: no room for the next
-  position, or too many leading columns that no row uses any more.
+  (zeros, masked), and the parts are stacked along the batch: one copy per layer. Position ids
+  count real tokens only, so a row computes what it computed alone; only float rounding of the
+  wider matmuls differs (tests/test_continuous_batching.py: the same tokens as ``RAG.ask``,
+  log-probabilities to 1e-5).
 - :class:`GreedyToken`: one question's RAG-Token greedy search. It is ``beam_search`` with one
   beam, step by step: the next-token distribution is the passage marginal
   log p'(y_i|x,y_<i) = logsumexp_z [log p(z|x) + log p(y_i|x,z,y_<i)] (Sec. 2.1, re-normalised as
@@ -30,10 +23,7 @@ question's rows leave at once (margin.serving.continuous runs that loop). These 
 Greedy only: a beam reorders its rows every step and compares hypotheses across them, so beam
 search and RAG-Sequence's Thorough/Fast decoding keep running whole batches (``decode``).
 
-    state = regroup([(running, keep_rows), (newcomers, torch.arange(n))], capacity=40)
-    order = leave(state, keep)  # row j is now the row that was order[j]
-    if not join(state, newcomers, rows):  # wider than the running cache, or too many rows
-        state = regroup([(state, torch.arange(len(order))), (newcomers, rows)], capacity=40)
+    state = regroup([(running, keep_rows), (newcomers, torch.arange(n))])
 """
 
 from __future__ import annotations
@@ -45,27 +35,26 @@ import torch.nn.functional as F
 
 from margin.generation.decoding import DecodeConfig, Decoded, process_logits, token_decoded
 from margin.generation.generator import DecodeState, Generator
-from margin.generation.kv_cache import DEFAULT_ROOM, GrowingCache, GrowingLayer
+from margin.generation.kv_cache import DEFAULT_ROOM, GrowingCache
 from margin.marginalize import rag_token_next_logprobs
-
-RUNNING_ROOM = 64  # the running batch's spare positions: a full copy at most every 64 steps
 
 
 @torch.no_grad()
 def regroup(
-    parts: Sequence[tuple[DecodeState, torch.Tensor]], room: int = DEFAULT_ROOM,
-    capacity: int = 0,
+    parts: Sequence[tuple[DecodeState, torch.Tensor]], room: int = DEFAULT_ROOM
 ) -> DecodeState:
     """One causal decoding state holding rows ``rows`` of each part's state, parts in order.
 
     Every part must be between steps (after ``Generator.advance``: its cache holds L positions,
     its mask L + 1, the last column the token the next step reads). The parts' states are not
-    modified; the result's cache is new, with ``room`` spare positions and room for at least
-    ``capacity`` rows (spare rows that :func:`join` fills).
+    modified; the result's cache is new, with ``room`` spare positions.
     """
     picked = []  # per part: (state, rows, first used column, used width)
     for state, rows in parts:
-        picked.append((state, rows, *_used(state.attention_mask.index_select(0, rows))))
+        mask = state.attention_mask.index_select(0, rows)  # (n, L + 1)
+        used = mask.any(0).nonzero()
+        first = int(used[0]) if used.numel() else mask.shape[1] - 1
+        picked.append((state, rows, first, mask.shape[1] - 1 - first))
     W = max(width for *_, width in picked)  # the common cache length
     N = sum(rows.numel() for _, rows, _, _ in picked)
     layers0 = parts[0][0].cache.layers
@@ -73,8 +62,8 @@ def regroup(
     buffers = []
     for i in range(len(layers0)):
         k0 = layers0[i].keys
-        keys = k0.new_empty(max(N, capacity), k0.shape[1], W + room, k0.shape[3])
-        values = torch.empty_like(keys)  # (N + spare, h, W + room, d_head)
+        keys = k0.new_empty(N, k0.shape[1], W + room, k0.shape[3])  # (N, h, W + room, d_head)
+        values = torch.empty_like(keys)
         at = 0
         for state, rows, first, width in picked:
             n, layer = rows.numel(), state.cache.layers[i]
@@ -94,88 +83,11 @@ def regroup(
         return torch.cat([getattr(s, name).index_select(0, r) for s, r, *_ in picked])
 
     return DecodeState(
-        cache=GrowingCache.over(buffers, W, rows=N),
+        cache=GrowingCache.over(buffers, W),
         last_tokens=cat("last_tokens"),  # (N,)
         attention_mask=mask,
         positions=cat("positions"),  # (N,) real tokens before each row's next one
     )
-
-
-@torch.no_grad()
-def leave(state: DecodeState, keep: torch.Tensor) -> torch.Tensor:
-    """Keep rows ``keep`` (m,), ascending, of a state from :func:`regroup`, in place.
-
-    The kept rows at or past m move into the places of the rows that left below m; only they
-    are copied. Returns ``order`` (m,): row j now holds the row that was ``order[j]``.
-    """
-    m = keep.numel()
-    moved = keep[keep >= m]  # (j,) kept rows past the new end
-    hole = torch.ones(m, dtype=torch.bool, device=keep.device)
-    hole[keep[keep < m]] = False
-    holes = hole.nonzero().squeeze(1)  # (j,) places below m whose rows left
-    order = torch.arange(m, device=keep.device)
-    order[holes] = moved
-    for layer in _owned(state):
-        L = layer.keys.shape[2]
-        for buf in (layer._k, layer._v):
-            live = buf[:, :, :L]
-            live.index_copy_(0, holes, live.index_select(0, moved))
-        layer.rows = m
-        layer._view(L)
-    state.attention_mask = state.attention_mask.index_select(0, order)
-    state.last_tokens = state.last_tokens.index_select(0, order)
-    state.positions = state.positions.index_select(0, order)
-    return order
-
-
-@torch.no_grad()
-def join(state: DecodeState, other: DecodeState, rows: torch.Tensor) -> bool:
-    """Append rows ``rows`` of ``other`` to a state from :func:`regroup`, in place, in its
-    spare rows, right-aligned to its cache length: only they are copied. Whether they fit
-    (spare rows enough, used width at most the state's cache length); if not, nothing changed.
-    """
-    layers = _owned(state)
-    mask = other.attention_mask.index_select(0, rows)
-    first, width = _used(mask)
-    n, m, L = state.last_tokens.numel(), rows.numel(), layers[0].keys.shape[2]
-    if n + m > layers[0]._k.shape[0] or width > L:
-        return False
-    for layer, theirs in zip(layers, other.cache.layers, strict=True):
-        for src, buf in ((theirs.keys, layer._k), (theirs.values, layer._v)):
-            buf[n : n + m, :, : L - width].zero_()  # left padding: masked, finite
-            torch.index_select(src[:, :, first:], 0, rows, out=buf[n : n + m, :, L - width : L])
-        layer.rows = n + m
-        layer._view(L)
-    padded = mask.new_zeros(m, L + 1)
-    padded[:, L - width :] = mask[:, first:]
-    state.attention_mask = torch.cat([state.attention_mask, padded])
-    state.last_tokens = torch.cat([state.last_tokens, other.last_tokens.index_select(0, rows)])
-    state.positions = torch.cat([state.positions, other.positions.index_select(0, rows)])
-    return True
-
-
-def worth_regrouping(state: DecodeState) -> bool:
-    """Whether a running state should be copied afresh (:func:`regroup`) before its next step:
-    its cache has no room for the next position, or an eighth of it (32 positions at least)
-    is leading columns that no row uses any more (the rows that needed them left)."""
-    layer = state.cache.layers[0]
-    L = layer.keys.shape[2]
-    first, _ = _used(state.attention_mask)
-    return L + 1 > layer._k.shape[2] or first >= max(32, L // 8)  # type: ignore[union-attr]
-
-
-def _used(mask: torch.Tensor) -> tuple[int, int]:
-    """The first cache column any row of ``mask`` (n, L + 1) uses, and the used width."""
-    used = mask.any(0).nonzero()
-    first = int(used[0]) if used.numel() else mask.shape[1] - 1
-    return first, mask.shape[1] - 1 - first
-
-
-def _owned(state: DecodeState) -> list[GrowingLayer]:
-    layers = state.cache.layers
-    if not all(isinstance(x, GrowingLayer) and x._owns_views() for x in layers):
-        raise ValueError("leave/join need a state whose cache regroup() built")
-    return layers  # type: ignore[return-value]
 
 
 class GreedyToken:

@@ -39,9 +39,7 @@ KV = tuple[torch.Tensor, torch.Tensor]  # one layer's cached (keys, values), (n,
 class GrowingLayer(DynamicLayer):
     """A ``DynamicLayer`` over a buffer with spare positions; ``update`` writes into them.
 
-    ``keys``/``values`` (n, h, S, d_head) are always views of the buffers' first S positions of
-    their first ``rows`` rows (n = ``rows``; a buffer may hold spare rows beyond them, which the
-    running batch of margin.generation.continuous fills when questions join).
+    ``keys``/``values`` (n, h, S, d_head) are always views of the buffers' first S positions.
     When the room runs out, the buffers are reallocated with ``room`` more spare positions.
     Anything that replaces ``keys``/``values`` from outside (transformers' ``crop``,
     ``batch_select_indices``) is adopted on the next update.
@@ -59,18 +57,16 @@ class GrowingLayer(DynamicLayer):
         self.device, self.is_initialized = keys.device, True
         self._k = _gathered(keys, rows, self.room)
         self._v = _gathered(values, rows, self.room)
-        self.rows = self._k.shape[0]  # rows in use: the buffers' first ones
         self._view(keys.shape[-2])
 
     def _view(self, length: int) -> None:
-        n = self.rows
-        self.keys, self.values = self._k[:n, :, :length], self._v[:n, :, :length]
+        self.keys, self.values = self._k[:, :, :length], self._v[:, :, :length]
 
     def _owns_views(self) -> bool:
         return (
             self.keys is not None
             and self.keys.data_ptr() == self._k.data_ptr()
-            and self.keys.shape[0] == self.rows
+            and self.keys.shape[0] == self._k.shape[0]
         )
 
     def update(
@@ -82,10 +78,8 @@ class GrowingLayer(DynamicLayer):
             room = new + max(self.room, DEFAULT_ROOM)
             self._k = _gathered(self.keys, None, room)
             self._v = _gathered(self.values, None, room)
-            self.rows = self._k.shape[0]
-        n = self.rows
-        self._k[:n, :, length : length + new] = key_states
-        self._v[:n, :, length : length + new] = value_states
+        self._k[:, :, length : length + new] = key_states
+        self._v[:, :, length : length + new] = value_states
         self._view(length + new)
         return self.keys, self.values
 
@@ -96,7 +90,6 @@ class GrowingLayer(DynamicLayer):
         idx = beam_idx.to(self.device)
         self._k = _gathered(self.keys, idx, room)
         self._v = _gathered(self.values, idx, room)
-        self.rows = self._k.shape[0]
         self._view(length)
 
 
@@ -113,14 +106,12 @@ class GrowingCache(DynamicCache):
         Cache.__init__(self, layers=[GrowingLayer(k, v, rows, room) for k, v in layers])
 
     @classmethod
-    def over(cls, buffers: Sequence[KV], length: int, rows: int | None = None) -> GrowingCache:
-        """A cache over per-layer (keys, values) buffers (N, h, length + room, d_head) that the
-        caller filled up to ``length`` in their first ``rows`` rows (all if None), taken as they
-        are (no copy); the other positions are room, the other rows spare."""
+    def over(cls, buffers: Sequence[KV], length: int) -> GrowingCache:
+        """A cache over per-layer (keys, values) buffers (n, h, length + room, d_head) that the
+        caller filled up to ``length``, taken as they are (no copy); the rest is room."""
         cache = cls([(k[:, :, :0], v[:, :, :0]) for k, v in buffers], room=0)
         for layer, (k, v) in zip(cache.layers, buffers, strict=True):
             layer._k, layer._v, layer.room = k, v, k.shape[-2] - length  # type: ignore[union-attr]
-            layer.rows = k.shape[0] if rows is None else rows  # type: ignore[union-attr]
             layer._view(length)  # type: ignore[union-attr]
         return cache
 

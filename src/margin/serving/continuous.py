@@ -12,10 +12,8 @@ rows and, between two decoding steps:
 2. runs one step for every row at once: one forward of the running rows (a newcomer's first
    step comes from its prefill), then each question's greedy RAG-Token choice from its own k
    rows and passage prior (margin.generation.continuous.GreedyToken);
-3. lets finished questions' rows leave and the newcomers' rows join, in place where they fit
-   (margin.generation.continuous.leave / join: only the rows that move are copied; a whole
-   ``regroup`` when they do not fit or the cache needs room), and answers every request whose
-   questions are done. A question's rows need not stay adjacent: each knows its own.
+3. lets finished questions' rows leave and the newcomers' rows join
+   (margin.generation.continuous.regroup), and answers every request whose questions are done.
 
 The answers are ``RAG.ask``'s for each request alone: the same tokens, log-probabilities to float
 rounding (tests/test_continuous_batching.py). Only RAG-Token greedy decoding of a causal model
@@ -40,14 +38,7 @@ import torch
 
 from margin.errors import MarginError
 from margin.generation.causal import CausalGenerator
-from margin.generation.continuous import (
-    RUNNING_ROOM,
-    GreedyToken,
-    join,
-    leave,
-    regroup,
-    worth_regrouping,
-)
+from margin.generation.continuous import GreedyToken, regroup
 from margin.generation.decoding import check_decode_inputs
 from margin.generation.generator import DecodeState, Generator
 from margin.marginalize import scores_log_prior, scores_prior
@@ -89,7 +80,6 @@ class _Decoding:
     index: int  # its place among the job's questions
     question: str  # as checked (cut to fit) by RAG.ask's rules
     search: GreedyToken
-    rows: torch.Tensor  # (k,) its rows in its state, passage order (they need not be adjacent)
     passages: Sequence[Passage]
     prior: list[float]  # p(z|x) of its k passages
     scores: list[float]  # their retriever scores
@@ -114,7 +104,6 @@ class ContinuousBatcher(JobQueue):
         self.steps_run = 0  # decoding steps run (for tests and benchmarks)
         self.items_run = 0  # questions answered
         self.joined = 0  # questions that joined a batch already decoding
-        self.regroups = 0  # full copies of the running batch (joins and leaves are in place)
         self._thread.start()
 
     # -- the worker ----------------------------------------------------------------------------
@@ -163,51 +152,32 @@ class ContinuousBatcher(JobQueue):
         kept_parts, finished = [], []
         for state, decoding in parts:
             logprobs = gen.step(state)  # (n, V): a forward, or a newcomer's prefill logits
-            tokens = torch.empty(state.last_tokens.numel(), dtype=torch.long)
-            kept = []
+            k_rows, tokens, keep = 0, [], []
             for d in decoding:
-                token = d.search.step(logprobs.index_select(0, d.rows))
+                token = d.search.step(logprobs[k_rows : k_rows + d.search.k])
                 if d.stream is not None:
                     d.stream.push(token)
-                tokens[d.rows.cpu()] = token
-                done = d.search.done or d.job.future.done()
-                (finished if done else kept).append(d)
-            n, dev = tokens.numel(), state.last_tokens.device
-            gen.advance(state, tokens.to(dev), torch.arange(n, device=dev),
+                tokens += [token] * d.search.k
+                if d.search.done or d.job.future.done():
+                    finished.append(d)
+                else:
+                    keep += range(k_rows, k_rows + d.search.k)
+                k_rows += d.search.k
+            n = state.last_tokens.numel()
+            dev = state.last_tokens.device
+            gen.advance(state, torch.tensor(tokens, device=dev), torch.arange(n, device=dev),
                         moves="none")  # greedy: no row moves here; finished rows leave below
-            kept_parts.append((state, kept))
+            rows = torch.tensor(keep, dtype=torch.long, device=dev)
+            kept_parts.append((state, rows, [d for d in decoding if d not in finished]))
         self.steps_run += 1
-        self._state, self._decoding = self._merge(self._state, kept_parts)
+        live = [(s, r) for s, r, _ in kept_parts if r.numel()]
+        if len(kept_parts) == 1 and live and live[0][1].numel() == live[0][0].last_tokens.numel():
+            self._state = live[0][0]  # nobody joined or left: the cache grows in place
+        else:
+            self._state = regroup(live) if live else None
+        self._decoding = [d for *_, ds in kept_parts for d in ds]
         for d in finished:
             self._finish(d)
-
-    def _merge(self, running: DecodeState | None,
-               parts: list[tuple[DecodeState, list[_Decoding]]]) -> tuple[DecodeState | None,
-                                                                          list[_Decoding]]:
-        """The next running batch: the running state's kept rows compacted in place, the
-        newcomers' copied into its spare rows; a full copy (regroup) only when they do not fit,
-        when a newcomer starts the batch, or when the cache needs room or trimming."""
-        state: DecodeState | None = None
-        decoding: list[_Decoding] = []
-        for part, kept in parts:
-            if not kept:
-                continue
-            n = part.last_tokens.numel()
-            rows = torch.cat([d.rows for d in kept]).sort().values  # (m,) its kept rows
-            at = 0 if state is None else state.last_tokens.numel()  # where they go
-            if state is None and part is running and not worth_regrouping(part):
-                if rows.numel() < n:
-                    _renumber(kept, leave(part, rows), n, 0)
-                state = part
-            elif state is not None and join(state, part, rows):
-                _renumber(kept, rows, n, at)
-            else:
-                old = [] if state is None else [(state, torch.arange(at, device=rows.device))]
-                state = regroup(old + [(part, rows)], RUNNING_ROOM, self.max_rows)
-                self.regroups += 1
-                _renumber(kept, rows, n, at)
-            decoding += kept
-        return state, decoding
 
     def _prefill(self, jobs: list[_Job]) -> list[tuple[DecodeState, list[_Decoding]]]:
         """Newcomers' prompts, those over the same index and k together; a group that fails is
@@ -250,9 +220,8 @@ class ContinuousBatcher(JobQueue):
         log_prior = scores_log_prior(doc_scores).to(gen.device)  # (B, k)
         state = gen.start(gen.encode(inputs), expand=1)  # rows (B*k,), first step pending
         prior, raw = scores_prior(doc_scores).tolist(), hits.scores.tolist()
-        rows = torch.arange(len(asked) * k, device=state.last_tokens.device).view(-1, k)
         decoding = [
-            _Decoding(job, i, q, GreedyToken(gen, log_prior[b], configs[id(job)]), rows[b],
+            _Decoding(job, i, q, GreedyToken(gen, log_prior[b], configs[id(job)]),
                       hits.passages[b], prior[b], raw[b], job.items[i].stream)
             for b, (job, i, q) in enumerate(asked)
         ]
@@ -289,14 +258,6 @@ class ContinuousBatcher(JobQueue):
             else:
                 self.items_run += len(results)
                 job.future.set_result(results)
-
-
-def _renumber(decoding: list[_Decoding], order: torch.Tensor, n: int, offset: int) -> None:
-    """Rows moved: the row that was ``order[j]`` (of ``n``) is now row ``offset + j``."""
-    new = torch.full((n,), -1, dtype=torch.long, device=order.device)
-    new[order] = torch.arange(offset, offset + order.numel(), device=order.device)
-    for d in decoding:
-        d.rows = new.index_select(0, d.rows)
 
 
 def _fail(job: _Job, exc: BaseException) -> None:
