@@ -67,13 +67,12 @@ from margin.retrieval.encoders import Encoder, load_encoder_from_spec, save_pair
 from margin.retrieval.reader import LoadedIndex, ensure_encoder_matches, open_index
 from margin.retrieval.refresh import prune_refreshes
 from margin.retrieval.retriever import Retriever, ensure_default_bm25_index, resolve_index
-from margin.training.config import check_max_minutes
+from margin.training.config import PASSAGE_ENCODER, check_max_minutes
 from margin.training.data_parallel import SINGLE
 from margin.training.mining import POSITIVES, Mined, Mining, Positives, mine, renew, search_rows
 from margin.training.schedule import TimeBudget, epoch_order, lr_factor
 from margin.training.train import _append, _cut_to_budget, _data_fingerprint, _size, _truncate
 
-PASSAGE_ENCODER = ("frozen", "train")
 RECALL_KS = (1, 5, 20)  # dev answer recall@k logged; the best checkpoint is the best recall@5
 # settings that may change between an interrupted run and its --resume (the rest must not)
 _RESUMABLE_CHANGES = ("eval_every", "eval_limit", "save_every", "log_every", "batch_size_encode",
