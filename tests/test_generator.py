@@ -24,7 +24,6 @@ from margin.errors import MarginError
 from margin.generation.causal import CausalFormat, CausalGenerator, default_prompt
 from margin.generation.generator import GenInputs
 from margin.generation.kv_cache import (
-    GrowingCache,
     common_prefix_length,
     length_groups,
     prefix_layout,
@@ -338,33 +337,21 @@ def test_prefix_runs_once_and_scoring_reads_only_targets():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("expand", [2, 1])  # 1: greedy, the state reads the prompt's buffers
-def test_decoding_leaves_the_prompt_cache_untouched(expand):
+def test_decoding_leaves_the_prompt_cache_untouched():
     gen = causal()
     inputs = gen.build_inputs(QUESTIONS, PASSAGES)
     enc = gen.encode(inputs)
     before = [(k.clone(), v.clone()) for k, v in enc.prompt.layers]
-    state = gen.start(enc, expand=expand)
-    shares = state.cache.layers[0].keys.data_ptr() == enc.prompt.layers[0][0].data_ptr()
-    assert shares == (expand == 1)  # greedy's start copies nothing
+    state = gen.start(enc, expand=2)
     R = inputs.input_ids.shape[0]
-    swap = torch.arange(expand * R).view(R, expand).flip(1).flatten()
-    steps = []
+    swap = torch.arange(2 * R).view(R, 2).flip(1).flatten()
     for _ in range(3):
-        logprobs = gen.step(state)
-        steps.append(logprobs)
-        gen.advance(state, logprobs.argmax(-1), swap)
+        tok = gen.step(state).argmax(-1)
+        gen.advance(state, tok, swap)
     for (k, v), (k0, v0) in zip(enc.prompt.layers, before, strict=True):
         assert torch.equal(k, k0) and torch.equal(v, v0)
     # the first step's log-probs come from encode; the next two each append one position
     assert state.cache.get_seq_length() == inputs.input_ids.shape[1] + 2
-    if expand == 2:
-        return
-    copied = gen.start(enc, expand=expand)  # what greedy's start did before: a copy with room
-    copied.cache = GrowingCache(enc.prompt.layers)
-    for want in steps:  # bit-identical steps
-        torch.testing.assert_close(gen.step(copied), want, atol=0, rtol=0)
-        gen.advance(copied, want.argmax(-1), swap)
 
 
 def test_shared_prefix_gradients_equal_plain_path():

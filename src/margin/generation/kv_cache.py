@@ -133,16 +133,9 @@ class PromptCache:
 
     def select(self, rows: torch.Tensor, room: int = DEFAULT_ROOM) -> DynamicCache:
         """A fresh cache holding prompt rows ``rows`` (M,), in that order (repeats allowed),
-        with ``room`` positions to grow into before it reallocates.
-
-        Every row in order (greedy decoding, scoring one target a row) is not copied: the cache
-        reads the prompt's own buffers, and its first new position reallocates them with room
-        (one copy, as otherwise, but only if it ever runs: the continuous batcher copies a
-        newcomer's rows straight into the running batch instead).
-        """
-        if is_identity(rows, self.mask.shape[0]):
-            return GrowingCache.over(self.layers, self.mask.shape[1])  # no room: never written
-        return GrowingCache(self.layers, rows, room)  # one copy: (M, h, S + room, d_head)
+        with ``room`` positions to grow into before it reallocates."""
+        pick = None if is_identity(rows, self.mask.shape[0]) else rows
+        return GrowingCache(self.layers, pick, room)  # one copy: (M, h, S + room, d_head)
 
 
 @dataclass
