@@ -713,3 +713,27 @@ def test_margin_serve_flags_reach_its_config(monkeypatch, capsys):
     capsys.readouterr()
     assert main(["serve", "--passage-cache-mb", "-1"]) != 0 and len(seen) == 3
     assert "--passage-cache-mb is -1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("taken", [False, True])
+def test_margin_serve_refuses_an_address_it_cannot_listen_on_before_loading(monkeypatch, capsys,
+                                                                           taken):
+    """A port out of range or held by another process: one line, exit 2, and the model is
+    never loaded (no wait for it only to fail at bind time)."""
+    import socket
+
+    from margin.cli import main
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(RAG, "load", load)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1] if taken else 99999
+        assert main(["serve", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    want = f"cannot listen on 127.0.0.1:{port}" if taken else "--port 99999 is not a TCP port"
+    assert want in err and "serving on" not in err

@@ -349,9 +349,7 @@ def serve(
     cache = {} if passage_cache_mb is None else {"passage_cache_mb": passage_cache_mb}
     config = ServeConfig(host=host, port=port, index_root=index_root, admin_token=token,
                          device=device, continuous_batching=continuous_batching, **cache)
-    typer.echo(f"margin: serving on http://{host}:{port}/ (admin {'on' if token else 'off'})",
-               err=True)
-    run(model, index or [], config)
+    run(model, index or [], config)  # says where it serves once the address is free
 
 
 @app.command()

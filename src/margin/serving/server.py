@@ -37,6 +37,8 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import socket
+import sys
 from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
@@ -369,6 +371,26 @@ def parse_index_options(values: Sequence[str]) -> dict[str, str]:
     return out
 
 
+def check_listen(host: str, port: int) -> None:
+    """Refuse, before the model loads, an address the server could not listen on: a port out of
+    range, a host this machine cannot bind, a port another process holds."""
+    if not 1 <= port <= 65535:
+        raise MarginError(f"--port {port} is not a TCP port; give one from 1 to 65535")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port,
+                                                             type=socket.SOCK_STREAM)[0]
+    except OSError as exc:
+        raise MarginError(f"--host {host!r} is not an address here ({exc.strerror}); "
+                          "give e.g. 127.0.0.1") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise MarginError(f"cannot listen on {host}:{port} ({exc.strerror}); give another "
+                              "--port or stop what holds it") from None
+
+
 def run_server(app: FastAPI, config: ServeConfig) -> None:
     """Serve ``app`` with uvicorn until interrupted."""
     import uvicorn
@@ -382,6 +404,10 @@ def serve(model: str, indexes: Sequence[str], config: ServeConfig) -> None:
     serve`` runs)."""
     from margin.models import resolve_model_index
 
+    check_listen(config.host, config.port)
+    admin = "on" if config.admin_token else "off"
+    print(f"margin: serving on http://{config.host}:{config.port}/ (admin {admin})",
+          file=sys.stderr)
     named = {name: str(resolve_model_index(model, directory))
              for name, directory in parse_index_options(indexes or [AUTO_INDEX]).items()}
     rag = RAG.load(model=model, index=next(iter(named.values())), device=config.device)
