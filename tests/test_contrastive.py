@@ -403,6 +403,7 @@ def test_a_time_budget_cuts_the_run_and_its_learning_rate_still_ends_at_zero(
     # resumed without a budget (a setting a resume may change), the run keeps its cut length
     result = run(index, out, config=settings, resume=True)
     assert result.steps == 4 and "would not end" not in capsys.readouterr().err
+    assert result.planned == 10  # the length asked for, which the summary line states
     records = log(out)
     assert [r for r in records if "cut_to" in r] == [
         {"cut_to": 4, "planned": 10, "s_per_step": 30.0, "max_minutes": 2}]
@@ -434,8 +435,14 @@ def test_max_minutes_passes_through_the_command_and_a_bad_one_is_refused(
     with one_thread():  # 2.5 minutes at 30 s a step: 5 of the 6 steps
         assert main([*args, "--out", str(tmp_path / "run"), "--max-minutes", "2.5"]) == 0
     said = capsys.readouterr()
-    assert "trained 5 steps" in said.out and "6 steps would not end" in said.err
+    assert ("trained 5 of the 6 steps asked for (the rest did not fit --max-minutes 2.5) on "
+            in said.out)
+    assert "6 steps would not end within the 2.5 minutes left" in said.err
     assert [r["cut_to"] for r in log(tmp_path / "run") if "cut_to" in r] == [5]
+    with one_thread():  # the finished run read back, without a budget of its own
+        assert main([*args, "--out", str(tmp_path / "run"), "--resume"]) == 0
+    assert ("trained 5 of the 6 steps asked for (the rest did not fit an earlier call's "
+            "--max-minutes) on " in capsys.readouterr().out)
 
 
 def test_options_that_cannot_work_are_refused_in_one_line(index, tmp_path, capsys):

@@ -390,6 +390,7 @@ def finetune(
 
     from margin.training.recipe import FINETUNE_RECIPE, FINETUNE_UNGROUNDED
     from margin.training.recipe import finetune as run_finetune
+    from margin.training.schedule import said_cut
 
     if all_questions and ungrounded is not None:
         raise MarginError("--ungrounded sets a share of the selected questions; --all-questions "
@@ -425,9 +426,8 @@ def finetune(
                   f"{done.ungrounded} without")
     if done.steps < done.planned:  # each step draws a batch of the chosen questions at random
         per_step = config.batch_size * config.grad_accum
-        chosen = (f"{done.steps} of the {done.planned} steps asked for (the rest did not fit "
-                  f"--max-minutes {config.max_minutes:g}) of {per_step} questions, drawn from "
-                  f"{chosen}")
+        chosen = (f"{said_cut(done.steps, done.planned, config.max_minutes)} of {per_step} "
+                  f"questions, drawn from {chosen}")
     else:
         chosen = f"on {chosen}"
     typer.echo(f"trained {chosen} (the training slices hold {done.total}); "

@@ -61,6 +61,7 @@ def train_retriever(
     from margin.training.contrastive import RetrieverTrainConfig
     from margin.training.contrastive import train_retriever as run
     from margin.training.recipe import interleave
+    from margin.training.schedule import said_cut
 
     config = RetrieverTrainConfig(
         steps=steps, epochs=epochs, batch_size=batch_size, lr=lr, warmup=warmup,
@@ -76,7 +77,9 @@ def train_retriever(
                  query_encoder=query_encoder, bm25_index=bm25_index)
     best = "" if result.best_recall is None else (
         f", best dev recall@5 {result.best_recall['recall@5']:.3f} at step {result.best_step}")
-    typer.echo(f"trained {result.steps} steps on {result.questions} questions ({result.skipped} "
+    steps = (said_cut(result.steps, result.planned, config.max_minutes)
+             if result.steps < result.planned else f"{result.steps} steps")
+    typer.echo(f"trained {steps} on {result.questions} questions ({result.skipped} "
                f"without a passage holding an answer, skipped) in {result.wall_s:.0f} s, loss "
                f"{result.loss:.3f}{best}; question encoder in {result.question_encoder}")
     if result.passage_encoder is not None:

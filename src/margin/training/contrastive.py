@@ -140,6 +140,7 @@ class RetrieverTrainResult:
     """What a run did and where its encoders are."""
 
     steps: int  # optimizer steps taken in total (resumed runs included)
+    planned: int  # optimizer steps asked for (more than ``steps`` when a time budget cut them)
     loss: float  # mean training loss over the last logged window
     questions: int  # training questions with a positive (trained on)
     skipped: int  # training questions without one (left out)
@@ -398,8 +399,9 @@ def train_retriever(
                                     "best_dev_recall": best[0] if best else None})
     where = out / ("best" if best else "last")
     return RetrieverTrainResult(
-        step, loss_value, n, mining.skipped, best[0] if best else None, best[1] if best else None,
-        where / "question_encoder", where / "passage_encoder" if p_enc is not None else None,
+        step, planned, loss_value, n, mining.skipped, best[0] if best else None,
+        best[1] if best else None, where / "question_encoder",
+        where / "passage_encoder" if p_enc is not None else None,
         Path(current.path), refreshes, wall, out)
 
 

@@ -1,7 +1,7 @@
 """How a fine-tuning run is laid out in optimizer steps: how many (``total_steps``, or fewer to
-fit a time budget, ``steps_within`` and ``TimeBudget``), the learning rate at each
-(``lr_factor``), the examples of each micro-batch (``epoch_order``, ``micro_batches``) and the
-answer each trains on (``pick_target``).
+fit a time budget, ``steps_within`` and ``TimeBudget``, the cut said by ``said_cut``), the
+learning rate at each (``lr_factor``), the examples of each micro-batch (``epoch_order``,
+``micro_batches``) and the answer each trains on (``pick_target``).
 
 Small pure functions of the config, the step and the seed, so that the loop
 (margin.training.train) reads as the loop, and so that a resumed run, or every process of a
@@ -59,6 +59,15 @@ class TimeBudget:
             return total
         self.step_s = (elapsed_s - first_s) / (step - first_step)
         return steps_within(60 * self.minutes, elapsed_s, step, self.step_s, total)
+
+
+def said_cut(steps: int, planned: int, max_minutes: float | None) -> str:
+    """How a summary line says a run was cut to its time budget: "4 of the 6 steps asked for
+    (the rest did not fit --max-minutes 2.25)"; ``max_minutes`` None: a resumed run, cut by an
+    earlier call's budget."""
+    budget = ("an earlier call's --max-minutes" if max_minutes is None
+              else f"--max-minutes {max_minutes:g}")
+    return f"{steps} of the {planned} steps asked for (the rest did not fit {budget})"
 
 
 def pick_target(answers: Sequence[str], choice: str, rng: random.Random) -> str:

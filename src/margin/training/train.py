@@ -446,7 +446,7 @@ def _cut_to_budget(out: Path, world: World, bar, budget: TimeBudget, planned: in
         from tqdm.auto import tqdm
 
         tqdm.write(f"margin: a step takes {budget.step_s:.0f} s here, so {planned} steps would "
-                   f"not end within the {budget.minutes:.0f} minutes left (--max-minutes): "
+                   f"not end within the {budget.minutes:g} minutes left (--max-minutes): "
                    f"training {fit} steps, the learning rate decaying to 0 at the last",
                    file=sys.stderr)
 
