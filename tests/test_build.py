@@ -119,7 +119,7 @@ def test_build_refuses_bad_requests(corpus_jsonl, keyword_encoder, tmp_path):
 def test_existing_output_needs_overwrite(corpus_jsonl, keyword_encoder, tmp_path):
     out = tmp_path / "idx"
     build_index(corpus_jsonl, keyword_encoder, out, progress=False)
-    with pytest.raises(MarginError, match="already exists \\(an index\\); pass overwrite=True"):
+    with pytest.raises(MarginError, match=r"exists \(an index\); replace it with --overwrite"):
         build_index(corpus_jsonl, keyword_encoder, out, progress=False)
     build_index(corpus_jsonl, None, out, kind="bm25", overwrite=True, progress=False)
     assert open_index(out).manifest.kind == "bm25"

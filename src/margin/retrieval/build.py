@@ -141,7 +141,8 @@ def prepare_build(
         )
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise MarginError(
-            f"{out} already exists (an index); pass overwrite=True or pick another path"
+            f"{out} already exists (an index); replace it with --overwrite (overwrite=True) or "
+            "pick another path"
         )
     work = work_dir(out)
     plan = {
