@@ -83,8 +83,9 @@ _clock = time.perf_counter  # the training's clock (a test drives its own)
 @dataclass
 class RetrieverTrainConfig:
     """How to train the retriever; each field is a ``margin train-retriever`` flag of the same
-    name (``hard_negatives``: ``--hard-negatives``), except ``weight_decay``, ``max_grad_norm``
-    and ``batch_size_encode``, set from Python."""
+    name (``hard_negatives``: ``--hard-negatives``), except ``weight_decay``, ``max_grad_norm``,
+    ``log_every`` and ``batch_size_encode``, set from Python (tests/test_train_config.py holds
+    this and the defaults to the CLI)."""
 
     steps: int | None = None  # optimizer steps; None: `epochs` passes over the mined questions
     epochs: int = 1  # passes over the questions with a positive, when `steps` is None
