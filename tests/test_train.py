@@ -381,7 +381,7 @@ def test_a_time_budget_cuts_the_run_and_its_learning_rate_still_ends_at_zero(
     result = train(make_rag(), EXAMPLES, tmp_path / "cut", replace(config, max_minutes=None),
                    resume=True, progress=False)
     records = log(tmp_path / "cut")
-    assert result.steps == 4
+    assert result.steps == 4 and result.planned == 10
     assert [r for r in records if "cut_to" in r] == [
         {"cut_to": 4, "planned": 10, "s_per_step": 30.0, "max_minutes": 2}]
     # lr factor after each step: 9/9 and 8/9 of the 10-step decay, then 1/3 and 0 of the 4-step one
@@ -404,7 +404,8 @@ def test_a_fresh_start_after_a_run_stopped_before_its_first_save_starts_a_fresh_
 def test_a_budget_that_fits_changes_nothing(make_rag, tmp_path, fake_clock):
     config = TrainConfig(steps=4, max_minutes=2, **FAST)  # 4 x 30 s = 2 minutes
     result = train(make_rag(), EXAMPLES, tmp_path / "run", config, progress=False)
-    assert result.steps == 4 and not [r for r in log(tmp_path / "run") if "cut_to" in r]
+    assert result.steps == result.planned == 4
+    assert not [r for r in log(tmp_path / "run") if "cut_to" in r]
 
 
 def test_steps_within_a_budget():
@@ -544,3 +545,20 @@ def test_target_choice_skips_junk_answers():
     assert pick_target(("\U0001f600", "Paris"), "first", random.Random(0)) == "Paris"
     picks = {pick_target(("a", "b", "!"), "sample", random.Random(s)) for s in range(20)}
     assert picks == {"a", "b"}
+
+
+def test_margin_train_says_when_its_budget_cut_the_steps(make_rag, index, tmp_path, capsys,
+                                                         fake_clock):
+    model_dir = save_model(make_rag(), tmp_path / "model")
+    data = tmp_path / "train.tsv"
+    data.write_text("".join(f"{q}\t{[a]}\n" for q, a in TASK))
+    args = ["train", "--train", str(data), "--model", str(model_dir), "--index", str(index),
+            "--steps", "6", "--batch-size", "2"]
+    fake_clock.tick = 30.0  # 30 s a step: 2.5 minutes hold 5 steps
+    assert main([*args, "--out", str(tmp_path / "cut"), "--max-minutes", "2.5"]) == 0
+    captured = capsys.readouterr()
+    assert "6 steps would not end within the 2.5 minutes left" in captured.err
+    assert ("trained 5 of the 6 steps asked for (the rest did not fit --max-minutes 2.5) in "
+            in captured.out)
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+    assert "trained 6 steps in " in capsys.readouterr().out

@@ -219,6 +219,7 @@ def train(
     """Fine-tune RAG end to end (Sec. 2.4): question encoder and generator learn, index frozen
     (unless --passage-encoder train)."""
     from margin.training.config import TrainConfig
+    from margin.training.schedule import said_cut
     from margin.training.train import run
 
     config = TrainConfig(
@@ -238,7 +239,9 @@ def train(
     best = "" if result.best_dev_em is None else (
         f", best dev EM {result.best_dev_em:.3f} at step {result.best_step} ({out / 'best'})"
     )
-    typer.echo(f"trained {result.steps} steps in {result.wall_s:.0f} s, loss {result.loss:.3f}"
+    steps = (said_cut(result.steps, result.planned, max_minutes)
+             if result.steps < result.planned else f"{result.steps} steps")
+    typer.echo(f"trained {steps} in {result.wall_s:.0f} s, loss {result.loss:.3f}"
                f"{best}; model in {out / 'last'}")
     if skipped:
         typer.echo(f"skipped {skipped} malformed line(s)")

@@ -100,6 +100,7 @@ class TrainResult:
     best_step: int | None  # the step of that checkpoint
     wall_s: float  # seconds this call ran
     out: Path  # the output directory
+    planned: int = 0  # steps asked for (more than ``steps`` when a time budget cut the run)
 
 
 # ----------------------------------------------------------------------------- the top-k
@@ -428,7 +429,7 @@ def train(
                                     "best_dev_em": best[0] if best else None})
     barrier(world)  # the others return once rank 0's checkpoint is on disk
     return TrainResult(step, loss_value, best[0] if best else None, best[1] if best else None,
-                       wall, out)
+                       wall, out, planned)
 
 
 def _cut_to_budget(out: Path, world: World, bar, budget: TimeBudget, planned: int, fit: int,
@@ -445,7 +446,7 @@ def _cut_to_budget(out: Path, world: World, bar, budget: TimeBudget, planned: in
     if first:
         from tqdm.auto import tqdm
 
-        tqdm.write(f"margin: a step takes {budget.step_s:.0f} s here, so {planned} steps would "
+        tqdm.write(f"margin: a step takes {budget.step_s:.1f} s here, so {planned} steps would "
                    f"not end within the {budget.minutes:g} minutes left (--max-minutes): "
                    f"training {fit} steps, the learning rate decaying to 0 at the last",
                    file=sys.stderr)
