@@ -12,6 +12,12 @@ only); then seconds a step against the same steps with the passage encoder froze
 ``--passages N`` trains over an index of the default corpus's first N passages instead of the
 whole one (built once in ``--out``): a run of a minute, for the mechanics, not a measurement.
 
+``--recall N`` then measures what a stale index costs the retriever: answer recall@k on the
+first N held-out questions of each file (never trained on) with the run's final question
+encoder, over the index the run started from (never refreshed: stale by every step) and over its
+final, refreshed one; and the default retriever for reference. A finished run in ``--out`` is
+read back, not trained again, so this can follow a run already made.
+
     nice -n 10 .venv/bin/python benchmarks/rag_end2end.py --steps 40 --refresh-every 10 --write
     nice -n 10 .venv/bin/python benchmarks/rag_end2end.py --steps 6 --refresh-every 2 \\
         --passages 200 --baseline-steps 3            # about a minute: the tiny check
@@ -28,13 +34,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from margin.evaluation.examples import read_examples
+from margin.evaluation.report import retrieval_recall
 from margin.rag import RAG
 from margin.retrieval.build import build_index
 from margin.retrieval.encoders import load_encoder
 from margin.retrieval.reader import open_index
-from margin.retrieval.retriever import ensure_default_index
+from margin.retrieval.retriever import Retriever, ensure_default_index
 from margin.training.config import TrainConfig
-from margin.training.recipe import interleave, training_slice
+from margin.training.recipe import HELDOUT, interleave, training_slice
 from margin.training.train import train
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -44,6 +52,7 @@ DATA = Path("/work/shared/data")
 FILES = (DATA / "nq-open-dev.tsv", DATA / "triviaqa-dev.tsv")
 SECTION = "## End-to-end RAG training: the passage encoder and a stale index"
 BENCHMARKS_MD = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
+RECALL_KS = (1, 5, 20)
 
 
 def main() -> None:
@@ -61,6 +70,8 @@ def main() -> None:
     ap.add_argument("--retriever-lr", type=float, default=3e-5, help="both encoders'")
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
     ap.add_argument("--fresh", action="store_true", help="remove earlier runs in --out first")
+    ap.add_argument("--recall", type=int, default=0, help="held-out questions a file for the "
+                    "stale-index recall table (0: none)")
     ap.add_argument("--write", action="store_true", help=f"put the section in {BENCHMARKS_MD}")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -82,6 +93,8 @@ def main() -> None:
         rag = RAG.load("default", str(index), device="cpu")
         train(rag, examples, out, config, resume=(out / "state").exists())
     section = report(args, index)
+    if args.recall:
+        section += "\n\n" + stale_recall(args, index)
     lines = [section, "", *provenance("rag_end2end.py", load_before)]
     text = "\n".join(lines) + "\n"
     print(text)
@@ -134,6 +147,33 @@ def report(args: argparse.Namespace, index: Path) -> str:
     if frozen:
         cost += f", {frozen:.2f} s frozen ({trained / frozen:.2f}x)"
     rows += ["", cost + " (refreshes run beside training, in one thread)."]
+    return "\n".join(rows)
+
+
+def stale_recall(args: argparse.Namespace, index: Path) -> str:
+    """Held-out answer recall@k: the trained question encoder over the never-refreshed index and
+    over the run's final one, and the default retriever."""
+    last = args.out / "trained" / "last"
+    retrievers = {
+        "default question encoder, the index the run started from": Retriever.load(
+            index, progress=False),
+        "trained question encoder, the index the run started from (never refreshed)":
+            Retriever.load(index, query_encoder=last / "question_encoder", progress=False,
+                           allow_encoder_mismatch=True),  # that is the staleness measured
+        "trained question encoder, the run's final index (refreshed)": Retriever.load(
+            last / "index", query_encoder=last / "question_encoder", progress=False,
+            allow_encoder_mismatch=True),  # the pair is the model's; its directory says so
+    }
+    rows = [f"Answer recall@k x100 on the first {args.recall} held-out questions of each file "
+            "(never trained on), after the run's last step:", "",
+            "| data set | retriever | @1 | @5 | @20 |", "|---|---|---:|---:|---:|"]
+    for path in FILES:
+        heldout = read_examples(path)[: min(args.recall, HELDOUT)]
+        for name, retriever in retrievers.items():
+            r = retrieval_recall(retriever, heldout, RECALL_KS)
+            rows.append(f"| {path.stem} | {name} | "
+                        + " | ".join(f"{100 * r[f'answer_recall@{k}']:.1f}" for k in RECALL_KS)
+                        + " |")
     return "\n".join(rows)
 
 
