@@ -14,7 +14,7 @@ from margin.model_config import MODEL_FILE, ModelConfig
 from margin.models import load_model, make_generator, save_model
 from margin.rag import RAG
 from margin.retrieval.build import build_index
-from margin.retrieval.encoders import load_encoder
+from margin.retrieval.encoders import PAIRING_FILE, load_encoder
 from margin.retrieval.passages import split_document
 from margin.retrieval.reader import open_index
 from margin.retrieval.retriever import Retriever
@@ -74,10 +74,17 @@ def test_trained_question_encoder_survives_the_round_trip(rag, index, tmp_path):
         for p in encoder.module.parameters():
             p.add_(0.01)  # as if a training step had moved it
     try:
-        loaded = load_model(save_model(rag, tmp_path / "model"), index)
+        out = save_model(rag, tmp_path / "model")
+        loaded = load_model(out, index)
         assert loaded.question_encoder.fingerprint == encoder.fingerprint
         torch.testing.assert_close(loaded.question_encoder.embed_queries(QUESTIONS),
                                    encoder.embed_queries(QUESTIONS))
+        # its directory names the passage encoder it goes with, so the model's index takes it
+        # as a --query-encoder; without that record its other weights are refused
+        Retriever.load(index, query_encoder=out / "question_encoder")
+        (out / "question_encoder" / PAIRING_FILE).unlink()
+        with pytest.raises(MarginError, match="has other weights"):
+            Retriever.load(index, query_encoder=out / "question_encoder")
     finally:
         with torch.no_grad():
             for p in encoder.module.parameters():

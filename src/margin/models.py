@@ -48,7 +48,7 @@ from margin.model_config import (
     ModelConfig,
 )
 from margin.rag import RAG
-from margin.retrieval.encoders import Encoder, load_encoder, load_encoder_from_spec
+from margin.retrieval.encoders import Encoder, load_encoder, load_encoder_from_spec, save_pairing
 from margin.retrieval.manifest import MANIFEST, Manifest
 from margin.retrieval.reader import open_index
 from margin.retrieval.retriever import Retriever, resolve_index
@@ -271,6 +271,10 @@ def save_model(rag: RAG, out: str | Path) -> Path:
         built = rag.retriever.index_encoder if rag.retriever is not None else None
         if built is not None:
             record["index_encoder_fingerprint"] = built["fingerprint"]
+            if encoder is not None and encoder.fingerprint != built["fingerprint"]:
+                # a trained question encoder: its directory says which passage encoder it goes
+                # with, so `margin search --query-encoder DIR` accepts the model's index alone
+                save_pairing(tmp / "question_encoder", encoder.fingerprint, built["fingerprint"])
         record.update(format=MODEL_FORMAT, version=MODEL_VERSION)
         (tmp / MODEL_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return out
