@@ -93,12 +93,26 @@ def test_search_plain_output_names_titles(index, capsys):
          "'cuda:99'"),
         (["finetune", "{tmp}/bad.jsonl", "--device", "cuda:99"], "'cuda:99'"),
         (["serve", "--device", "cuda:99"], "'cuda:99'"),
+        # usage mistakes, which typer (its own copy of click) raised as a traceback
+        (["nosuch"], "No such command 'nosuch'; see `margin --help`"),
+        (["search", "--nosuch", "paris"], "No such option: --nosuch; see `margin search --help`"),
+        (["search", "--index", "{index}", "--k", "abc", "paris"], "Invalid value for '--k'"),
+        (["search", "--index"], "Option '--index' requires an argument"),
+        (["train", "--out", "{tmp}/out"], "Missing option '--train'"),
+        # an --out that is a file, or under one, refused before anything loads
+        (["index", "build", "--corpus", "{index}/../corpus.jsonl", "--encoder", "{st}", "--out",
+          "{tmp}/bad.jsonl/out"], "is under {tmp}/bad.jsonl, which is a file"),
+        (["eval", "--data", "{tmp}/bad.jsonl", "--out", "{tmp}/bad.jsonl/out"],
+         "is under {tmp}/bad.jsonl, which is a file"),
+        (["train", "--train", "{tmp}/bad.jsonl", "--out", "{tmp}/bad.jsonl"],
+         "--out {tmp}/bad.jsonl is a file, not a directory"),
     ],
 )
 def test_user_mistakes_are_one_line_without_traceback(argv, message, index, st_model, tmp_path,
                                                       capsys):
     (tmp_path / "bad.jsonl").write_text('{"title": "a", "text": "b"}\n{"title": "a",\n')
     argv = [a.format(index=index, tmp=tmp_path, st=st_model) for a in argv]
+    message = message.format(tmp=tmp_path)
     code, out, err = run(argv, capsys)
     assert code == 2
     assert "Traceback" not in err
@@ -107,6 +121,12 @@ def test_user_mistakes_are_one_line_without_traceback(argv, message, index, st_m
     assert len(errors) == 1 and lines[-1] == errors[0], err
     assert message in errors[0]
     assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_margin_alone_shows_the_help_without_traceback(capsys):
+    code, out, err = run([], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert "Commands" in out + err and "search" in out + err
 
 
 def test_index_add_makes_new_passages_searchable(index, tmp_path, capsys):

@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from margin.errors import MarginError
+
 
 @contextlib.contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
@@ -41,6 +43,18 @@ def atomic_path(target: Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp.exists():
             tmp.unlink()
+
+
+def check_out_dir(out: str | Path) -> None:
+    """Refuse an output directory (``--out``) that is a file or lies under one, before any work:
+    the write would fail later, after the loading, with the OS's FileExistsError."""
+    out = Path(out)
+    for path in (out, *out.parents):  # the nearest one that exists decides
+        if path.is_dir():
+            return
+        if path.exists():
+            where = "is a file" if path == out else f"is under {path}, which is a file"
+            raise MarginError(f"--out {out} {where}, not a directory; pass a directory path")
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

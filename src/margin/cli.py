@@ -493,27 +493,34 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point: a MarginError becomes one line on stderr and a non-zero exit code."""
-    import click
+    """Console entry point: a MarginError, or a usage mistake (an unknown option, a missing or
+    malformed value), becomes one line on stderr and a non-zero exit code."""
+    import importlib
 
+    # typer >= 0.2x parses with its own copy of click, whose exceptions are not click's
+    usage = importlib.import_module(typer.BadParameter.__module__)
     _quiet_libraries()
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=argv, prog_name="margin", standalone_mode=False)
     except MarginError as exc:
         print(f"margin: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("margin: interrupted", file=sys.stderr)
         return 130
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         return exc.exit_code
-    except click.exceptions.ClickException as exc:
-        exc.show()
+    except usage.ClickException as exc:
+        if isinstance(exc, getattr(usage, "NoArgsIsHelpError", ())):
+            exc.show()  # `margin` or `margin index` alone: the help
+        else:
+            ctx = getattr(exc, "ctx", None)
+            see = f"; see `{ctx.command_path} --help`" if ctx is not None else ""
+            print(f"margin: error: {exc.format_message().rstrip('.')}{see}", file=sys.stderr)
         return exc.exit_code
-    except click.exceptions.Abort:
+    except typer.Abort:
         return 1
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from margin._io import check_out_dir
 from margin.devices import resolve_device
 from margin.errors import MarginError
 from margin.evaluation.examples import FORMATS, TASKS
@@ -82,8 +83,7 @@ def check_config(cfg: EvalConfig) -> None:
             raise MarginError(f"{name} must be at least 1, got {value}")
     if not cfg.data:
         raise MarginError("no data file given; pass --data FILE")
-    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
-        raise MarginError(f"--out {cfg.out} is a file, not a directory; pass a directory")
+    check_out_dir(cfg.out)
     resolve_device(cfg.device)
 
 

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from margin._io import atomic_path, write_json_atomic
+from margin._io import atomic_path, check_out_dir, write_json_atomic
 from margin.errors import MarginError
 from margin.retrieval import _checksums
 from margin.retrieval.bm25 import BM25Config, BM25Index
@@ -132,8 +132,7 @@ def prepare_build(
         raise MarginError(f"a '{kind}' index needs an encoder; pass one (or use kind='bm25')")
     if shard_size < 1:
         raise MarginError(f"shard_size must be >= 1, got {shard_size}")
-    if out.exists() and not out.is_dir():
-        raise MarginError(f"{out} is a file; give a directory path for the index")
+    check_out_dir(out)
     if out.exists() and any(out.iterdir()) and not (out / MANIFEST).exists():
         raise MarginError(
             f"{out} is not a margin index (no {MANIFEST}) and not empty: it is never overwritten; "

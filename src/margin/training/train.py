@@ -51,6 +51,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from margin._io import check_out_dir
 from margin.checkpoint import (
     load_state,
     read_state_record,
@@ -560,6 +561,7 @@ def run(
     from margin.evaluation.examples import read_examples_counted
 
     config = config or TrainConfig()
+    check_out_dir(out)
     if retriever not in ("dense", "bm25"):
         raise MarginError(f"unknown retriever {retriever!r}; use 'dense' or 'bm25'")
     if ray_retrieval and retriever == "bm25":
