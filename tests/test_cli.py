@@ -245,6 +245,10 @@ def test_search_refuses_an_encoder_with_other_weights(st_model, tmp_path, capsys
          "eval_every must be at least 0, got -2"),
         (["train", "--train", "{tmp}/dev.jsonl", "--out", "{tmp}/out", "--warmup", "-1"],
          "warmup must be at least 0, got -1"),
+        (["train", "--train", "{tmp}/dev.jsonl", "--out", "{tmp}/out", "--lr", "nan"],
+         "lr must be positive and finite, got nan"),  # it trained, and left NaN weights
+        (["train", "--train", "{tmp}/dev.jsonl", "--out", "{tmp}/out", "--retriever-lr", "inf"],
+         "retriever_lr must be positive and finite, got inf"),
         (["index", "build", "--corpus", "{tmp}/dev.jsonl", "--ray", "--ray-workers", "0",
           "--out", "{tmp}/out"], "--ray-workers must be at least 1, got 0"),
     ],

@@ -8,6 +8,7 @@ is refused here, in one line naming the fix, before any model or data is loaded.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from margin.devices import resolve_device
@@ -78,8 +79,8 @@ class TrainConfig:
         device = resolve_device(self.device)
         if device.type != "cuda":  # every precision runs on a GPU
             autocast_dtype(self.precision, device)
-        if self.retriever_lr is not None and not self.retriever_lr > 0:
-            raise MarginError(f"retriever_lr must be positive, got {self.retriever_lr}")
+        if self.retriever_lr is not None and not 0 < self.retriever_lr < math.inf:
+            raise MarginError(f"retriever_lr must be positive and finite, got {self.retriever_lr}")
         for name in ("k", "epochs", "batch_size", "grad_accum", "log_every", "eval_batch_size",
                      "retrieval_batch_size", "lora_r"):
             if getattr(self, name) < 1:
@@ -89,8 +90,8 @@ class TrainConfig:
                 raise MarginError(f"{name} must be at least 0, got {getattr(self, name)}")
         if self.steps is not None and self.steps < 1:
             raise MarginError(f"steps must be at least 1, got {self.steps}")
-        if self.lr <= 0:
-            raise MarginError(f"lr must be positive, got {self.lr}")
+        if not 0 < self.lr < math.inf:  # nan too: it trained, and ruined the weights
+            raise MarginError(f"lr must be positive and finite, got {self.lr}")
         check_max_minutes(self.max_minutes)
         if self.passage_encoder not in PASSAGE_ENCODER:
             raise MarginError(f"unknown passage_encoder {self.passage_encoder!r}; use 'frozen' or "
