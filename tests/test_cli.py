@@ -62,6 +62,13 @@ def test_search_reads_queries_from_stdin(index, capsys, monkeypatch):
     assert ids == ["de", "ps"]
 
 
+def test_search_refuses_stdin_that_is_not_utf8(index, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"caf\xe9\n"), "utf-8"))
+    code, _, err = run(["search", "--index", str(index), "--k", "1"], capsys)
+    assert code == 2 and err.strip().splitlines() == [
+        "margin: error: stdin is not UTF-8 (byte 0xe9); re-encode the queries as UTF-8"], err
+
+
 def test_search_plain_output_names_titles(index, capsys):
     code, out, _ = run(["search", "--index", str(index), "-k", "1", "the mona lisa was painted "
                         "by leonardo ."], capsys)
@@ -98,6 +105,8 @@ def test_search_plain_output_names_titles(index, capsys):
         (["search", "--nosuch", "paris"], "No such option: --nosuch; see `margin search --help`"),
         (["search", "--index", "{index}", "--k", "abc", "paris"], "Invalid value for '--k'"),
         (["search", "--index"], "Option '--index' requires an argument"),
+        # a Latin-1 argument (surrogate-escaped by Python): the tokenizer raised a TypeError
+        (["search", "--index", "{index}", "caf\udce9"], "query 1 is not UTF-8 text"),
         (["train", "--out", "{tmp}/out"], "Missing option '--train'"),
         # an --out that is a file, or under one, refused before anything loads
         (["index", "build", "--corpus", "{index}/../corpus.jsonl", "--encoder", "{st}", "--out",

@@ -467,7 +467,11 @@ def _read_queries(queries: list[str] | None) -> list[str]:
     if queries:
         items = list(queries)
     elif sys.stdin is not None and not sys.stdin.isatty():
-        items = [line.strip() for line in sys.stdin if line.strip()]
+        try:
+            items = [line.strip() for line in sys.stdin if line.strip()]
+        except UnicodeDecodeError as exc:
+            raise MarginError(f"stdin is not UTF-8 (byte 0x{exc.object[exc.start]:02x}); "
+                              "re-encode the queries as UTF-8") from None
     else:
         items = []
     if not items:
@@ -477,6 +481,8 @@ def _read_queries(queries: list[str] | None) -> list[str]:
             raise MarginError(f"query {i} is blank; give a non-blank query")
         if len(q) > MAX_QUERY_CHARS:
             raise MarginError(f"query {i} is {len(q)} characters; the limit is {MAX_QUERY_CHARS}")
+        if any(0xD800 <= ord(c) <= 0xDFFF for c in q):  # undecodable bytes (surrogateescape)
+            raise MarginError(f"query {i} is not UTF-8 text; re-encode it as UTF-8")
     return items
 
 
