@@ -450,6 +450,12 @@ def test_switching_to_an_unknown_index_names_the_field(client):
     assert r.status_code == 404 and r.json()["field"] == "index"
 
 
+def test_registration_refuses_a_directory_name_too_long_for_the_file_system(client):
+    r = client.post("/v1/indexes", json={"name": "long", "directory": "a" * 5000}, headers=ADMIN)
+    assert r.status_code == 422 and r.json() == {
+        "error": "directory: cannot resolve (File name too long)", "field": "directory"}
+
+
 @pytest.mark.parametrize("directory", ["..", "../..", "/etc", "2016/../..", "", "escape"])
 def test_registration_refuses_a_directory_outside_the_root(client, world, directory):
     root, _ = world
@@ -517,7 +523,9 @@ def test_bad_input_gets_a_4xx_naming_the_field_and_the_server_keeps_serving(clie
 @pytest.mark.parametrize(
     ("content", "status", "field"),
     [(b"{not json", 422, "body"), (b"", 422, "body"), (b"[1, 2]", 422, "body"),
-     (json.dumps({"question": "a" * 70_000}).encode(), 413, "body")],
+     (json.dumps({"question": "a" * 70_000}).encode(), 413, "body"),
+     (b'{"question": "\\ud800 capital"}', 422, "question"),  # a lone surrogate: was a 500
+     (b'{"questions": ["ok", "\\udce9"]}', 422, "questions[1]")],
 )
 def test_malformed_and_oversized_bodies(client, content, status, field):
     r = client.post("/v1/ask", content=content, headers={"Content-Type": "application/json"})

@@ -135,6 +135,8 @@ def check_questions(
         where = label if one is not None else f"{label}[{i}]"
         if not q.strip():
             raise ApiError(422, f"{where}: empty; give a non-blank question", where)
+        if any(0xD800 <= ord(c) <= 0xDFFF for c in q):  # JSON's "\ud800": the tokenizer fails
+            raise ApiError(422, f"{where}: a lone surrogate is not text; send valid Unicode", where)
         if len(q) > config.max_question_chars:
             raise ApiError(
                 422, f"{where}: {len(q)} characters, at most {config.max_question_chars}", where

@@ -323,8 +323,10 @@ def _inside_root(root: Path | None, directory: str) -> Path:
     base = Path(root).resolve()
     try:
         path = (base / directory).resolve()
+        path.exists()  # a name too long for the file system fails here, not later as a 500
     except (OSError, RuntimeError, ValueError) as exc:
-        raise ApiError(422, f"directory: cannot resolve ({exc})", "directory") from None
+        reason = getattr(exc, "strerror", None) or exc  # not the (perhaps very long) path
+        raise ApiError(422, f"directory: cannot resolve ({reason})", "directory") from None
     if path == base or not path.is_relative_to(base):
         raise ApiError(403, "directory: must be a directory inside the server's index root",
                        "directory")
