@@ -260,6 +260,14 @@ def test_search_refuses_an_encoder_with_other_weights(st_model, tmp_path, capsys
          "retriever_lr must be positive and finite, got inf"),
         (["index", "build", "--corpus", "{tmp}/dev.jsonl", "--ray", "--ray-workers", "0",
           "--out", "{tmp}/out"], "--ray-workers must be at least 1, got 0"),
+        # inf overflowed int() after the model loaded
+        (["ask", "--passage-cache-mb", "inf", "why?"],
+         "--passage-cache-mb is inf; give 0 (off) or a number of MiB"),
+        (["serve", "--passage-cache-mb", "inf"],
+         "--passage-cache-mb is inf; give 0 (off) or a number of MiB"),
+        # a missing --index-root served on, and refused every registration
+        (["serve", "--index-root", "{tmp}/nowhere"], "--index-root {tmp}/nowhere is not a "
+         "directory; give the folder that holds the indexes admins may register"),
     ],
 )
 def test_zero_counts_are_refused_before_loading_not_replaced_by_defaults(
@@ -283,7 +291,7 @@ def test_zero_counts_are_refused_before_loading_not_replaced_by_defaults(
     argv = [a.format(index=index, tmp=tmp_path) for a in argv]
     code, _, err = run(argv, capsys)
     assert code == 2
-    assert err.strip().splitlines() == [f"margin: error: {message}"], err
+    assert err.strip().splitlines() == [f"margin: error: {message.format(tmp=tmp_path)}"], err
     assert not (tmp_path / "out").exists()
 
 

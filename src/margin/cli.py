@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from margin.cli_index import index_app
-from margin.cli_options import Device, ModelIndex, check_at_least
+from margin.cli_options import Device, ModelIndex, check_at_least, check_passage_cache_mb
 from margin.cli_retriever import train_retriever
 from margin.errors import MarginError
 
@@ -125,8 +125,7 @@ def ask(
         check_at_least(name, value)  # 0 is the user's, not "the model's default"
     if mode is not None:
         decoding_method(mode, decoding)  # reject a bad combination before loading anything
-    if passage_cache_mb is not None and not passage_cache_mb >= 0:
-        raise MarginError(f"--passage-cache-mb is {passage_cache_mb}; give 0 (off) or more MiB")
+    check_passage_cache_mb(passage_cache_mb)
     rag = RAG.load(model=model, index=index, device=device)
     if passage_cache_mb is not None and hasattr(rag.generator, "set_passage_cache"):
         rag.generator.set_passage_cache(int(passage_cache_mb * 2**20))
@@ -346,8 +345,10 @@ def serve(
     from margin.serving.server import serve as run
 
     resolve_device(device)  # refused before the banner, not after it
-    if passage_cache_mb is not None and not passage_cache_mb >= 0:
-        raise MarginError(f"--passage-cache-mb is {passage_cache_mb}; give 0 (off) or more MiB")
+    check_passage_cache_mb(passage_cache_mb)
+    if index_root is not None and not index_root.is_dir():  # else every registration fails
+        raise MarginError(f"--index-root {index_root} is not a directory; give the folder that "
+                          "holds the indexes admins may register")
     token = os.environ.get(ADMIN_TOKEN_ENV) or None
     cache = {} if passage_cache_mb is None else {"passage_cache_mb": passage_cache_mb}
     config = ServeConfig(host=host, port=port, index_root=index_root, admin_token=token,

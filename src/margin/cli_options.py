@@ -6,6 +6,7 @@ margin.cli_retriever) can use them without importing margin.cli, which registers
 
 from __future__ import annotations
 
+import math
 from typing import Annotated
 
 import typer
@@ -34,3 +35,9 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     """Refuse a value that is not one of ``choices``, naming them."""
     if value not in choices:
         raise MarginError(f"unknown {name} {value!r}; use one of {', '.join(choices)}")
+
+
+def check_passage_cache_mb(mb: float | None) -> None:
+    """Refuse a passage KV cache size that is negative, nan or infinite (None: the default)."""
+    if mb is not None and not 0 <= mb < math.inf:  # inf overflowed int() after the model loaded
+        raise MarginError(f"--passage-cache-mb is {mb}; give 0 (off) or a number of MiB")
