@@ -533,6 +533,14 @@ def test_malformed_and_oversized_bodies(client, content, status, field):
     assert client.get("/healthz").status_code == 200
 
 
+@pytest.mark.parametrize("content_type", ["text/plain", None])
+def test_a_json_body_without_its_content_type_is_told_so(client, content_type):
+    headers = {"Content-Type": content_type} if content_type else {}
+    r = client.post("/v1/ask", content=b'{"question": "a"}', headers=headers)
+    assert r.status_code == 422 and r.json() == {  # was pydantic's "valid dictionary or object"
+        "error": "body: send a JSON object with Content-Type: application/json", "field": "body"}
+
+
 def test_search_limits(client):
     assert client.post("/v1/search", json={"queries": ["a"] * 17}).json()["field"] == "queries"
     assert client.post("/v1/search", json={"query": "a", "k": 21}).json()["field"] == "k"

@@ -42,6 +42,8 @@ def install_errors(app: FastAPI) -> None:
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         if first.get("type") == "json_invalid":
             name, message = "body", f"body: not valid JSON ({first.get('ctx', {}).get('error')})"
+        elif not loc and first.get("type") == "model_attributes_type":  # a list, or not JSON
+            name, message = "body", "body: send a JSON object with Content-Type: application/json"
         else:
             name = ".".join(loc) or "body"
             message = f"{name}: {first.get('msg', 'invalid')}"
