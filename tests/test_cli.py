@@ -99,6 +99,9 @@ def test_search_plain_output_names_titles(index, capsys):
         (["train", "--train", "{tmp}/bad.jsonl", "--device", "cuda:99", "--out", "{tmp}/out"],
          "'cuda:99'"),
         (["finetune", "{tmp}/bad.jsonl", "--device", "cuda:99"], "'cuda:99'"),
+        (["eval", "--data", "{tmp}/empty.jsonl", "--out", "{tmp}/out"], "the file is empty"),
+        (["train", "--train", "{tmp}/bad.jsonl", "--ray-address", "auto", "--out", "{tmp}/out"],
+         "add --ray-retrieval"),
         (["serve", "--device", "cuda:99"], "'cuda:99'"),
         # usage mistakes, which typer (its own copy of click) raised as a traceback
         (["nosuch"], "No such command 'nosuch'; see `margin --help`"),
@@ -120,6 +123,7 @@ def test_search_plain_output_names_titles(index, capsys):
 def test_user_mistakes_are_one_line_without_traceback(argv, message, index, st_model, tmp_path,
                                                       capsys):
     (tmp_path / "bad.jsonl").write_text('{"title": "a", "text": "b"}\n{"title": "a",\n')
+    (tmp_path / "empty.jsonl").write_text("\n")
     argv = [a.format(index=index, tmp=tmp_path, st=st_model) for a in argv]
     message = message.format(tmp=tmp_path)
     code, out, err = run(argv, capsys)

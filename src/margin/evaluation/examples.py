@@ -134,6 +134,8 @@ def detect_format(path: Path) -> str:
         if "input" in record:
             return "jsonl"
         break
+    else:  # not one line to read
+        raise MarginError(f"{path}: no examples found; the file is empty (or only blank lines)")
     raise MarginError(
         f"{path}: cannot tell the format from the first record; "
         f"pass --format, one of {', '.join(FORMATS[1:])}"

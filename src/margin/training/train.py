@@ -566,6 +566,9 @@ def run(
         raise MarginError(f"unknown retriever {retriever!r}; use 'dense' or 'bm25'")
     if ray_retrieval and retriever == "bm25":
         raise MarginError("--ray-retrieval serves dense indexes; drop it or --retriever bm25")
+    if ray_address is not None and not ray_retrieval:
+        raise MarginError("--ray-address is the cluster of --ray-retrieval; add --ray-retrieval "
+                          "or drop --ray-address")
     examples, skipped = read_examples_counted(train_path, data_format, task, limit, skip_bad_lines)
     dev = None
     if dev_path is not None:
