@@ -327,5 +327,6 @@ def test_the_passage_cache_setting_reaches_the_generator(root):
     assert rag.generator.passage_cache.max_bytes == 2 * 2**20
     configured(rag, passage_cache_mb=0)
     assert rag.generator.passage_cache is None
-    with pytest.raises(MarginError, match="passage-cache-mb"):
-        configured(rag, passage_cache_mb=-1)
+    for bad in (-1, float("inf"), float("nan")):  # refused, not overflowed into int()
+        with pytest.raises(MarginError, match="passage-cache-mb"):
+            configured(rag, passage_cache_mb=bad)

@@ -289,10 +289,11 @@ async def _wait(
 
 def _set_passage_cache(rag: RAG, mb: float | None) -> None:
     """``ServeConfig.passage_cache_mb`` onto a causal generator (None: leave it as built)."""
+    from margin.cli_options import check_passage_cache_mb
+
+    check_passage_cache_mb(mb)  # the flag's own check: negative, nan or infinite refused
     if mb is None:
         return
-    if not mb >= 0:
-        raise MarginError(f"--passage-cache-mb is {mb}; give 0 (off) or more MiB")
     if hasattr(rag.generator, "set_passage_cache"):
         rag.generator.set_passage_cache(int(mb * 2**20))
 
