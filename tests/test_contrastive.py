@@ -424,6 +424,9 @@ def test_max_minutes_passes_through_the_command_and_a_bad_one_is_refused(
 ):
     with pytest.raises(MarginError, match="max_minutes must be positive"):
         RetrieverTrainConfig(max_minutes=0)
+    for bad in ({"lr": float("inf")}, {"lr": float("nan")}, {"scale": float("inf")}):
+        with pytest.raises(MarginError, match="lr and scale must be positive and finite"):
+            RetrieverTrainConfig(**bad)
     data = tmp_path / "train.tsv"
     data.write_text("".join(f"{q}\t['{a}']\n" for q, a in TRAIN_TASK))
     args = ["train-retriever", "--train", str(data), "--index", str(index), "--steps", "6",

@@ -107,8 +107,9 @@ class TrainConfig:
 
 
 def check_max_minutes(max_minutes: float | None) -> None:
-    """Refuse a time budget that is not positive (None: no budget); the retriever's config
-    (margin.training.contrastive) checks its own with this too."""
-    if max_minutes is not None and not max_minutes > 0:
-        raise MarginError(f"max_minutes must be positive, got {max_minutes}; leave it unset for "
-                          "no time budget")
+    """Refuse a time budget that is not positive and finite (None: no budget; inf overflowed
+    the step count once steps were timed); the retriever's config (margin.training.contrastive)
+    checks its own with this too."""
+    if max_minutes is not None and not 0 < max_minutes < math.inf:
+        raise MarginError(f"max_minutes must be positive and finite, got {max_minutes}; leave "
+                          "it unset for no time budget")

@@ -44,6 +44,7 @@ trained against (its directory records that pairing: margin.retrieval.encoders.s
 from __future__ import annotations
 
 import json
+import math
 import random
 import shutil
 import sys
@@ -127,8 +128,9 @@ class RetrieverTrainConfig:
                 raise MarginError(f"{name} must be at least 0, got {getattr(self, name)}")
         if self.steps is not None and self.steps < 1:
             raise MarginError(f"steps must be at least 1, got {self.steps}")
-        if not self.lr > 0 or (self.scale is not None and not self.scale > 0):
-            raise MarginError("lr and scale must be positive")
+        if not 0 < self.lr < math.inf or (self.scale is not None
+                                           and not 0 < self.scale < math.inf):
+            raise MarginError("lr and scale must be positive and finite")
         check_max_minutes(self.max_minutes)
         if self.refresh_every and self.passage_encoder != "train":
             raise MarginError("--refresh-every re-encodes the index with a trained passage "
